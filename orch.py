@@ -1,0 +1,1557 @@
+#!/usr/bin/env python3
+"""orch: run a fleet of AI coding agents in tmux, and do not trust them.
+
+A lead session spawns N interactive agent workers in tmux panes, writes each a
+brief, lets them coordinate through a plain-file bus, watches their screens,
+nudges the ones that drift, and has different workers adversarially verify each
+other's findings before anything is reported.
+
+usage: python3 orch.py <command> [args]      (orch <command> after `install`)
+
+commands:
+  spawn <name> <N> [workdir]      start N workers  [--agent A] [--per-window K]
+                                  [--timeout S] [--force]
+  add <name> [K]                  add K workers to a live fleet  [--agent A]
+  send <name> <n|all> MESSAGE...  deliver and submit a message  [--file PATH | -]
+  brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
+                                  [--constraint TEXT]... [--send]
+  read <name> <n|all> [lines]     the last lines of worker screens
+  status [name] [--json]          every fleet, or one fleet's workers and bus
+  wait <name> [n...]              poll until done flags  [--timeout S]
+                                  [--interval S] [--stall S] [--nudge] [--json]
+  nudge <name> <n> [MESSAGE]      clear the input box, remind a worker of its brief
+  bus <name> [-n N] [--new] [--follow]      read the message bus
+  bus <name> post [--as WHO] MESSAGE        append one line to it
+  verify <name>                   round-robin adversarial verification
+                                  [--rounds R] [--by v,...] [--timeout S]
+  report <name>                   write and print report.md
+  respawn <name> <n>              restart a worker, re-send its brief
+  kill <name> | --all             save scrollback to logs/, end the tmux session
+  attach <name>                   watch a fleet, read-only
+  demo [workdir] [--agent A]      a 3-worker self-verifying audit, end to end
+  doctor                          check python, tmux, agent, credentials, ORCH_HOME
+  install [--bin-dir D]           copy orch to ~/.local/bin, SKILL.md to ~/.claude
+  worker <name> <n>               internal: the pane command that starts the agent
+  sim                             internal: the built-in simulated agent
+
+agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
+  or any command line; words after a known name are passed to it ("sim --lie 2").
+worker states: booting dialog idle draft busy permission limited stalled
+  exited done
+exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
+  4 a worker exited without its done flag, 130 interrupted
+environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (echo every
+  tmux call, show tracebacks)
+"""
+import argparse
+import codecs
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+import unicodedata
+import uuid
+
+# --- constants and agent profiles -------------------------------------------
+
+VERSION = "0.3"
+SCHEMA = 1                      # fleet.json "version"
+ORCH = os.path.abspath(__file__)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+READY = ("idle", "busy", "draft", "stalled", "done")   # booted and past dialogs
+BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
+ENTER_RETRIES = 3
+
+# Agent profiles: how to recognise each agent's screens. Facts from real tmux
+# 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini CLI 0.61.0,
+# plus strings users reported for other versions. Markers are regexes searched
+# (re.M) in the screen without escapes; "prompt" in the screen without dim
+# text. "above": rows over the input line that still belong to the live UI
+# (spinner, status); "below": rows allowed under it (None: any; 0: a line REPL,
+# whose older prompt lines are only history). "answer": dialogs spawn may
+# answer by itself, each once: only "trust the workdir the lead chose".
+PROFILES = {
+    "claude": {
+        "cmd": ["claude"],
+        # 2.1.197: the input line is "❯" + NBSP; past messages use "❯ " (normal space), menus "❯ 1. Yes".
+        # Claude Code 1.x drew "│ > " inside a box instead.
+        "prompt": r"^\s*❯\u00a0|^│ > ",
+        "above": 8, "below": None,  # spinner "✽ Generating…" sits 4 rows above the input line
+        # Footers: "? for shortcuts" (2.1.197); 2.1.331 shows "⏵⏵ auto mode on (shift+tab to cycle)"
+        # or "⏸ manual mode on · ? for shortcuts"; also "⏵⏵ accept edits on", "⏸ plan mode on".
+        "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w ]+ on\b"],
+        "busy": [r"esc to interrupt",  # 2.1.197 footer; older: "✽ Wandering… (esc to interrupt)"
+                 r"^\s*[·✢✳✶✻✽] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
+                 r"Retrying in \d", r"Compacting conversation", r"ctrl\+b to run in background",
+                 r"Press up to edit queued messages"],
+        # Every dialog replaces the input box, so these are only looked for from the input line down:
+        # an answered question or quoted text higher up in the transcript never counts.
+        "permission": [r"Do you want to (proceed|make this edit|create|overwrite|write|allow)",
+                       r"Would you like to proceed\?", r"Tab to amend", r"No, and tell Claude",
+                       r"Yes, and (don't ask again|always allow)"],
+        "dialog": [r"^\s*❯ \d+\. ", r"Enter to (confirm|continue)", r"Esc to cancel",  # 2.1.331 notice
+                   r"one you trust|Do you trust the files", r"Select login method",
+                   r"Choose the text style", r"Bypass Permissions mode", r"custom API key"],
+        "limited": [r"(?i)usage limit reached", r"(?i)hit your [\w ]*limit",
+                    r"(?i)limit reached\W+resets?"],  # "Weekly limit reached · resets 10am"
+        "title_busy": r"^[\u2800-\u28ff]",  # "⠂ Claude Code"; idle and permission: "✳ Claude Code"
+        # Draft clearing, same keys everywhere: end of line, kill to line start (C-u in Claude, Codex,
+        # Gemini KILL_LINE_LEFT, prompt_toolkit), join the previous line; the caller repeats while
+        # the state stays "draft" (multi-line drafts). Not Escape: it interrupts a busy turn in all
+        # three, answers "No" in approvals, and Esc Esc opens Claude's rewind. Not C-c: one Ctrl-C on
+        # an empty Codex 0.169 composer exits; Claude and Gemini exit on the second.
+        "clear": ["C-e", "C-u", "BSpace"],
+        # 2.1.197 trust question; option 1 (the default) trusts the workdir.
+        "answer": [(r"one you trust|Do you trust the files|Yes, I trust this folder", ["Enter"])],
+    },
+    "codex": {
+        "cmd": ["codex"],
+        # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
+        # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
+        # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.
+        "prompt": r"^›(?! \d+\. )\s?",
+        "above": 8, "below": None,
+        "idle": [r"\? for shortcuts", r"Ask Codex to do anything"],
+        # The 0.169 busy capture shows no "Working (9s • esc to interrupt)" line while text streams,
+        # but queued follow-ups exist only while a turn runs.
+        "busy": [r"esc to interrupt", r"Queued follow-up", r"submitted after next tool call",
+                 r"Reconnecting"],  # offline: "Reconnecting... waiting for network" forever
+        "permission": [r"Would you like to (run|make|apply)", r"Yes, proceed",
+                       r"don't ask again for"],
+        "dialog": [r"^\s*[›>] \d+\. ", r"Press enter to continue", r"enter continue",
+                   r"Trust this folder|Do you trust the contents", r"Sign in with"],
+        "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
+        "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
+        "clear": ["C-e", "C-u", "BSpace"],
+        "answer": [(r"Trust this folder\?|Do you trust the contents", ["Enter"])],
+    },
+    "gemini": {
+        "cmd": ["gemini"],
+        # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
+        # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.
+        "prompt": r"^[\s│]*[>!*] ",
+        "above": 6, "below": None,  # "⠇ Thinking... (esc to cancel, 1s)" sits 4 rows above
+        "idle": [r"Type your message", r"\? for shortcuts"],
+        # A braille spinner is also drawn while waiting for approval: permission is checked first.
+        "busy": [r"esc to cancel", r"Queued \(press", r"^\s*[\u2800-\u28ff] \S"],
+        "permission": [r"Allow execution", r"Apply this change", r"Allow once",
+                       r"Allow for this session", r"Do you want to proceed"],
+        "dialog": [r"^[\s│]*● \d+\. ", r"Do you trust", r"How would you like to authenticate",
+                   r"Use Enter to select"],
+        "limited": [r"(?i)reached your daily .*quota", r"(?i)quota (limit|exceeded)",
+                    r"(?i)usage limit reached"],
+        "title_busy": r"Working",  # "✦  Working… (<dir>)"; idle "◇  Ready"; "✋  Action Required"
+        "clear": ["C-e", "C-u", "BSpace"],
+        "answer": [(r"Do you trust the files in this folder", ["Enter"])],
+    },
+    "aider": {
+        "cmd": ["aider"],
+        # Line REPL (prompt_toolkit): "> " or "<mode>> " on the last line; no own cursor, and old
+        # "> ..." lines stay in the scrollback, so only the bottom line can be the live prompt.
+        "prompt": r"^[\w-]*>( |$)", "above": 0, "below": 0,
+        "idle": [], "dialog": [], "title_busy": None,
+        "busy": [r"Waiting for ", r"Retrying in "],  # spinner "Waiting for <model>"
+        # "Create new file? (Y)es/(N)o [Yes]: " is live only while it ends the screen (\Z).
+        "permission": [r"\(Y\)es/\(N\)o.*\]: *\Z"],
+        "limited": [r"(?i)exceeded your current quota"],
+        "clear": ["C-e", "C-u", "BSpace"],
+    },
+    "sim": {  # orch's built-in simulated agent; the caller fills "cmd"
+        "cmd": None, "prompt": r"^sim>( |$)", "above": 0, "below": 0,
+        "idle": [], "busy": [r"^sim: working"], "permission": [], "dialog": [], "limited": [],
+        "title_busy": None, "clear": ["C-e", "C-u", "BSpace"],
+    },
+    "generic": {  # any other command: no markers, the caller decides from screen changes
+        "cmd": None, "prompt": None, "above": 0, "below": 0,
+        "idle": [], "busy": [], "permission": [], "dialog": [], "limited": [],
+        "title_busy": None, "clear": ["C-e", "C-u", "BSpace"],
+    },
+}
+
+
+class OrchError(Exception):
+    """The one failure: a message for the user, an exit code, and for tmux
+    failures a kind ("server" gone, "target" gone) callers turn into states."""
+
+    def __init__(self, message, code=1, kind=None):
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+
+
+# --- tmux ------------------------------------------------------------------
+
+def tmux(*args, stdin=None):
+    """Run one tmux command (or a ';' batch); return its stdout as text."""
+    argv = ["tmux", "-u"] + [str(a) for a in args]     # -u: UTF-8 out, always
+    if os.environ.get("ORCH_DEBUG"):
+        print("+ " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
+    try:
+        r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise OrchError("tmux is not installed: install it (apt-get install tmux, brew install tmux)")
+    if r.returncode:
+        err = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["exit %d" % r.returncode])[0]
+        kind = None
+        if "no server running" in err or "error connecting" in err or "server exited" in err:
+            kind = "server"
+        elif "can't find" in err or "no such" in err:
+            kind = "target"
+        e = OrchError("tmux %s: %s" % (args[0], err), 1, kind)
+        e.output = r.stdout.decode("utf-8", "replace")
+        raise e
+    return r.stdout.decode("utf-8", "replace")
+
+
+def session_of(name):
+    return "orch-" + name
+
+
+def live_sessions():
+    """Names of live tmux sessions; no server is a state, not an error."""
+    try:
+        return set(tmux("list-sessions", "-F", "#{session_name}").split())
+    except OrchError as e:
+        if e.kind in ("server", "target"):
+            return set()
+        raise
+
+
+def snapshot(fleet, panes, history=False, ansi=True):
+    """One poll: the session's pane listing plus a capture of every live pane,
+    in one tmux process. Returns {pane: {"dead", "title", "screen"}}; a pane
+    missing from the result is gone. Each capture is preceded by a header
+    line carrying a random nonce, which pane text cannot forge."""
+    nonce = secrets.token_hex(8)
+    listing = ["list-panes", "-s", "-t", "=" + fleet["session"], "-F",
+               "%s\t#{pane_id}\t#{pane_dead}\t#{pane_title}" % nonce]
+    for attempt in (1, 2):
+        argv = list(listing)
+        for p in panes:
+            argv += [";", "display-message", "-p", "-t", p, "%s %s" % (nonce, p),
+                     ";", "capture-pane", "-p", "-t", p] + (["-e"] if ansi else []) \
+                + (["-S", "-", "-E", "-"] if history else [])
+        try:
+            out = tmux(*argv)
+        except OrchError as e:
+            if e.kind == "server" or not getattr(e, "output", ""):
+                return {}               # no server, or no session: every pane gone
+            out = e.output
+        panes_info, cur = {}, None
+        for line in out.split("\n"):
+            head = line.split("\t", 3) if line.startswith(nonce + "\t") else None
+            if head and len(head) == 4:
+                panes_info[head[1]] = {"dead": head[2] == "1", "title": head[3], "screen": []}
+            elif line.startswith(nonce + " "):
+                cur = panes_info.get(line[len(nonce) + 1:])
+            elif cur is not None:
+                cur["screen"].append(line)
+        missing = [p for p in panes if p not in panes_info]
+        if not missing or attempt == 2:
+            for info in panes_info.values():
+                info["screen"] = "\n".join(info["screen"])
+            return panes_info
+        # A pane died between listing and capture (the batch stopped there):
+        # re-list once and capture only what is alive.
+        panes = [p for p in panes if p in panes_info]
+    return {}
+
+
+# --- files -----------------------------------------------------------------
+
+def orch_home():
+    home = os.path.abspath(os.path.expanduser(os.environ.get("ORCH_HOME") or "~/.orch"))
+    try:
+        os.makedirs(os.path.join(home, "runs"), mode=0o700, exist_ok=True)
+        os.chmod(home, 0o700)
+    except OSError as e:
+        raise OrchError("cannot use ORCH_HOME %s: %s: set ORCH_HOME to a writable directory"
+                        % (home, e.strerror))
+    return home
+
+
+def check_name(name):
+    if not NAME_RE.match(name or ""):
+        raise OrchError("bad fleet name %r: use 1-32 letters, digits, '-' or '_', starting "
+                        "with a letter or digit" % name, 2)
+    return name
+
+
+def run_dir(name):
+    return os.path.join(orch_home(), "runs", check_name(name))
+
+
+def shared_dir(fleet):
+    return os.path.join(fleet["run"], "shared")
+
+
+def worker_file(fleet, n, suffix):
+    """agent-<n>.task.md, .result.md, .done: absolute, inside shared/."""
+    return os.path.join(shared_dir(fleet), "agent-%d.%s" % (int(n), suffix))
+
+
+def write_file(path, text):
+    """Atomic write (temp + rename): readers never see half a file, and a
+    symlink planted at `path` is replaced, never followed."""
+    tmp = "%s.%s.tmp" % (path, secrets.token_hex(4))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_file(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def append_line(path, line):
+    """Append one whole line under an exclusive lock (bus.md, events.jsonl)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)            # closing releases the lock
+
+
+def read_text(path, default=None):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return default
+
+
+def now_iso():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+ECHO = {"stream": None, "t0": 0.0}      # demo's live event stream
+
+
+def log_event(fleet, event, **fields):
+    rec = dict(t=now_iso(), event=event, **fields)
+    append_line(os.path.join(fleet["run"], "events.jsonl"), json.dumps(rec, ensure_ascii=False))
+    if ECHO["stream"]:
+        detail = " ".join("%s=%s" % kv for kv in fields.items())
+        print("%6.1fs  %-8s %s" % (time.time() - ECHO["t0"], event, detail), file=ECHO["stream"], flush=True)
+
+
+def load_fleet(name):
+    rd = run_dir(name)
+    text = read_text(os.path.join(rd, "fleet.json"))
+    if text is None:
+        raise OrchError("no fleet %r in %s: `orch status` lists fleets, `orch spawn %s N` "
+                        "starts one" % (name, os.path.dirname(rd), name), 2)
+    try:
+        fleet = json.loads(text)
+    except ValueError:
+        fleet = None
+    if not (isinstance(fleet, dict) and fleet.get("version") == SCHEMA
+            and isinstance(fleet.get("workers"), list) and fleet.get("session")):
+        raise OrchError("%s/fleet.json is corrupt or from another orch version: inspect it, or "
+                        "`orch spawn %s N --force` to archive it and start over" % (rd, name))
+    fleet["run"] = rd            # never trust a path stored in the file
+    return fleet
+
+
+def save_fleet(fleet):
+    data = dict(fleet)
+    data.pop("run", None)
+    write_json(os.path.join(fleet["run"], "fleet.json"), data)
+
+
+def pick_workers(fleet, spec, allow_all=True):
+    """'all' or a worker number -> list of worker dicts, checked at the door."""
+    workers = fleet["workers"]
+    if spec == "all" and allow_all:
+        return list(workers)
+    if not re.match(r"[0-9]+\Z", str(spec)) or not 1 <= int(spec) <= len(workers):
+        raise OrchError("no worker %r in fleet %r: it has workers 1-%d%s"
+                        % (spec, fleet["name"], len(workers), " (or 'all')" if allow_all else ""), 2)
+    return [workers[int(spec) - 1]]
+
+
+# --- screens and worker states ----------------------------------------------
+
+BOTTOM = 25  # rows searched when no input line is on screen (dialogs fill the lower part)
+_ESC = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[()]?[^\[\]\n]"
+_ESC_RE, _TOKENS = re.compile(_ESC), re.compile("(" + _ESC + ")")
+
+
+def strip_ansi(s):
+    """Remove CSI (SGR, cursor...) and OSC escapes."""
+    return _ESC_RE.sub("", s)
+
+
+def _visible(ansi):
+    """Screen lines without dim text, with "\\0" where reverse video starts (Claude and Gemini
+    draw their cursor that way). capture-pane -e carries SGR state across lines."""
+    lines, dim, rev = [""], False, False
+    for n, part in enumerate(_TOKENS.split(ansi)):
+        if n % 2 == 0:
+            for k, piece in enumerate(part.split("\n")):
+                if k:
+                    lines.append("")
+                if not dim:
+                    lines[-1] += piece
+        elif part.startswith("\x1b[") and part.endswith("m"):
+            codes, i, was_rev = part[2:-1].split(";"), 0, rev
+            while i < len(codes):
+                c = codes[i]
+                if c in ("", "0"):
+                    dim = rev = False
+                elif c in ("2", "22"):
+                    dim = c == "2"
+                elif c in ("7", "27"):
+                    rev = c == "7"
+                elif c in ("38", "48", "58"):  # 38;5;N and 38;2;R;G;B: skip the colour numbers
+                    i += {"5": 2, "2": 4}.get(codes[i + 1] if i + 1 < len(codes) else "", 0)
+                i += 1
+            if rev and not was_rev:
+                lines[-1] += "\0"
+    return lines
+
+
+def screen_state(profile, ansi_screen, title):
+    """One of "permission", "limited", "dialog", "busy", "draft", "idle", or None."""
+    plain = [line.rstrip() for line in strip_ansi(ansi_screen).split("\n")]
+    vis = _visible(ansi_screen)
+    rows = [i for i, line in enumerate(plain) if line.strip()]
+    if not rows:
+        return None
+    last, p, m = rows[-1], None, None
+    for i in reversed(rows if profile["prompt"] else []):  # lowest match = live input line
+        m = re.search(profile["prompt"], vis[i])
+        if m:
+            p = i
+            break
+    if p is not None and profile["below"] is not None and last - p > profile["below"]:
+        p = None  # e.g. aider's "> old input" followed by output
+    # box: where questions live (all three CLIs hide the input line while one is open);
+    # top: box plus the live rows above the input line (spinner, status, last error).
+    if p is None:
+        top = box = max(0, last + 1 - BOTTOM)
+    else:
+        top, box = max(0, p - profile["above"]), p
+
+    def found(key, start):
+        text = "\n".join(plain[start:last + 1])
+        return any(re.search(rx, text, re.M) for rx in profile[key])
+
+    # A question waiting for an answer wins over a busy title (Gemini spins while waiting for
+    # approval; Claude's title looks idle then). "limited" before "dialog": a limit may offer a menu.
+    if found("permission", box):
+        return "permission"
+    if found("limited", top):
+        return "limited"
+    if found("dialog", box):
+        return "dialog"
+    if found("busy", top) or (profile["title_busy"] and re.search(profile["title_busy"], title or "")):
+        return "busy"
+    if p is None:
+        return "idle" if found("idle", box) else None
+    # Draft = text after the prompt glyph, before the reverse-video cursor, dim text ignored;
+    # a placeholder shown without the cursor (unfocused pane) is recognised by the idle markers.
+    draft = vis[p][m.end():].split("\0")[0].strip(" \u00a0│")
+    if draft and not any(re.search(rx, draft) for rx in profile["idle"]):
+        return "draft"
+    return "idle"
+
+
+def poll(fleet, stall=120.0, flags=None):
+    """Every worker's state from one snapshot (one tmux process, whatever N).
+    Screen hashes, change times and last states persist in watch.json so that
+    stalls are seen across calls; every state change goes to events.jsonl."""
+    flags = flags or {}
+    snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
+    mem_path = os.path.join(fleet["run"], "watch.json")
+    try:
+        mem = json.loads(read_text(mem_path, "{}"))
+    except ValueError:
+        mem = {}
+    now, rows = time.time(), []
+    for w in fleet["workers"]:
+        n, info = w["n"], snap.get(w["pane"])
+        m = mem.get(str(n)) or {}
+        plain = strip_ansi(info["screen"]) if info else ""
+        digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
+        if (m.get("hash"), m.get("pane")) != (digest, w["pane"]):
+            m.update(hash=digest, since=now, pane=w["pane"])
+        profile = PROFILES.get(w["profile"], {})
+        quiet = now - m["since"]
+        done = os.path.exists(flags.get(n) or worker_file(fleet, n, "done"))
+        if done:
+            state = "done"
+        elif info is None or info["dead"]:
+            state = "exited"
+        else:
+            if w["profile"] != "generic":
+                state = screen_state(profile, info["screen"], info["title"])
+            else:                       # generic agent: only screen change tells
+                state = ("busy" if quiet < 3 else "idle") if plain.strip() else None
+            if state is None:
+                state = "busy" if m.get("ready") else "booting"
+            m["ready"] = m.get("ready") or state in READY
+            if state in ("idle", "busy", "booting") and quiet >= stall:
+                state = "stalled"
+        if m.get("state") != state:
+            log_event(fleet, "state", worker=n, was=m.get("state"), now=state)
+            m["state"] = state
+        mem[str(n)] = m
+        lines = [ln.rstrip() for ln in plain.split("\n") if ln.strip()]
+        rows.append({"n": n, "pane": w["pane"], "state": state, "done": done, "quiet": round(quiet, 1),
+                     "last": lines[-1].strip() if lines else "", "screen": plain,
+                     "ansi": info["screen"] if info else "", "digest": digest})
+    write_json(mem_path, mem)
+    return rows
+
+
+# --- delivery -----------------------------------------------------------------
+
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text):
+    """Only newline and tab survive: no ESC, no CR, no C1 control reaches a pane."""
+    return CONTROL_RE.sub("", text.replace("\r\n", "\n")).strip("\n")
+
+
+def refusal(fleet, n, state):
+    name = fleet["name"]
+    return {
+        "draft": "W%d has unsent text in its input box: look with `orch read %s %d`; "
+                 "`orch nudge %s %d MESSAGE` clears it first" % (n, name, n, name, n),
+        "permission": "W%d is waiting for a permission answer: answer it in the pane "
+                      "(`tmux attach -t orch-%s`), then send again" % (n, name),
+        "dialog": "W%d is at a dialog: look with `orch read %s %d` and answer it in the "
+                  "pane (`tmux attach -t orch-%s`)" % (n, name, n, name),
+        "limited": "W%d hit a usage or rate limit: wait for the reset, or `orch respawn %s %d`"
+                   % (n, name, n),
+        "exited": "W%d has exited: `orch respawn %s %d` restarts it" % (n, name, n),
+        "booting": "W%d is still booting after %ds: look with `orch read %s %d`"
+                   % (n, BOOT_WAIT, name, n),
+    }[state]
+
+
+def settle(fleet, ns, stall=1e9):
+    """Poll until none of workers `ns` is booting (bounded); return their rows."""
+    deadline = time.time() + BOOT_WAIT
+    while True:
+        rows = {r["n"]: r for r in poll(fleet, stall)}
+        if time.time() > deadline or all(rows[n]["state"] != "booting" for n in ns):
+            return rows
+        time.sleep(0.2)
+
+
+def deliver(fleet, ns, text, clear=False):
+    """Paste `text` into each worker's input box and submit it, confirmed from
+    the screen. Returns {n: error} for the workers it could not reach."""
+    text = clean_text(text)
+    if not text.strip():
+        raise OrchError("nothing to send: the message is empty", 2)
+    workers = {w["n"]: w for w in fleet["workers"]}
+    rows = settle(fleet, ns)
+    failed, targets = {}, []
+    for n in ns:
+        for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
+            if rows[n]["state"] != "draft":
+                break
+            tmux("send-keys", "-t", workers[n]["pane"], *PROFILES[workers[n]["profile"]]["clear"])
+            time.sleep(0.1)
+            rows[n] = next(r for r in poll(fleet) if r["n"] == n)
+        if rows[n]["state"] in READY and rows[n]["state"] != "draft":
+            targets.append(n)
+        else:
+            failed[n] = refusal(fleet, n, rows[n]["state"])
+    if not targets:
+        return failed
+    # Bracketed paste (-p): the agent sees one paste, not keystrokes, so a
+    # newline inside never submits. Enter goes as a separate keystroke after.
+    buf = "orch-" + secrets.token_hex(4)
+    argv = ["load-buffer", "-b", buf, "-"]
+    for n in targets:
+        argv += [";", "paste-buffer", "-p", "-b", buf, "-t", workers[n]["pane"]]
+    tmux(*(argv + [";", "delete-buffer", "-b", buf]), stdin=text.encode("utf-8"))
+    before = {n: rows[n]["digest"] for n in targets}
+    enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
+    deadline = time.time() + 8 + len(text) / 2000.0
+    pending = set(targets)
+    while pending and time.time() < deadline:
+        now = time.time()
+        for n in sorted(pending):
+            count, last = enters[n]
+            if count == 0 or (rows[n]["state"] == "draft" and now - last >= 1.0
+                              and count <= ENTER_RETRIES):
+                tmux("send-keys", "-t", workers[n]["pane"], "Enter")
+                enters[n] = [count + 1, now]
+        time.sleep(0.25)
+        rows = {r["n"]: r for r in poll(fleet)}
+        for n in list(pending):
+            # Submitted: the input box is empty again and the screen moved on.
+            if rows[n]["state"] not in ("draft", "booting") and rows[n]["digest"] != before[n]:
+                pending.discard(n)
+    for n in targets:
+        ok = n not in pending
+        log_event(fleet, "send", worker=n, chars=len(text), enters=enters[n][0], confirmed=ok)
+        if not ok:
+            failed[n] = ("W%d: could not confirm delivery (state %s after %d Enter presses): "
+                         "look with `orch read %s %d`"
+                         % (n, rows[n]["state"], enters[n][0], fleet["name"], n))
+    return failed
+
+
+# --- fleets: panes, readiness, logs ---------------------------------------------
+
+def parse_agent(agent):
+    """'sim --lie 2' -> ('sim', 'sim --lie 2'): a known profile name, or a
+    generic command line."""
+    try:
+        words = shlex.split(agent or "")
+    except ValueError as e:
+        raise OrchError("bad --agent %r: %s" % (agent, e), 2)
+    if not words:
+        raise OrchError("empty --agent: name a profile (claude, codex, gemini, aider, sim) "
+                        "or a command", 2)
+    profile = words[0] if words[0] in PROFILES and words[0] != "generic" else "generic"
+    if profile != "sim" and not shutil.which(words[0]):
+        raise OrchError("agent command %r not found on PATH: install it, or pass --agent sim "
+                        "for a dry run" % words[0])
+    return profile
+
+
+def agent_argv(w):
+    words = shlex.split(w["agent"])
+    if w["profile"] == "sim":
+        return [sys.executable, ORCH, "sim"] + words[1:]
+    return words
+
+
+def add_workers(fleet, count, agent):
+    """Create `count` panes running `orch.py worker`, K per tiled window."""
+    profile = parse_agent(agent)
+    session, k = fleet["session"], fleet["per_window"]
+    for _ in range(count):
+        n = len(fleet["workers"]) + 1
+        w = {"n": n, "agent": agent, "profile": profile, "pane": None}
+        if profile == "claude":
+            w["session_id"] = str(uuid.uuid4())
+        fleet["workers"].append(w)
+        save_fleet(fleet)                 # the worker command reads its record
+        argv = [sys.executable, ORCH, "worker", fleet["name"], str(n)]
+        here = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}"]
+        first = fleet["workers"][(n - 1) // k * k]["pane"]
+        # remain-on-exit in the same batch as the window's birth: a pane whose
+        # agent dies at once still keeps its last screen.
+        if n == 1 and session not in live_sessions():
+            out = tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50", *(here + argv
+                       + [";", "set-option", "-w", "remain-on-exit", "on"]))
+        elif first is None:
+            out = tmux("new-window", "-t", "=%s:" % session, *(here + argv
+                       + [";", "set-option", "-w", "remain-on-exit", "on"]))
+        else:
+            out = tmux("split-window", "-t", first, *(here + argv + [";", "select-layout", "tiled"]))
+        w["pane"] = out.split()[0]
+        save_fleet(fleet)
+        log_event(fleet, "pane", worker=n, pane=w["pane"], agent=agent)
+
+
+def wait_ready(fleet, ns, timeout):
+    """Until workers `ns` are past booting and dialogs, answering the dialogs a
+    profile marks safe (trusting the workdir the lead chose), each once."""
+    deadline, answered = time.time() + timeout, set()
+    workers = {w["n"]: w for w in fleet["workers"]}
+    while True:
+        rows = [r for r in poll(fleet) if r["n"] in ns]
+        waiting = [r for r in rows if r["state"] not in READY]
+        for r in waiting:
+            for pattern, keys in PROFILES.get(workers[r["n"]]["profile"], {}).get("answer", []):
+                if r["state"] == "dialog" and (r["n"], pattern) not in answered \
+                        and re.search(pattern, r["screen"]):
+                    tmux("send-keys", "-t", r["pane"], *keys)
+                    answered.add((r["n"], pattern))
+                    log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
+        if not waiting or time.time() >= deadline:
+            return waiting
+        time.sleep(0.25)
+
+
+def save_logs(fleet, why):
+    """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
+    panes = {w["pane"]: w["n"] for w in fleet["workers"] if w["pane"]}
+    snap = snapshot(fleet, list(panes), history=True, ansi=False)
+    saved = []
+    for pane, info in snap.items():
+        if pane in panes:
+            path = os.path.join(fleet["run"], "logs", "w%d.log" % panes[pane])
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, pane, info["screen"].rstrip("\n")))
+            saved.append(panes[pane])
+    return sorted(saved)
+
+
+def end_fleet(fleet):
+    """Save scrollback, then kill the tmux session; say what was saved."""
+    saved = save_logs(fleet, "kill")
+    try:
+        tmux("kill-session", "-t", "=" + fleet["session"])
+        gone = False
+    except OrchError as e:
+        if e.kind not in ("server", "target"):
+            raise
+        gone = True
+    log_event(fleet, "kill", saved=saved, already_gone=gone)
+    logs = os.path.join(fleet["run"], "logs")
+    if gone:
+        print("%s: tmux session %s was already gone; saved %d pane log(s) in %s"
+              % (fleet["name"], fleet["session"], len(saved), logs))
+    else:
+        print("%s: killed %s; scrollback of W%s in %s" % (fleet["name"], fleet["session"],
+              ",W".join(map(str, saved)) or "-", logs))
+
+
+# --- commands ---------------------------------------------------------------
+
+def cmd_spawn(a):
+    name = check_name(a.name)
+    workdir = os.path.abspath(a.workdir or os.getcwd())
+    if not os.path.isdir(workdir) or workdir.endswith(";"):
+        raise OrchError("workdir %s is not a directory: create it or pass another" % workdir, 2)
+    agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
+    parse_agent(agent)
+    rd = run_dir(name)
+    live = session_of(name) in live_sessions()
+    if live or (os.path.isdir(rd) and os.listdir(rd)):
+        if not a.force:
+            what = "is live" if live else "has an old workspace in %s" % rd
+            raise OrchError("fleet %r %s: run `orch kill %s` first (the workspace stays), or "
+                            "pass --force to archive it" % (name, what, name))
+        if live:
+            try:
+                end_fleet(load_fleet(name))
+            except OrchError:
+                tmux("kill-session", "-t", "=" + session_of(name))
+        archive = "%s.old-%s" % (rd, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
+        os.rename(rd, archive)
+        print("%s: archived the old run to %s" % (name, archive))
+    for sub in ("shared/verify", "logs"):
+        os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
+    fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
+             "agent": agent, "per_window": a.per_window, "created": now_iso(), "workers": [],
+             "run": rd}
+    append_line(os.path.join(rd, "shared", "bus.md"), "[orch] fleet %s: %d workers in %s"
+                % (name, a.N, workdir))
+    log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
+    add_workers(fleet, a.N, agent)
+    report_ready(fleet, range(1, a.N + 1), a.timeout)
+
+
+def report_ready(fleet, ns, timeout):
+    waiting = wait_ready(fleet, set(ns), timeout) if timeout else []
+    print("%s: %d worker(s) in tmux session %s; shared workspace %s"
+          % (fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet)))
+    if waiting:
+        raise OrchError("not ready after %gs: %s: look with `orch read %s all`" % (
+            timeout, ", ".join("W%d %s" % (r["n"], r["state"]) for r in waiting), fleet["name"]))
+
+
+def cmd_add(a):
+    fleet = load_fleet(a.name)
+    if fleet["session"] not in live_sessions():
+        raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
+                        % (a.name, a.name))
+    first = len(fleet["workers"]) + 1
+    add_workers(fleet, a.K, a.agent or fleet["agent"])
+    report_ready(fleet, range(first, first + a.K), a.timeout)
+
+
+def message_text(a):
+    if a.file and a.message:
+        raise OrchError("give the message as words or with --file, not both", 2)
+    if a.file:
+        if os.path.isdir(a.file) or not os.path.exists(a.file):
+            raise OrchError("--file %s: no such file" % a.file, 2)
+        return read_text(a.file, "")
+    if a.message == ["-"]:
+        return sys.stdin.read()
+    return " ".join(a.message)
+
+
+def report_delivery(fleet, ns, text, failed):
+    text = clean_text(text)
+    for n in ns:
+        if n not in failed:
+            print("W%d: delivered %d line(s), %d chars" % (n, text.count("\n") + 1, len(text)))
+    if failed:
+        raise OrchError("; ".join(failed[n] for n in sorted(failed)))
+
+
+def cmd_send(a):
+    fleet = load_fleet(a.name)
+    ns = [w["n"] for w in pick_workers(fleet, a.worker)]
+    text = message_text(a)
+    report_delivery(fleet, ns, text, deliver(fleet, ns, text))
+
+
+def cmd_read(a):
+    fleet = load_fleet(a.name)
+    ws = pick_workers(fleet, a.worker)
+    snap = snapshot(fleet, [w["pane"] for w in ws], ansi=False)
+    for w in ws:
+        info = snap.get(w["pane"])
+        lines = info["screen"].rstrip("\n").split("\n") if info else []
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if len(ws) > 1:
+            print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
+        print("\n".join(line.rstrip() for line in lines[-a.lines:]))
+
+
+def bus_tail(fleet, count):
+    lines = read_text(os.path.join(shared_dir(fleet), "bus.md"), "").splitlines()
+    return lines[-count:] if count else []
+
+
+def cmd_status(a):
+    if not a.name:
+        return status_all(a)
+    fleet = load_fleet(a.name)
+    live = fleet["session"] in live_sessions()
+    if live:
+        rows = poll(fleet, a.stall)
+    else:
+        rows = [{"n": w["n"], "pane": w["pane"], "state": "done" if os.path.exists(
+                 worker_file(fleet, w["n"], "done")) else "exited", "quiet": None, "last": ""}
+                for w in fleet["workers"]]
+    for r in rows:
+        r["done"] = os.path.exists(worker_file(fleet, r["n"], "done"))
+    bus = bus_tail(fleet, 5)
+    if a.json:
+        keep = ("n", "pane", "state", "done", "quiet", "last")
+        print(json.dumps({"fleet": fleet["name"], "session": fleet["session"], "live": live,
+                          "workdir": fleet["workdir"], "shared": shared_dir(fleet),
+                          "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus},
+                         ensure_ascii=False, indent=2))
+        return
+    print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
+          "live" if live else "not live", fleet["workdir"]))
+    for r in rows:
+        quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
+        print("  W%-3d %-5s %-10s %-4s %6s  %s" % (r["n"], r["pane"] or "-", r["state"],
+              "done" if r["done"] else "-", quiet, r["last"][:100]))
+    print("bus (last %d):" % len(bus))
+    for line in bus:
+        print("  " + line)
+
+
+def status_all(a):
+    runs = os.path.join(orch_home(), "runs")
+    live = live_sessions()
+    fleets = []
+    for name in sorted(os.listdir(runs)):
+        if not NAME_RE.match(name):
+            continue                    # archived runs: <name>.old-<stamp>
+        try:
+            f = load_fleet(name)
+        except OrchError as e:
+            fleets.append({"name": name, "live": False, "error": str(e)})
+            continue
+        done = sum(os.path.exists(worker_file(f, w["n"], "done")) for w in f["workers"])
+        fleets.append({"name": name, "live": f["session"] in live, "workers": len(f["workers"]),
+                       "done": done, "agent": f["agent"], "workdir": f["workdir"]})
+    if a.json:
+        print(json.dumps({"fleets": fleets}, ensure_ascii=False, indent=2))
+        return
+    if not fleets:
+        print("no fleets in %s: `orch spawn NAME N` starts one" % runs)
+    for f in fleets:
+        if "error" in f:
+            print("%-32s  broken: %s" % (f["name"], f["error"]))
+        else:
+            print("%-32s  %-8s %d/%d done  %s  %s" % (f["name"], "live" if f["live"] else "ended",
+                  f["done"], f["workers"], f["agent"], f["workdir"]))
+
+
+def watch(fleet, flags, timeout, interval, stall, nudge, emit):
+    """Poll until every worker in `flags` ({n: done-flag path}) has its flag.
+    Returns 0 all done, 3 timed out, 4 a worker exited without its flag."""
+    deadline = time.time() + timeout if timeout else None
+    last, nudged = {}, set()
+    while True:
+        rows = [r for r in poll(fleet, stall, flags) if r["n"] in flags]
+        for r in rows:
+            if last.get(r["n"]) != r["state"]:
+                emit(r, last.get(r["n"]))
+                last[r["n"]] = r["state"]
+            if r["state"] != "stalled":
+                nudged.discard(r["n"])
+            elif nudge and r["n"] not in nudged:     # at most once per stall
+                nudged.add(r["n"])
+                deliver(fleet, [r["n"]], default_nudge(fleet, r["n"]), clear=True)
+                log_event(fleet, "nudge", worker=r["n"], why="stalled")
+        if all(r["state"] == "done" for r in rows):
+            return 0
+        if any(r["state"] == "exited" for r in rows):
+            return 4
+        if deadline and time.time() >= deadline:
+            return 3
+        time.sleep(interval)
+
+
+def print_change(json_mode):
+    def emit(r, was):
+        if json_mode:
+            print(json.dumps({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
+                              "last": r["last"]}, ensure_ascii=False), flush=True)
+        else:
+            print("%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
+                  "  | " + r["last"][:80] if r["last"] else ""), flush=True)
+    return emit
+
+
+def cmd_wait(a):
+    fleet = load_fleet(a.name)
+    ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
+        or [w["n"] for w in fleet["workers"]]
+    flags = {n: worker_file(fleet, n, "done") for n in ns}
+    code = watch(fleet, flags, a.timeout, a.interval, a.stall, a.nudge, print_change(a.json))
+    result = {0: "done", 3: "timeout", 4: "exited"}[code]
+    if a.json:
+        print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
+    else:
+        print("%s %s: %s" % (time.strftime("%H:%M:%S"), fleet["name"], {
+            0: "all done", 3: "timed out after %gs" % (a.timeout or 0),
+            4: "a worker exited without its done flag: `orch read %s all`, `orch respawn %s N`"
+               % (fleet["name"], fleet["name"])}[code]))
+    return code
+
+
+def default_nudge(fleet, n):
+    return ("Reminder: you are worker %d of %d. Your brief is %s - reread it. Write your "
+            "deliverable to %s, then touch %s last. Work autonomously: do not wait for "
+            "confirmation." % (n, len(fleet["workers"]), worker_file(fleet, n, "task.md"),
+                               worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
+
+
+def cmd_nudge(a):
+    fleet = load_fleet(a.name)
+    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
+    text = " ".join(a.message) or default_nudge(fleet, n)
+    failed = deliver(fleet, [n], text, clear=True)
+    log_event(fleet, "nudge", worker=n, why="lead")
+    report_delivery(fleet, [n], text, failed)
+
+
+def cmd_bus(a):
+    fleet = load_fleet(a.name)
+    bus = os.path.join(shared_dir(fleet), "bus.md")
+    if a.words[:1] == ["post"]:
+        text = clean_text(" ".join(a.words[1:])).replace("\n", " ").replace("\t", " ").strip()
+        if not text:
+            raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
+        append_line(bus, "[%s] %s" % (a.who, text))
+        log_event(fleet, "bus", who=a.who, chars=len(text))
+        return
+    if a.words:
+        raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
+                        "posts" % (a.words[0], a.name, a.name), 2)
+    cursors_path = os.path.join(fleet["run"], "bus-cursors.json")
+    cursors = json.loads(read_text(cursors_path, "{}") or "{}")
+    start = cursors.get(a.who, 0) if a.new else 0
+    while True:
+        with open(bus, "rb") as f:
+            f.seek(start)
+            chunk = f.read()
+        whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
+        lines = whole.decode("utf-8", "replace").splitlines()
+        if not a.follow and not a.new and a.n:
+            lines = lines[-a.n:]
+        for line in lines:
+            print(line, flush=True)
+        start += len(whole)
+        if a.new:
+            cursors = json.loads(read_text(cursors_path, "{}") or "{}")
+            cursors[a.who] = start
+            write_json(cursors_path, cursors)
+        if not a.follow or fleet["session"] not in live_sessions():
+            return
+        time.sleep(0.5)
+
+
+def cmd_respawn(a):
+    fleet = load_fleet(a.name)
+    w = pick_workers(fleet, a.worker, allow_all=False)[0]
+    n = w["n"]
+    save_logs(dict(fleet, workers=[w]), "respawn")
+    argv = [sys.executable, ORCH, "worker", fleet["name"], str(n)]
+    alive = snapshot(fleet, [w["pane"]], ansi=False)
+    if w["pane"] in alive:
+        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"], *argv)
+    else:                               # pane closed by hand, or the session is gone
+        old = w["pane"]
+        fleet["workers"] = [x for x in fleet["workers"] if x["n"] != n]
+        fleet["workers"].insert(n - 1, dict(w, pane=None))
+        here = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}"] + argv
+        if fleet["session"] in live_sessions():
+            out = tmux("new-window", "-t", "=%s:" % fleet["session"], *(here + [
+                       ";", "set-option", "-w", "remain-on-exit", "on"]))
+        else:
+            out = tmux("new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50",
+                       *(here + [";", "set-option", "-w", "remain-on-exit", "on"]))
+        fleet["workers"][n - 1]["pane"] = out.split()[0]
+        save_fleet(fleet)
+        print("W%d: pane %s was gone; new pane %s" % (n, old, fleet["workers"][n - 1]["pane"]))
+    log_event(fleet, "respawn", worker=n, pane=fleet["workers"][n - 1]["pane"])
+    waiting = wait_ready(fleet, {n}, BOOT_WAIT)
+    if waiting:
+        raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
+                        % (n, waiting[0]["state"], a.name, n))
+    brief = worker_file(fleet, n, "task.md")
+    if os.path.exists(brief) and not os.path.exists(worker_file(fleet, n, "done")):
+        report_delivery(fleet, [n], brief_message(brief), deliver(fleet, [n], brief_message(brief)))
+    print("W%d: restarted in pane %s" % (n, fleet["workers"][n - 1]["pane"]))
+
+
+def cmd_kill(a):
+    if a.all == bool(a.name):
+        raise OrchError("name one fleet, or pass --all: `orch kill NAME`", 2)
+    if a.name:
+        return end_fleet(load_fleet(a.name))
+    live = live_sessions()
+    runs = os.path.join(orch_home(), "runs")
+    names = [d for d in sorted(os.listdir(runs)) if NAME_RE.match(d) and session_of(d) in live]
+    for name in names:
+        end_fleet(load_fleet(name))
+    if not names:
+        print("no live fleets")
+
+
+def cmd_attach(a):
+    fleet = load_fleet(a.name)
+    if fleet["session"] not in live_sessions():
+        raise OrchError("fleet %r is not live: `orch status %s` shows its last state" % (a.name, a.name))
+    if os.environ.get("TMUX"):
+        raise OrchError("already inside tmux: in another terminal run `tmux attach -r -t %s`"
+                        % fleet["session"])
+    os.execvp("tmux", ["tmux", "attach-session", "-r", "-t", "=" + fleet["session"]])
+
+
+def cmd_worker(a):
+    """The pane command: set the worker's environment, then exec the agent."""
+    fleet = load_fleet(a.name)
+    w = pick_workers(fleet, a.n, allow_all=False)[0]
+    env = dict(os.environ, ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]),
+               ORCH_SHARED=shared_dir(fleet), ORCH_HOME=orch_home())
+    argv, extra = agent_argv(w), agent_setup(fleet, w)
+    env.update(extra.get("env", {}))
+    argv += extra.get("args", [])
+    os.chdir(fleet["workdir"])
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        raise OrchError("cannot start %s: %s" % (argv[0], e.strerror))
+
+
+def agent_setup(fleet, w):
+    """Per-agent environment and extra arguments (isolated configs)."""
+    return {}
+
+
+# --- briefs, findings, verdicts ---------------------------------------------------
+
+ROLES = {
+    "finder": "Determine whether the following holds, and report every instance you can "
+              "prove from the files: {goal}. Report only what you opened and read yourself; "
+              "an empty result is a valid result.",
+    "verifier": "Determine whether each claim below is true: {goal}. Assume every claim is "
+                "wrong until primary evidence proves it. Re-derive each one yourself from the "
+                "files first, then compare with the claim.",
+    "fixer": "Determine whether this change is needed, and if it is, make the smallest change "
+             "that does it: {goal}. Report each change with path:line.",
+    "scribe": "Summarise, from the bus and the result files only: {goal}. Quote, do not "
+              "embellish; mark anything you could not check as unchecked.",
+}
+FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no table, no bullets):
+    F<k> | <path>:<line>[-<end>] | <one-line claim> | <exact text quoted from those lines>
+- <path> is relative to the workdir; <line> and <end> are 1-based line numbers.
+- The quote is copied from the file, never paraphrased: a finding whose quote is not on
+  the cited lines is thrown out by a mechanical check before anyone reads it.
+- Use `-` as the location for a finding that is not about one place; leave out the quote then.
+- Example:  F1 | src/app.py:42 | TODO marker: input is not validated | # TODO: validate input
+- Found nothing? Write one plain sentence saying what you checked."""
+VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
+    W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence: path:line and why>
+- Evidence names the path:line you read and what it says. A verdict without a path:line
+  counts as no verdict; never confirm what you did not check yourself.
+- CONFIRMED only if the cited lines say what the claim says; REFUTED if they do not;
+  UNVERIFIABLE if the evidence cannot settle it."""
+LEADING_RE = re.compile(r"\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)", re.I)
+
+
+def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=()):
+    count = len(fleet["workers"])
+    q = shlex.quote
+    rules = ["Work only inside the workdir; do not change any file there%s." % (
+        "" if role == "fixer" else " (your role is read-only)")] + list(constraints)
+    parts = [
+        "# Worker %d of %d — %s (%s)" % (n, count, title or goal[:60].rstrip(), role.upper()), "",
+        "You are worker %d of %d in fleet `%s`. A different worker will check your result."
+        % (n, count, fleet["name"]), "",
+        "- Workdir: `%s`" % fleet["workdir"],
+        "- Result file: `%s`" % result,
+        "- Done flag: `%s`" % done,
+        "- Bus: `%s`" % os.path.join(shared_dir(fleet), "bus.md"), "",
+        "## Goal", ROLES[role].format(goal=goal.strip().rstrip(".")), "",
+        "## Hard constraints"] + ["- " + r for r in rules] + [""]
+    if findings:
+        parts += ["## Findings to check"] + ["    " + f for f in findings] + [""]
+    parts += ["## Deliverable", "Write your result to the result file `%s`." % result]
+    if role == "finder":
+        parts += [FINDINGS_FORMAT]
+    elif role == "verifier":
+        parts += [VERDICT_FORMAT]
+    parts += ["", "## Done signal",
+              "When the result file is complete, and only then, touch the done flag as your "
+              "last action:", "    touch %s" % q(done), "",
+              "## Coordination",
+              "The bus is a plain file all workers share. Read it between steps. To post, "
+              "append one line that starts with [W%d], never edit it:" % n,
+              "    echo '[W%d] <one line>' >> %s" % (n, q(os.path.join(shared_dir(fleet), "bus.md"))), "",
+              "## Autonomy",
+              "Work autonomously to the end. Never wait for confirmation and never ask a "
+              "question: decide, note the assumption in your result, and go on.", ""]
+    return "\n".join(parts)
+
+
+def brief_message(path):
+    return "Read and follow the brief in %s - work autonomously, do not wait for confirmation." % path
+
+
+def cmd_brief(a):
+    fleet = load_fleet(a.name)
+    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
+    if not a.goal.strip():
+        raise OrchError("--goal is empty: say what the worker should determine", 2)
+    if LEADING_RE.search(a.goal):
+        print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
+              "so the worker does not invent a bug to fix", file=sys.stderr)
+    path = worker_file(fleet, n, "task.md")
+    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal),
+                                [clean_text(c) for c in a.constraint],
+                                worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
+    log_event(fleet, "brief", worker=n, role=a.role)
+    print("W%d: brief written to %s" % (n, path))
+    if a.send:
+        report_delivery(fleet, [n], brief_message(path), deliver(fleet, [n], brief_message(path)))
+
+
+def clean_field(s):
+    return s.strip().strip("`").strip()
+
+
+def grammar_lines(text):
+    """Lines with markdown stripped: bullets, quotes, bold, table pipes, fences."""
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("```"):
+            continue
+        line = re.sub(r"^(?:[-*+>]\s+|\d+[.)]\s+)+", "", line).replace("**", "").strip()
+        if line.startswith("|") and line.endswith("|"):
+            line = line[1:-1].strip()            # a markdown table row
+        yield i, clean_field(line)
+
+
+def parse_findings(text, source):
+    """F<k> | <path>:<line>[-<end>] | <claim> | <quote>  (also W<n>.F<k> ids).
+    Returns (findings, problems); a line that starts like a finding but breaks
+    the grammar is a problem naming its file and line, never dropped silently."""
+    found, problems = [], []
+    for i, line in grammar_lines(text):
+        m = re.match(r"(?:W(\d+)\.)?F(\d+)\s*\|(.*)$", line)
+        if not m:
+            continue
+        fields = [clean_field(f) for f in m.group(3).split("|", 2)]
+        loc = re.match(r"(.+):(\d+)(?:-(\d+))?$", fields[0])
+        if len(fields) < 2 or not fields[1] or not (fields[0] == "-" or loc) \
+                or (loc and int(loc.group(3) or loc.group(2)) < int(loc.group(2))):
+            problems.append("%s:%d: not a finding (want `F<k> | path:line | claim | quote`): %s"
+                            % (source, i, line[:80]))
+            continue
+        quote = fields[2] if len(fields) > 2 else ""
+        if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
+            quote = quote[1:-1]
+        found.append({"worker": int(m.group(1)) if m.group(1) else None, "k": int(m.group(2)),
+                      "path": loc.group(1) if loc else None,
+                      "line": int(loc.group(2)) if loc else None,
+                      "end": int(loc.group(3) or loc.group(2)) if loc else None,
+                      "claim": fields[1], "quote": quote})
+    return found, problems
+
+
+def parse_verdicts(text, source):
+    """W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence> -> ({id: verdict}, problems)."""
+    verdicts, problems = {}, []
+    for i, line in grammar_lines(text):
+        m = re.match(r"(W\d+\.F\d+)\s*\|(.*)$", line)
+        if not m:
+            continue
+        fields = [clean_field(f) for f in m.group(2).split("|", 1)]
+        word = fields[0].upper()
+        if word not in ("CONFIRMED", "REFUTED", "UNVERIFIABLE"):
+            problems.append("%s:%d: not a verdict (want `W<n>.F<k> | CONFIRMED|REFUTED|"
+                            "UNVERIFIABLE | evidence`): %s" % (source, i, line[:80]))
+            continue
+        evidence = fields[1] if len(fields) > 1 else ""
+        verdicts[m.group(1)] = {"verdict": word, "evidence": evidence,
+                                "unsupported": not re.search(r"[^\s:|]+:\d+", evidence)}
+    return verdicts, problems
+
+
+def finding_line(f):
+    loc = "-" if f["path"] is None else "%s:%d%s" % (
+        f["path"], f["line"], "" if f["end"] == f["line"] else "-%d" % f["end"])
+    return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), loc, f["claim"], f["quote"]) if x)
+
+
+# --- sim: the built-in simulated agent ---------------------------------------------
+
+MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
+FABRICATED = ["remove the hardcoded admin password", "this leaks the session token",
+              "race condition when two requests arrive", "unchecked SQL string concatenation"]
+
+
+def norm(s):
+    return " ".join(s.split())
+
+
+def sim_files(workdir):
+    out = []
+    for root, dirs, files in os.walk(workdir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += sorted(os.path.relpath(os.path.join(root, f), workdir)
+                      for f in files if not f.startswith("."))
+    return out
+
+
+def sim_lines(workdir, rel):
+    path = os.path.realpath(os.path.join(workdir, rel))
+    if os.path.commonpath([path, os.path.realpath(workdir)]) != os.path.realpath(workdir):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def sim_find(workdir, n, count, lies, rng):
+    """Markers in this worker's share of the files (every count-th file), then
+    `lies` planted false findings of three kinds."""
+    files = sim_files(workdir)
+    markers, plain = [], []
+    for idx, rel in enumerate(files):
+        for i, line in enumerate(sim_lines(workdir, rel), 1):
+            m = MARKER_RE.search(line)
+            if m:
+                claim = "%s marker: %s" % (m.group(1), line[m.end():].strip(" :-#/*") or "(no text)")
+                markers.append((idx % count == n - 1, rel, i, claim, line.strip()))
+            elif line.strip():
+                plain.append((rel, i, line.strip()))
+    found = [m[1:] for m in markers if m[0]]
+    for j in range(lies):
+        kind = ("phantom", "wrong-line", "fabricated")[(j + rng.randrange(3)) % 3]
+        if kind != "phantom" and markers:
+            _, rel, i, claim, quote = rng.choice(markers)
+            size = len(sim_lines(workdir, rel))
+            if kind == "wrong-line" and size >= 5:
+                i = i + 3 if i + 3 <= size else i - 3      # quote 3 lines away from its cite
+            else:
+                word = MARKER_RE.search(quote).group(1)
+                claim, quote = "%s marker: %s" % (word, rng.choice(FABRICATED)), \
+                    "# %s: %s" % (word, rng.choice(FABRICATED))
+        elif plain:                                 # a marker that is not there
+            rel, i, quote = rng.choice(plain)
+            claim = "%s marker: %s" % (rng.choice(("TODO", "FIXME", "HACK")), " ".join(quote.split()[:5]))
+        else:
+            continue
+        found.insert(rng.randrange(len(found) + 1), (rel, i, claim, quote))
+    return ["F%d | %s:%d | %s | %s" % ((k,) + f) for k, f in enumerate(found, 1)]
+
+
+def sim_verify(workdir, findings, rubber_stamp):
+    out = []
+    for f in findings:
+        fid = "W%s.F%d" % (f["worker"], f["k"])
+        if rubber_stamp:
+            out.append("%s | CONFIRMED | looks right to me" % fid)
+            continue
+        word = re.match(r"(TODO|FIXME|HACK|XXX)\b", f["claim"])
+        if f["path"] is None or not word:
+            out.append("%s | UNVERIFIABLE | the claim names no marker at a place I can read" % fid)
+            continue
+        lines = sim_lines(workdir, f["path"])
+        where = "%s:%d" % (f["path"], f["line"])
+        if f["end"] > len(lines):
+            out.append("%s | REFUTED | %s does not exist: the file has %d lines" % (fid, where, len(lines)))
+            continue
+        cited = lines[f["line"] - 1:f["end"]]
+        has = any(re.search(r"\b%s\b" % word.group(1), c) for c in cited)
+        quoted = not f["quote"] or norm(f["quote"]) in norm(" ".join(cited))
+        verdict = "CONFIRMED" if has and quoted else "REFUTED"
+        why = "the marker is there" if verdict == "CONFIRMED" else (
+            "no %s marker on the cited line" % word.group(1) if not has else "the quote is not on it")
+        out.append("%s | %s | %s reads %r: %s" % (fid, verdict, where, norm(" ".join(cited))[:80], why))
+    return out
+
+
+def sim_job(brief_path, lie, seed):
+    """Do what a brief asks, mechanically; return lines for the screen."""
+    text = read_text(brief_path, "")
+    head = re.search(r"^# Worker (\d+) of (\d+) .*\((\w+)\)\s*$", text, re.M)
+    paths = dict(re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M))
+    if not head or len(paths) < 4:
+        return ["sim: %s is not a brief I understand" % brief_path]
+    n, count, role = int(head.group(1)), int(head.group(2)), head.group(3).lower()
+    post = lambda msg: append_line(paths["Bus"], "[W%d] %s" % (n, msg))
+    post("starting %s: %s" % (role, os.path.basename(brief_path)))
+    if role == "verifier":
+        section = text.split("## Findings to check", 1)[-1].split("\n## ", 1)[0]
+        findings, _ = parse_findings(section, brief_path)
+        result = sim_verify(paths["Workdir"], findings, rubber_stamp=lie > 0)
+        summary = "%d verdicts" % len(result)
+    elif role == "finder":
+        result = sim_find(paths["Workdir"], n, count, lie, random.Random("%s-%d" % (seed, n)))
+        summary = "%d findings" % len(result)
+    else:
+        result = ["The sim agent does not simulate the %s role; it changed nothing." % role]
+        summary = "nothing to do"
+    write_file(paths["Result file"], "# Result of worker %d\n\n%s\n" % (n, "\n".join(result)))
+    post("done: %s in %s" % (summary, paths["Result file"]))
+    with open(paths["Done flag"], "a"):
+        pass                                        # the done flag, touched last
+    return ["sim: %s written, done flag touched" % summary]
+
+
+def cmd_sim(a):
+    """A TUI that behaves like the real agents where delivery is concerned:
+    bracketed paste, an input box that holds text until Enter, an Enter that
+    arrives in the same burst as typed text taken as a newline."""
+    fd, out = sys.stdin.fileno(), sys.stdout
+    n, run = os.environ.get("ORCH_WORKER", "?"), None
+    if os.environ.get("ORCH_FLEET") and os.environ.get("ORCH_HOME"):
+        run = os.path.join(os.environ["ORCH_HOME"], "runs", os.environ["ORCH_FLEET"], "logs")
+    st = {"draft": "", "paste": False, "pending": "", "jobs": [], "until": 0.0, "ctrl_c": 0,
+          "lines": ["sim agent - worker %s - %s" % (n, "ready")]}
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    if not a.no_bracketed_paste:
+        out.write("\x1b[?2004h")
+
+    def log(kind, data):
+        if run:
+            append_line(os.path.join(run, "sim-w%s.%s" % (n, kind)), data)
+
+    def render():
+        cols, rows = shutil.get_terminal_size((80, 24))
+        first, *rest = st["draft"].split("\n")
+        box = ("sim> " + first + (" [+%d lines]" % len(rest) if rest else ""))[:cols - 1]
+        busy = ["sim: working on %s" % os.path.basename(st["jobs"][0])] if st["jobs"] else []
+        body = [ln[:cols - 1] for ln in st["lines"]][-(rows - 2 - len(busy)):]
+        out.write("\x1b[H\x1b[2J" + "\r\n".join(body + busy + ["-" * min(cols - 1, 40), box]))
+        out.flush()
+
+    def submit():
+        msg = st["draft"].strip()
+        st["draft"] = ""
+        if not msg:
+            return
+        log("msgs", json.dumps(msg, ensure_ascii=False))
+        first = msg.split("\n")[0]
+        st["lines"] += ["> " + first[:200], "  (received %d line(s), %d chars)" % (msg.count("\n") + 1, len(msg))]
+        brief = re.search(r"(/[^\s`'\"]+\.task\.md)", msg)
+        if brief:
+            if not st["jobs"]:
+                st["until"] = time.time() + a.delay
+            st["jobs"].append(brief.group(1))
+        else:
+            st["lines"].append("sim: noted")
+
+    def feed(text):
+        typed = False
+        s = st["pending"] + text
+        st["pending"] = ""
+        while s:
+            if st["paste"]:
+                end = s.find("\x1b[201~")
+                if end < 0:
+                    keep = next((k for k in range(5, 0, -1) if "\x1b[201~".startswith(s[-k:])), 0)
+                    st["draft"] += s[:len(s) - keep].replace("\r", "\n")
+                    st["pending"] = s[len(s) - keep:]
+                    return
+                st["draft"] += s[:end].replace("\r", "\n")
+                st["paste"], s = False, s[end + 6:]
+            elif s.startswith("\x1b[200~"):
+                st["paste"], s = True, s[6:]
+            elif s[0] == "\x1b":
+                m = re.match(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1bO.|\x1b", s)
+                if m.group(0) == "\x1b" and len(s) < 6 and "\x1b[200~".startswith(s):
+                    st["pending"] = s                   # a sequence split across reads
+                    return
+                s = s[len(m.group(0)):]
+            else:
+                ch, s = s[0], s[1:]
+                if ch in "\r\n":
+                    # Same burst as typed text: a paste of keystrokes, so a newline.
+                    if typed:
+                        st["draft"] += "\n"
+                    else:
+                        submit()
+                elif ch == "\x15":
+                    st["draft"] = ""
+                elif ch == "\x03":
+                    st["ctrl_c"] = 0 if st["draft"] else st["ctrl_c"] + 1
+                    st["draft"] = ""
+                    if st["ctrl_c"] >= 2:
+                        raise SystemExit(0)
+                elif ch in "\x7f\x08":
+                    st["draft"] = st["draft"][:-1]
+                elif ch == "\t" or ch >= " ":
+                    st["draft"] += ch
+                    typed = True
+
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    try:
+        while True:
+            render()
+            wait = max(0.0, st["until"] - time.time()) if st["jobs"] else None
+            if select.select([fd], [], [], wait)[0]:
+                data = os.read(fd, 65536)
+                if not data:
+                    return 0
+                text = decode(data)
+                log("in", json.dumps(text, ensure_ascii=False))
+                feed(text)
+            if st["jobs"] and time.time() >= st["until"]:
+                st["lines"] += sim_job(st["jobs"].pop(0), a.lie, a.seed)
+                st["until"] = time.time() + a.delay
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+# --- main ----------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):           # usage errors take the one error path
+        raise OrchError("%s (see `orch %s--help`)" % (message, self.prog.split(" ", 1)[1] + " "
+                        if " " in self.prog else ""), 2)
+
+
+def number(kind, low=0.0, integer=False):
+    def parse(text):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError("%s must be a number >= %g, not %r" % (kind, low, text))
+        return value
+    return parse
+
+
+def build_parser():
+    p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               usage=argparse.SUPPRESS, add_help=True)
+    p.add_argument("--version", action="version", version="orch %s (%s)" % (VERSION, file_digest()))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    secs = number("seconds")
+
+    def command(name, *arguments):
+        sp = sub.add_parser(name, help=argparse.SUPPRESS)
+        for names, kw in arguments:
+            sp.add_argument(*names, **kw)
+        return sp
+    arg = lambda *names, **kw: (names, kw)
+    name, worker = arg("name"), arg("worker", metavar="n")
+    command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
+            arg("--agent"), arg("--per-window", type=number("--per-window", 1, True), default=4),
+            arg("--timeout", type=secs, default=BOOT_WAIT), arg("--force", action="store_true"))
+    command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
+            arg("--agent"), arg("--timeout", type=secs, default=BOOT_WAIT))
+    command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"), arg("--file"))
+    command("brief", name, worker, arg("--goal", required=True),
+            arg("--role", choices=sorted(ROLES), default="finder"),
+            arg("--constraint", action="append", default=[]), arg("--send", action="store_true"))
+    command("read", name, arg("worker", metavar="n|all"),
+            arg("lines", nargs="?", type=number("lines", 1, True), default=20))
+    command("status", arg("name", nargs="?"), arg("--json", action="store_true"),
+            arg("--stall", type=secs, default=120.0))
+    command("wait", name, arg("workers", nargs="*", metavar="n"), arg("--timeout", type=secs, default=0),
+            arg("--interval", type=number("--interval", 0.05), default=2.0),
+            arg("--stall", type=secs, default=120.0), arg("--nudge", action="store_true"),
+            arg("--json", action="store_true"))
+    command("nudge", name, worker, arg("message", nargs="*"))
+    command("bus", name, arg("words", nargs="*", metavar="post MESSAGE"),
+            arg("-n", type=number("-n", 0, True), default=20), arg("--new", action="store_true"),
+            arg("--follow", action="store_true"),
+            arg("--as", dest="who", default="lead", type=who_name))
+    command("respawn", name, worker)
+    command("kill", arg("name", nargs="?"), arg("--all", action="store_true"))
+    command("attach", name)
+    command("worker", name, arg("n"))
+    command("sim", arg("--lie", type=number("--lie", 0, True), default=0),
+            arg("--seed", default="1"), arg("--delay", type=secs, default=0.5),
+            arg("--no-bracketed-paste", action="store_true"))
+    return p
+
+
+def who_name(text):
+    if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
+        raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
+    return text
+
+
+def file_digest():
+    with open(ORCH, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def main(argv=None):
+    os.umask(0o077)                 # every file and directory orch makes is private
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        if getattr(args, "name", None) is not None:
+            check_name(args.name)
+        return globals()["cmd_" + args.command](args) or 0
+    except OrchError as e:
+        if os.environ.get("ORCH_DEBUG"):
+            raise
+        print("orch: %s" % e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `orch status | head -1`: stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
