@@ -45,9 +45,11 @@ environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (echo every
 """
 import argparse
 import codecs
+import contextlib
 import datetime
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -58,6 +60,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import termios
 import time
@@ -821,9 +824,9 @@ def cmd_read(a):
         print("\n".join(line.rstrip() for line in lines[-a.lines:]))
 
 
-def bus_tail(fleet, count):
+def bus_tail(fleet, count=None):
     lines = read_text(os.path.join(shared_dir(fleet), "bus.md"), "").splitlines()
-    return lines[-count:] if count else []
+    return lines if count is None else lines[len(lines) - count:]
 
 
 def cmd_status(a):
@@ -901,7 +904,7 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
                 nudged.discard(r["n"])
             elif nudge and r["n"] not in nudged:     # at most once per stall
                 nudged.add(r["n"])
-                deliver(fleet, [r["n"]], default_nudge(fleet, r["n"]), clear=True)
+                deliver(fleet, [r["n"]], nudge(r["n"]), clear=True)
                 log_event(fleet, "nudge", worker=r["n"], why="stalled")
         if all(r["state"] == "done" for r in rows):
             return 0
@@ -928,7 +931,8 @@ def cmd_wait(a):
     ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
         or [w["n"] for w in fleet["workers"]]
     flags = {n: worker_file(fleet, n, "done") for n in ns}
-    code = watch(fleet, flags, a.timeout, a.interval, a.stall, a.nudge, print_change(a.json))
+    code = watch(fleet, flags, a.timeout, a.interval, a.stall,
+                 a.nudge and (lambda n: default_nudge(fleet, n)), print_change(a.json))
     result = {0: "done", 3: "timeout", 4: "exited"}[code]
     if a.json:
         print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
@@ -940,11 +944,11 @@ def cmd_wait(a):
     return code
 
 
-def default_nudge(fleet, n):
-    return ("Reminder: you are worker %d of %d. Your brief is %s - reread it. Write your "
-            "deliverable to %s, then touch %s last. Work autonomously: do not wait for "
-            "confirmation." % (n, len(fleet["workers"]), worker_file(fleet, n, "task.md"),
-                               worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
+def default_nudge(fleet, n, stem=None):
+    stem = stem or worker_file(fleet, n, "")[:-1]
+    return ("Reminder: you are worker %d of %d. Your brief is %s.task.md - reread it. Write "
+            "your deliverable to %s.result.md, then touch %s.done last. Work autonomously: do "
+            "not wait for confirmation." % (n, len(fleet["workers"]), stem, stem, stem))
 
 
 def cmd_nudge(a):
@@ -1227,6 +1231,282 @@ def finding_line(f):
     return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), loc, f["claim"], f["quote"]) if x)
 
 
+
+# --- verification ---------------------------------------------------------------
+
+def check_citation(workdir, f):
+    """Mechanical check of a finding's location: 'ok', 'n/a', or what is wrong."""
+    if f["path"] is None:
+        return "n/a"
+    root = os.path.realpath(workdir)
+    path = os.path.realpath(os.path.join(root, f["path"]))
+    if os.path.commonpath([root, path]) != root:
+        return "path escapes the workdir"
+    if not os.path.isfile(path):
+        return "no such file"
+    lines = read_text(path, "").splitlines()
+    if f["line"] < 1 or f["end"] > len(lines):
+        return "line %d is past the end (%d lines)" % (f["end"], len(lines))
+    window = lines[max(0, f["line"] - 3):f["end"] + 2]        # two lines either side
+    if f["quote"] and norm(f["quote"]) not in norm(" ".join(window)):
+        return "quote not within 2 lines of line %d" % f["line"]
+    return "ok"
+
+
+def verifier_for(finder, k, pool, count):
+    """Round k's verifier of worker `finder`'s findings: the k-th worker after
+    it in cyclic order among `pool`, never itself."""
+    others = sorted((v for v in pool if v != finder), key=lambda v: (v - finder) % count)
+    return others[(k - 1) % len(others)] if others else None
+
+
+def collect_findings(fleet):
+    findings, problems = [], []
+    for w in fleet["workers"]:
+        n = w["n"]
+        if not os.path.exists(worker_file(fleet, n, "done")):
+            continue
+        path = worker_file(fleet, n, "result.md")
+        text = read_text(path)
+        if text is None:
+            problems.append("W%d touched its done flag but wrote no %s" % (n, path))
+            continue
+        found, bad = parse_findings(text, path)
+        problems += bad
+        seen = set()
+        for f in found:
+            if f["k"] in seen:
+                problems.append("%s: F%d appears twice; the first one counts" % (path, f["k"]))
+                continue
+            seen.add(f["k"])
+            f.update(worker=n, id="W%d.F%d" % (n, f["k"]), rounds=[])
+            findings.append(f)
+    return findings, problems
+
+
+def final_verdict(f, rounds):
+    if f["citation"] not in ("ok", "n/a"):
+        return "BAD-CITATION"
+    verdicts = [c["verdict"] for c in f["rounds"]]
+    if "REFUTED" in verdicts:
+        return "REFUTED"
+    if len(f["rounds"]) == rounds and all(c["verdict"] == "CONFIRMED" and not c["unsupported"]
+                                          for c in f["rounds"]):
+        return "CONFIRMED"
+    return "UNVERIFIABLE"
+
+
+def verify_fleet(fleet, rounds, pool, timeout, emit):
+    """Citation check, then round-robin rounds; returns the matrix."""
+    findings, problems = collect_findings(fleet)
+    for f in findings:
+        f["citation"] = check_citation(fleet["workdir"], f)
+    vdir = os.path.join(shared_dir(fleet), "verify")
+    if os.path.isdir(vdir) and os.listdir(vdir):          # a re-run: keep the old round files
+        os.rename(vdir, "%s.old-%s" % (vdir, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")))
+    os.makedirs(vdir, mode=0o700, exist_ok=True)
+    count = len(fleet["workers"])
+    alive = [f for f in findings if f["citation"] in ("ok", "n/a")]
+    for k in range(1, rounds + 1):
+        jobs = {}
+        for f in alive:
+            v = verifier_for(f["worker"], k, pool, count)
+            if v is None:
+                f["rounds"].append({"round": k, "verifier": None, "verdict": "MISSING",
+                                    "evidence": "no verifier available", "unsupported": True})
+            else:
+                jobs.setdefault(v, []).append(f)
+        flags = {}
+        for v, fs in sorted(jobs.items()):
+            stem = os.path.join(vdir, "r%d-w%d" % (k, v))
+            goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
+                    "are true; give one verdict per finding" % len(fs))
+            write_file(stem + ".task.md", make_brief(
+                fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
+                stem + ".result.md", stem + ".done", "verification round %d" % k,
+                [finding_line(f) for f in fs]))
+            flags[v] = stem + ".done"
+            log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
+        stems = {v: flag[:-len(".done")] for v, flag in flags.items()}
+        for v in sorted(flags):
+            for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
+                problems.append("round %d: %s" % (k, why))
+        if flags:
+            code = watch(fleet, flags, timeout, 0.5, 120.0,
+                         lambda v: default_nudge(fleet, v, stems[v]), emit)
+            if code:
+                problems.append("round %d: %s" % (k, "timed out" if code == 3 else "a verifier exited"))
+        for v, fs in jobs.items():
+            path = stems[v] + ".result.md"
+            verdicts, bad = parse_verdicts(read_text(path, ""), path)
+            problems += bad
+            for f in fs:
+                cell = verdicts.get(f["id"], {"verdict": "MISSING", "evidence": "",
+                                              "unsupported": True})
+                f["rounds"].append(dict(cell, round=k, verifier=v))
+        alive = [f for f in alive if f["rounds"][-1]["verdict"] != "REFUTED"]
+        log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
+                  survivors=len(alive))
+    for f in findings:
+        f["final"] = final_verdict(f, rounds)
+    tally = {v: sum(f["final"] == v for f in findings)
+             for v in ("CONFIRMED", "REFUTED", "BAD-CITATION", "UNVERIFIABLE")}
+    return {"fleet": fleet["name"], "rounds": rounds, "pool": pool, "findings": findings,
+            "tally": tally, "problems": problems, "written": now_iso()}
+
+
+
+def tally_line(matrix):
+    t = matrix["tally"]
+    return "%d findings: %d confirmed, %d refuted, %d bad citation, %d unverifiable" % (
+        len(matrix["findings"]), t["CONFIRMED"], t["REFUTED"], t["BAD-CITATION"], t["UNVERIFIABLE"])
+
+
+def matrix_markdown(matrix):
+    """The Verification Matrix: finding x round (verifier) x verdict."""
+    head = ["finding", "location", "claim", "citation"] + \
+        ["round %d" % k for k in range(1, matrix["rounds"] + 1)] + ["final"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in matrix["findings"]:
+        cells = ["-"] * matrix["rounds"]
+        for c in f["rounds"]:
+            cells[c["round"] - 1] = "%s by W%s%s" % (c["verdict"], c["verifier"] or "-",
+                                                    " (unsupported)" if c["unsupported"] else "")
+        loc = "-" if f["path"] is None else "%s:%d" % (f["path"], f["line"])
+        row = [f["id"], loc, f["claim"][:60], f["citation"]] + cells + ["**%s**" % f["final"]]
+        rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
+    lines = ["# Verification Matrix: fleet %s" % matrix["fleet"], "", tally_line(matrix), ""] + rows
+    if matrix["problems"]:
+        lines += ["", "Problems:"] + ["- " + p for p in matrix["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_verify(a):
+    fleet = load_fleet(a.name)
+    count = len(fleet["workers"])
+    if count < 2:
+        raise OrchError("verification needs at least 2 workers, so that no worker checks its own "
+                        "findings: `orch add %s` adds one" % a.name)
+    pool = list(range(1, count + 1))
+    if a.by:
+        try:
+            pool = sorted({int(v) for v in a.by.split(",")})
+        except ValueError:
+            pool = [0]
+        if not all(1 <= v <= count for v in pool):
+            raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
+    rounds = a.rounds or min(2, count - 1)
+    if rounds > count - 1:
+        raise OrchError("--rounds %d: %d workers allow at most %d rounds of distinct verifiers"
+                        % (rounds, count, count - 1), 2)
+    if not any(os.path.exists(worker_file(fleet, w["n"], "done")) for w in fleet["workers"]):
+        raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
+    matrix = verify_fleet(fleet, rounds, pool, a.timeout, print_change(False))
+    write_json(os.path.join(shared_dir(fleet), "matrix.json"), matrix)
+    write_file(os.path.join(shared_dir(fleet), "matrix.md"), matrix_markdown(matrix))
+    log_event(fleet, "verify", rounds=rounds, **{k.lower(): v for k, v in matrix["tally"].items()})
+    for p in matrix["problems"]:
+        print("orch: warning: %s" % p, file=sys.stderr)
+    print(tally_line(matrix))
+    print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
+    return matrix
+
+
+def write_report(fleet):
+    shared = shared_dir(fleet)
+    out = ["# Report: fleet %s" % fleet["name"], "",
+           "%s; workdir %s; %d workers (%s)" % (now_iso(), fleet["workdir"], len(fleet["workers"]),
+                                                fleet["agent"]), "", "## Verification", ""]
+    matrix = read_text(os.path.join(shared, "matrix.md"))
+    out += [matrix.split("\n", 1)[1].strip() if matrix else
+            "Not verified: nothing below has been checked by a second worker. Run `orch verify %s`."
+            % fleet["name"], "", "## Worker results", ""]
+    for w in fleet["workers"]:
+        n = w["n"]
+        done = os.path.exists(worker_file(fleet, n, "done"))
+        out += ["### W%d (%s)" % (n, "done" if done else "NOT done"), "",
+                (read_text(worker_file(fleet, n, "result.md")) or "(no result file)").strip(), ""]
+    out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
+    path = os.path.join(shared, "report.md")
+    write_file(path, "\n".join(out))
+    log_event(fleet, "report", path=path)
+    return "\n".join(out), path
+
+
+def cmd_report(a):
+    text, path = write_report(load_fleet(a.name))
+    print(text)
+    print("report: %s" % path)
+
+
+
+# --- demo --------------------------------------------------------------------------
+
+DEMO_FILES = {
+    "api/handlers.py": "import json\n\n\ndef get_user(request):\n    # TODO: check the caller owns this user id\n"
+                       "    uid = request.args['id']\n    return json.dumps({'id': uid})\n\n\n"
+                       "def delete_user(request):\n    # FIXME: no audit log entry is written\n    return 204\n",
+    "api/café_routes.py": "ROUTES = {\n    '/menu': 'menu',\n    '/order': 'order',  # HACK: hard-coded until the"
+                         " router lands\n}\n\n\ndef route(path):\n    return ROUTES.get(path)\n",
+    "core/models.py": "class Order:\n    def __init__(self, items):\n        self.items = items\n\n"
+                      "    def total(self):\n        # XXX: floats for money\n        return sum(i.price for"
+                      " i in self.items)\n",
+    "core/données.py": "RATES = {'EUR': 1.0}\n\n\ndef convert(amount, cur):\n    # TODO: other currencies\n"
+                       "    return amount * RATES[cur]\n",
+    "jobs/cron.py": "import os\n\n\ndef nightly():\n    os.system('backup')  # FIXME: runs as root\n\n\n"
+                    "def weekly():\n    pass\n",
+    "jobs/cleanup.py": "import shutil\n\n\ndef clean(tmp):\n    # TODO: keep the last three runs\n"
+                       "    shutil.rmtree(tmp)\n",
+}
+
+
+def cmd_demo(a):
+    """The whole idea in one command: spawn 3 workers, brief them, wait, have
+    them verify each other in two rounds, report, kill. With sim, W3 lies."""
+    workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
+    os.makedirs(workdir, exist_ok=True)
+    if not os.listdir(workdir):
+        for rel, text in DEMO_FILES.items():
+            os.makedirs(os.path.join(workdir, os.path.dirname(rel)), exist_ok=True)
+            write_file(os.path.join(workdir, rel), text)
+    agents = [a.agent] * 3
+    if a.agent == "sim":
+        agents = ["sim --delay 0.3 --seed %s" % a.seed] * 2 + ["sim --lie 2 --delay 0.3 --seed %s" % a.seed]
+    ns = argparse.Namespace
+    if session_of("demo") in live_sessions():
+        raise OrchError("fleet 'demo' is live: `orch kill demo` first")
+    ECHO.update(stream=sys.stdout, t0=time.time())
+    print("orch demo: 3 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (
+        a.agent, workdir, "; W3 is a liar (--lie 2)" if a.agent == "sim" else ""), flush=True)
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    try:
+        with quiet:
+            cmd_spawn(ns(name="demo", N=2, workdir=workdir, agent=agents[0], per_window=4,
+                         timeout=BOOT_WAIT, force=True))
+            cmd_add(ns(name="demo", K=1, agent=agents[2], timeout=BOOT_WAIT))
+            for n, part in enumerate(("api", "core", "jobs"), 1):
+                cmd_brief(ns(name="demo", worker=str(n), role="finder", send=True,
+                             goal="the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
+                             constraint=["Look only at the files under `%s/`." % part]))
+            fleet = load_fleet("demo")
+            flags = {w["n"]: worker_file(fleet, w["n"], "done") for w in fleet["workers"]}
+            code = watch(fleet, flags, 180, 0.3, 60, lambda n: default_nudge(fleet, n),
+                         lambda r, was: None)
+            if code:
+                raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
+                                % ("timeout" if code == 3 else "a worker exited"))
+            matrix = cmd_verify(ns(name="demo", rounds=2, by=None, timeout=180))
+            write_report(fleet)
+        print()
+        print(matrix_markdown(matrix))
+        print("report: %s" % os.path.join(shared_dir(fleet), "report.md"))
+    finally:
+        ECHO["stream"] = None
+        if session_of("demo") in live_sessions():
+            with quiet:
+                end_fleet(load_fleet("demo"))
+
+
 # --- sim: the built-in simulated agent ---------------------------------------------
 
 MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
@@ -1258,22 +1538,23 @@ def sim_lines(workdir, rel):
         return []
 
 
-def sim_find(workdir, n, count, lies, rng):
-    """Markers in this worker's share of the files (every count-th file), then
-    `lies` planted false findings of three kinds."""
+def sim_find(workdir, n, count, scope, lies, rng):
+    """Markers in this worker's share of the files (those under `scope`, else
+    every count-th file), then `lies` planted false findings of three kinds."""
     files = sim_files(workdir)
     markers, plain = [], []
     for idx, rel in enumerate(files):
+        mine = rel.startswith(scope.rstrip("/") + "/") if scope else idx % count == n - 1
         for i, line in enumerate(sim_lines(workdir, rel), 1):
             m = MARKER_RE.search(line)
             if m:
                 claim = "%s marker: %s" % (m.group(1), line[m.end():].strip(" :-#/*") or "(no text)")
-                markers.append((idx % count == n - 1, rel, i, claim, line.strip()))
+                markers.append((mine, rel, i, claim, line.strip()))
             elif line.strip():
                 plain.append((rel, i, line.strip()))
     found = [m[1:] for m in markers if m[0]]
     for j in range(lies):
-        kind = ("phantom", "wrong-line", "fabricated")[(j + rng.randrange(3)) % 3]
+        kind = "phantom" if j % 2 == 0 else rng.choice(("wrong-line", "fabricated"))
         if kind != "phantom" and markers:
             _, rel, i, claim, quote = rng.choice(markers)
             size = len(sim_lines(workdir, rel))
@@ -1334,7 +1615,9 @@ def sim_job(brief_path, lie, seed):
         result = sim_verify(paths["Workdir"], findings, rubber_stamp=lie > 0)
         summary = "%d verdicts" % len(result)
     elif role == "finder":
-        result = sim_find(paths["Workdir"], n, count, lie, random.Random("%s-%d" % (seed, n)))
+        scope = re.search(r"files under `([^`]+)`", text)
+        result = sim_find(paths["Workdir"], n, count, scope and scope.group(1), lie,
+                          random.Random("%s-%d" % (seed, n)))
         summary = "%d findings" % len(result)
     else:
         result = ["The sim agent does not simulate the %s role; it changed nothing." % role]
@@ -1508,7 +1791,12 @@ def build_parser():
             arg("-n", type=number("-n", 0, True), default=20), arg("--new", action="store_true"),
             arg("--follow", action="store_true"),
             arg("--as", dest="who", default="lead", type=who_name))
+    command("verify", name, arg("--rounds", type=number("--rounds", 1, True)), arg("--by"),
+            arg("--timeout", type=secs, default=900.0))
+    command("report", name)
     command("respawn", name, worker)
+    command("demo", arg("workdir", nargs="?"), arg("--agent", default="sim", choices=("sim", "claude")),
+            arg("--seed", default="1"))
     command("kill", arg("name", nargs="?"), arg("--all", action="store_true"))
     command("attach", name)
     command("worker", name, arg("n"))
