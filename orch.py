@@ -1507,6 +1507,72 @@ def cmd_demo(a):
                 end_fleet(load_fleet("demo"))
 
 
+
+# --- doctor and install --------------------------------------------------------------
+
+def cmd_doctor(a):
+    """One line per check, with the fix; exit 1 if something required is missing."""
+    agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
+    word = (shlex.split(agent) or ["?"])[0]
+    checks = [("python", sys.version_info >= (3, 8), sys.version.split()[0], "use Python 3.8 or newer")]
+    tmux_path = shutil.which("tmux")
+    version = subprocess.run(["tmux", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True).stdout.strip() if tmux_path else ""
+    m = re.search(r"(\d+)\.(\d+)", version)          # "tmux 3.3a", "tmux next-3.4"
+    checks.append(("tmux", bool(tmux_path) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
+                   version or "not found", "install tmux 3.0 or newer (apt-get install tmux, "
+                   "brew install tmux)"))
+    if word != "sim":
+        found = shutil.which(word)
+        checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
+                       {"claude": "npm install -g @anthropic-ai/claude-code",
+                        "codex": "npm install -g @openai/codex",
+                        "gemini": "npm install -g @google/gemini-cli"}.get(word, "install %s" % word)
+                       + ", or use --agent sim for a dry run"))
+    if word == "claude":
+        home = os.path.expanduser("~")
+        creds = os.environ.get("ANTHROPIC_API_KEY") and "ANTHROPIC_API_KEY" or next(
+            (p for p in (os.path.join(home, ".claude", ".credentials.json"),
+                         os.path.join(home, ".claude.json")) if os.path.exists(p)), None)
+        checks.append(("credentials", bool(creds), creds or "none found",
+                       "run `claude` once and log in, or export ANTHROPIC_API_KEY"))
+    try:
+        home = orch_home()
+        probe = os.path.join(home, ".doctor-%d" % os.getpid())
+        write_file(probe, "")
+        os.remove(probe)
+        mode = os.stat(home).st_mode & 0o777
+        checks.append(("ORCH_HOME", mode == 0o700, "%s (mode %o)" % (home, mode), "chmod 700 %s" % home))
+    except (OrchError, OSError) as e:
+        checks.append(("ORCH_HOME", False, str(e), "set ORCH_HOME to a writable directory"))
+    for what, ok, detail, fix in checks:
+        print("%-4s %-12s %s%s" % ("ok" if ok else "FAIL", what, detail, "" if ok else "  -> " + fix))
+    me = "orch" if os.path.basename(ORCH) == "orch" else "python3 %s" % os.path.relpath(ORCH)
+    print("\nallow rules for the lead's .claude/settings.json (permissions.allow):")
+    for rule in sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)"}):
+        print("  %s" % json.dumps(rule))
+    return 0 if all(c[1] for c in checks) else 1
+
+
+def cmd_install(a):
+    bin_dir = os.path.abspath(os.path.expanduser(a.bin_dir or "~/.local/bin"))
+    os.makedirs(bin_dir, exist_ok=True)
+    target = os.path.join(bin_dir, "orch")
+    shutil.copyfile(ORCH, target)
+    os.chmod(target, 0o755)
+    print("installed %s" % target)
+    skill = os.path.join(os.path.dirname(ORCH), "SKILL.md")
+    if os.path.exists(skill):
+        dest = os.path.join(os.path.expanduser("~"), ".claude", "skills", "orch")
+        os.makedirs(dest, exist_ok=True)
+        shutil.copyfile(skill, os.path.join(dest, "SKILL.md"))
+        os.chmod(os.path.join(dest, "SKILL.md"), 0o644)
+        print("installed %s" % os.path.join(dest, "SKILL.md"))
+    on_path = bin_dir in os.environ.get("PATH", "").split(os.pathsep)
+    print("%s is %s" % (bin_dir, "on PATH: run `orch doctor`" if on_path else
+                        "not on PATH: add it (export PATH=\"%s:$PATH\") or run %s" % (bin_dir, target)))
+
+
 # --- sim: the built-in simulated agent ---------------------------------------------
 
 MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
@@ -1799,6 +1865,8 @@ def build_parser():
             arg("--seed", default="1"))
     command("kill", arg("name", nargs="?"), arg("--all", action="store_true"))
     command("attach", name)
+    command("doctor", arg("--agent"))
+    command("install", arg("--bin-dir"))
     command("worker", name, arg("n"))
     command("sim", arg("--lie", type=number("--lie", 0, True), default=0),
             arg("--seed", default="1"), arg("--delay", type=secs, default=0.5),
