@@ -95,7 +95,7 @@ PROFILES = {
         "above": 8, "below": None,  # spinner "✽ Generating…" sits 4 rows above the input line
         # Footers: "? for shortcuts" (2.1.197); 2.1.331 shows "⏵⏵ auto mode on (shift+tab to cycle)"
         # or "⏸ manual mode on · ? for shortcuts"; also "⏵⏵ accept edits on", "⏸ plan mode on".
-        "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w ]+ on\b"],
+        "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w '’]+ on\b"],
         "busy": [r"esc to interrupt",  # 2.1.197 footer; older: "✽ Wandering… (esc to interrupt)"
                  r"^\s*[·✢✳✶✻✽] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
                  r"Retrying in \d", r"Compacting conversation", r"ctrl\+b to run in background",
@@ -110,7 +110,8 @@ PROFILES = {
                    r"Choose the text style", r"Bypass Permissions mode", r"custom API key"],
         "limited": [r"(?i)usage limit reached", r"(?i)hit your [\w ]*limit",
                     r"(?i)limit reached\W+resets?"],  # "Weekly limit reached · resets 10am"
-        "title_busy": r"^[\u2800-\u28ff]",  # "⠂ Claude Code"; idle and permission: "✳ Claude Code"
+        # "⠂ Claude Code" (2.1.197), "◐ Claude Code" (2.1.331); idle and permission: "✳ Claude Code"
+        "title_busy": r"^[\u2800-\u28ff◐◓◑◒]",
         # Draft clearing, same keys everywhere: end of line, kill to line start (C-u in Claude, Codex,
         # Gemini KILL_LINE_LEFT, prompt_toolkit), join the previous line; the caller repeats while
         # the state stays "draft" (multi-line drafts). Not Escape: it interrupts a busy turn in all
@@ -118,7 +119,9 @@ PROFILES = {
         # an empty Codex 0.169 composer exits; Claude and Gemini exit on the second.
         "clear": ["C-e", "C-u", "BSpace"],
         # 2.1.197 trust question; option 1 (the default) trusts the workdir.
-        "answer": [(r"one you trust|Do you trust the files|Yes, I trust this folder", ["Enter"])],
+        # Only when the selection sits on "trust": the --add-dir question
+        # ("Adding a new directory") defaults to "No, exit".
+        "answer": [(r"❯ 1\. Yes, I trust this folder", ["Enter"])],
     },
     "codex": {
         "cmd": ["codex"],
@@ -139,7 +142,7 @@ PROFILES = {
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
         "clear": ["C-e", "C-u", "BSpace"],
-        "answer": [(r"Trust this folder\?|Do you trust the contents", ["Enter"])],
+        "answer": [(r"› 1\. Trust and continue", ["Enter"])],
     },
     "gemini": {
         "cmd": ["gemini"],
@@ -158,7 +161,7 @@ PROFILES = {
                     r"(?i)usage limit reached"],
         "title_busy": r"Working",  # "✦  Working… (<dir>)"; idle "◇  Ready"; "✋  Action Required"
         "clear": ["C-e", "C-u", "BSpace"],
-        "answer": [(r"Do you trust the files in this folder", ["Enter"])],
+        "answer": [(r"● 1\. Trust folder", ["Enter"])],
     },
     "aider": {
         "cmd": ["aider"],
@@ -517,7 +520,7 @@ def poll(fleet, stall=120.0, flags=None):
         mem[str(n)] = m
         lines = [ln.rstrip() for ln in plain.split("\n") if ln.strip()]
         rows.append({"n": n, "pane": w["pane"], "state": state, "done": done, "quiet": round(quiet, 1),
-                     "last": lines[-1].strip() if lines else "", "screen": plain,
+                     "last": norm(lines[-1]) if lines else "", "screen": plain,
                      "ansi": info["screen"] if info else "", "digest": digest})
     write_json(mem_path, mem)
     return rows
@@ -1071,8 +1074,69 @@ def cmd_worker(a):
 
 
 def agent_setup(fleet, w):
-    """Per-agent environment and extra arguments (isolated configs)."""
-    return {}
+    """Per-agent environment and arguments: a config of the fleet's own, so
+    workers boot past first-run dialogs and the user's config is never touched."""
+    workdir, shared = os.path.realpath(fleet["workdir"]), os.path.realpath(shared_dir(fleet))
+    words = shlex.split(w["agent"])
+    if w["profile"] == "codex":             # Codex 0.169: trust lives in config.toml
+        home = os.path.join(fleet["run"], "codex")
+        user = os.path.join(os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex"))
+        if not os.path.exists(os.path.join(home, "config.toml")):
+            os.makedirs(home, exist_ok=True)
+            write_file(os.path.join(home, "config.toml"), "%s\n[projects.%s]\ntrust_level = \"trusted\"\n"
+                       % (read_text(os.path.join(user, "config.toml"), ""), json.dumps(workdir)))
+            if os.path.exists(os.path.join(user, "auth.json")):
+                os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
+        return {"env": {"CODEX_HOME": home}}
+    if w["profile"] == "gemini":
+        return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"}, "args": ["--include-directories", shared]}
+    if w["profile"] != "claude":
+        return {}
+    config = os.path.join(fleet["run"], "claude")
+    user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
+    if not os.path.exists(os.path.join(config, ".claude.json")):
+        os.makedirs(config, exist_ok=True)
+        user_json = os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR") \
+            else os.path.expanduser("~/.claude.json")
+        try:
+            mine = json.loads(read_text(user_json, "{}"))
+        except ValueError:
+            mine = {}
+        keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
+        state = {k: mine[k] for k in keep if k in mine}
+        trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
+        state.update(hasCompletedOnboarding=True, projects={workdir: trusted, shared: trusted},
+                     # Claude Code 2.1.331: auto-mode notices that would block a worker.
+                     hasSeenAutoDefaultNotice=True, hasSeenAutoDefaultNudge=True,
+                     autoModeClassifierBillingNoticeAcknowledgedAt=4102444800000)
+        state.setdefault("lastOnboardingVersion", "2.1.331")
+        key = os.environ.get("ANTHROPIC_API_KEY")
+        if key:                             # else Claude asks whether to use the key
+            approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
+            approved.setdefault("approved", []).append(key[-20:])
+        write_json(os.path.join(config, ".claude.json"), state)
+        # acceptEdits lets a worker edit the workdir and shared/; these rules add
+        # the commands it needs. rm is denied, not asked: a refusal does not stall.
+        rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
+                 "Bash(ls:*)", "Bash(grep:*)", "Bash(find:*)", "Bash(head:*)", "Bash(tail:*)",
+                 "Bash(wc:*)", "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)",
+                 "Bash(git show:*)"]
+        settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
+        if "--dangerously-skip-permissions" in words:     # the lead asked for it
+            settings["skipDangerousModePermissionPrompt"] = True
+        write_json(os.path.join(config, "settings.json"), settings)
+        creds = os.path.join(user_dir, ".credentials.json")
+        if os.path.exists(creds):           # a link, so token refreshes keep working
+            os.symlink(creds, os.path.join(config, ".credentials.json"))
+    transcript = [d for d in os.listdir(os.path.join(config, "projects"))
+                  if os.path.exists(os.path.join(config, "projects", d, w["session_id"] + ".jsonl"))] \
+        if os.path.isdir(os.path.join(config, "projects")) else []
+    args = ["--add-dir", shared, "--resume" if transcript else "--session-id", w["session_id"]]
+    if not any(x in words for x in ("--permission-mode", "--dangerously-skip-permissions")):
+        args = ["--permission-mode", "acceptEdits"] + args
+    return {"env": {"CLAUDE_CONFIG_DIR": config, "DISABLE_AUTOUPDATER": "1",
+                    # pin the inline UI the screen profile knows (2.1.331 may pick fullscreen)
+                    "CLAUDE_CODE_DISABLE_ALTERNATE_SCREEN": "1"}, "args": args}
 
 
 # --- briefs, findings, verdicts ---------------------------------------------------
