@@ -239,8 +239,9 @@ def live_sessions():
 def snapshot(fleet, panes, history=False, ansi=True):
     """One poll: the session's pane listing plus a capture of every live pane,
     in one tmux process. Returns {pane: {"dead", "title", "screen"}}; a pane
-    missing from the result is gone. Each capture is preceded by a header
-    line carrying a random nonce, which pane text cannot forge."""
+    missing from the result is gone; a gone session is an OrchError of kind
+    "target". Each capture is preceded by a header line carrying a random
+    nonce, which pane text cannot forge."""
     nonce = secrets.token_hex(8)
     listing = ["list-panes", "-s", "-t", "=" + fleet["session"], "-F",
                "%s\t#{pane_id}\t#{pane_dead}\t#{pane_title}" % nonce]
@@ -254,7 +255,10 @@ def snapshot(fleet, panes, history=False, ansi=True):
             out = tmux(*argv)
         except OrchError as e:
             if e.kind == "server" or not getattr(e, "output", ""):
-                return {}               # no server, or no session: every pane gone
+                raise OrchError("fleet %r is not running: its tmux session %s is gone (`orch status "
+                                "%s` shows its files, `orch respawn %s N` restarts a worker)" % (
+                                    fleet["name"], fleet["session"], fleet["name"], fleet["name"]),
+                                1, "target")
             out = e.output
         panes_info, cur = {}, None
         for line in out.split("\n"):
@@ -698,7 +702,10 @@ def wait_ready(fleet, ns, timeout):
 def save_logs(fleet, why):
     """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
     panes = {w["pane"]: w["n"] for w in fleet["workers"] if w["pane"]}
-    snap = snapshot(fleet, list(panes), history=True, ansi=False)
+    try:
+        snap = snapshot(fleet, list(panes), history=True, ansi=False)
+    except OrchError:
+        return []                       # the session is gone: nothing left to save
     saved = []
     for pane, info in snap.items():
         if pane in panes:
@@ -1005,7 +1012,10 @@ def cmd_respawn(a):
     n = w["n"]
     save_logs(dict(fleet, workers=[w]), "respawn")
     argv = [sys.executable, ORCH, "worker", fleet["name"], str(n)]
-    alive = snapshot(fleet, [w["pane"]], ansi=False)
+    try:
+        alive = snapshot(fleet, [w["pane"]], ansi=False)
+    except OrchError:
+        alive = {}
     if w["pane"] in alive:
         tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"], *argv)
     else:                               # pane closed by hand, or the session is gone
@@ -1473,7 +1483,6 @@ def cmd_verify(a):
         print("orch: warning: %s" % p, file=sys.stderr)
     print(tally_line(matrix))
     print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
-    return matrix
 
 
 def write_report(fleet):
@@ -1559,10 +1568,10 @@ def cmd_demo(a):
             if code:
                 raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
                                 % ("timeout" if code == 3 else "a worker exited"))
-            matrix = cmd_verify(ns(name="demo", rounds=2, by=None, timeout=180))
+            cmd_verify(ns(name="demo", rounds=2, by=None, timeout=180))
             write_report(fleet)
         print()
-        print(matrix_markdown(matrix))
+        print(read_text(os.path.join(shared_dir(fleet), "matrix.md")))
         print("report: %s" % os.path.join(shared_dir(fleet), "report.md"))
     finally:
         ECHO["stream"] = None
@@ -1971,6 +1980,11 @@ def main(argv=None):
         # complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:            # a read-only ORCH_HOME, a full disk: one line, no traceback
+        if os.environ.get("ORCH_DEBUG"):
+            raise
+        print("orch: %s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
