@@ -1,0 +1,1175 @@
+#!/usr/bin/env python3
+"""Tests for orch.py, against a real tmux server on a private socket.
+
+    python3 test_orch.py              # everything (Bench only with ORCH_BENCH=1)
+    python3 test_orch.py Harness      # one class
+    ORCH_BENCH=1 python3 test_orch.py Bench
+
+stdlib unittest only, Python 3.8+. Every test gets its own TMUX_TMPDIR (so its
+own tmux server) and ORCH_HOME, runs orch as real subprocesses, and kills its
+tmux server in teardown. Screen fixtures come from .ci/screens/ only.
+"""
+import datetime
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORCH_PY = os.path.join(HERE, "orch.py")
+SCREENS = os.path.join(HERE, ".ci", "screens")
+REAL_TMUX = shutil.which("tmux")         # resolved before any test alters PATH
+SIM = "sim --delay 0.2"
+ANSI_RE = re.compile(r"\x1b\[[0-9;:?<=>]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]")
+
+
+def wait_for(pred, timeout, interval=0.05, what=None):
+    """The one poller: call pred until it returns something truthy; return it.
+    Raises AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %gs waiting for %s" % (timeout, what or pred))
+        time.sleep(interval)
+
+
+def load_orch():
+    """orch.py imported in-process (for the parsers and poll timing)."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    if "orch" in sys.modules:
+        return sys.modules["orch"]
+    return importlib.import_module("orch")
+
+
+def write_tree(root, files):
+    """{relative path: text} -> files under root (UTF-8)."""
+    for rel, text in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file and directory under root."""
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(base, d), root) + "/"] = "dir"
+        for f in files:
+            path = os.path.join(base, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tty_inq(tty):
+    """Bytes waiting in a pane's input queue, not yet read by its program."""
+    fd = os.open(tty, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    finally:
+        os.close(fd)
+
+
+class Result(object):
+    def __init__(self, argv, code, out, err, elapsed):
+        self.argv, self.code, self.out, self.err, self.elapsed = argv, code, out, err, elapsed
+
+    def __repr__(self):
+        return "orch %s -> exit %s\n--- stdout:\n%s--- stderr:\n%s" % (
+            " ".join(shlex.quote(a) for a in self.argv), self.code, self.out, self.err)
+
+
+class Proc(object):
+    """A running orch subprocess whose stdout lines are collected as they come."""
+
+    def __init__(self, popen, argv):
+        self.p, self.argv, self.lines, self.t0 = popen, argv, [], time.monotonic()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for raw in iter(self.p.stdout.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def finish(self, timeout):
+        try:
+            code = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise AssertionError("orch %s did not finish in %gs; stdout so far:\n%s"
+                                 % (" ".join(self.argv), timeout, "\n".join(self.lines)))
+        self.thread.join(5)
+        err = self.p.stderr.read().decode("utf-8", "replace")
+        return Result(self.argv, code, "\n".join(self.lines) + "\n", err, time.monotonic() - self.t0)
+
+
+class Sandbox(object):
+    """A private ORCH_HOME and tmux socket dir; orch and tmux run with its env."""
+
+    def __init__(self, path_dirs=()):
+        if not REAL_TMUX:
+            raise AssertionError("tmux is not on PATH: install it (apt-get install tmux)")
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="orch-t-"))
+        self.home = os.path.join(self.root, "home")
+        tmux_dir = os.path.join(self.root, "tmux")
+        os.mkdir(tmux_dir, 0o700)
+        env = dict(os.environ)
+        for var in ("TMUX", "TMUX_PANE", "ORCH_AGENT", "ORCH_DEBUG"):
+            env.pop(var, None)
+        env["TMUX_TMPDIR"] = tmux_dir
+        env["ORCH_HOME"] = self.home
+        if path_dirs:
+            env["PATH"] = os.pathsep.join(list(path_dirs) + [env.get("PATH", os.defpath)])
+        self.env = env
+        self.procs = []
+
+    # -- running things
+    def orch(self, *args, **kw):
+        argv = [str(a) for a in args]
+        umask = kw.get("umask")
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, ORCH_PY] + argv, env=kw.get("env", self.env),
+                           cwd=kw.get("cwd", self.root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           input=(kw["stdin"].encode("utf-8") if kw.get("stdin") is not None else None),
+                           stdin=(None if kw.get("stdin") is not None else subprocess.DEVNULL),
+                           timeout=kw.get("timeout", 90),
+                           preexec_fn=(None if umask is None else (lambda: os.umask(umask))))
+        return Result(argv, r.returncode, r.stdout.decode("utf-8", "replace"),
+                      r.stderr.decode("utf-8", "replace"), time.monotonic() - t0)
+
+    def start(self, *args):
+        argv = [str(a) for a in args]
+        p = subprocess.Popen([sys.executable, ORCH_PY] + argv, env=self.env, cwd=self.root,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(p)
+        return Proc(p, argv)
+
+    def tmux(self, *args, **kw):
+        return subprocess.run([REAL_TMUX] + [str(a) for a in args], env=self.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=kw.get("preexec_fn"))
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(5)
+            except Exception:
+                pass
+            for stream in (p.stdout, p.stderr):
+                if stream:
+                    stream.close()
+        try:
+            self.tmux("kill-server")
+        except Exception:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- fleet files
+    def run(self, name, *parts):
+        return os.path.join(self.home, "runs", name, *parts)
+
+    def shared(self, name, *parts):
+        return self.run(name, "shared", *parts)
+
+    def text(self, path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def jsonl(self, path):
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def events(self, name, kind=None):
+        return [e for e in self.jsonl(self.run(name, "events.jsonl")) if kind in (None, e.get("event"))]
+
+    def msgs(self, name, n):
+        """Every message sim worker n saw submitted."""
+        return self.jsonl(self.run(name, "logs", "sim-w%d.msgs" % n))
+
+    def reads(self, name, n):
+        """Every raw read sim worker n logged."""
+        return self.jsonl(self.run(name, "logs", "sim-w%d.in" % n))
+
+    def panes(self, name):
+        """[(pane_id, pid, tty)] of the fleet's session, in creation order."""
+        r = self.tmux("list-panes", "-s", "-t", "=orch-" + name, "-F", "#{pane_id} #{pane_pid} #{pane_tty}")
+        rows = [line.split() for line in r.stdout.decode().splitlines() if line.strip()]
+        return sorted(((p, int(pid), tty) for p, pid, tty in rows), key=lambda row: int(row[0][1:]))
+
+    def has_session(self, name):
+        return self.tmux("has-session", "-t", "=orch-" + name).returncode == 0
+
+    def workdir(self, name, files=None):
+        path = os.path.join(self.root, name)
+        os.makedirs(path, exist_ok=True)
+        write_tree(path, files or {})
+        return path
+
+
+class OrchCase(unittest.TestCase):
+    maxDiff = None
+    path_dirs = ()
+
+    def setUp(self):
+        self.sb = Sandbox(self.path_dirs)
+        self.addCleanup(self.sb.close)
+
+    def ok(self, *args, **kw):
+        r = self.sb.orch(*args, **kw)
+        self.assertEqual(r.code, 0, r)
+        self.assertNotIn("Traceback", r.err, r)
+        return r
+
+    def spawn(self, name, n, workdir=None, agent=SIM, *extra):
+        workdir = workdir or self.sb.workdir("wörk-" + name)
+        return self.ok("spawn", name, n, workdir, "--agent", agent, "--timeout", "20", *extra)
+
+    def status(self, name):
+        return json.loads(self.ok("status", name, "--json").out)
+
+    def states(self, name):
+        return [w["state"] for w in self.status(name)["workers"]]
+
+    def read(self, name, n):
+        return self.ok("read", name, n, "50").out
+
+    def assert_one_error_line(self, r, code, needle):
+        self.assertEqual(r.code, code, r)
+        self.assertNotIn("Traceback", r.err, r)
+        self.assertTrue(r.err.startswith("orch: "), r)
+        self.assertEqual(r.err.count("\n"), 1, r)
+        self.assertTrue(r.err.endswith("\n"), r)
+        self.assertIn(needle, r.err, r)
+
+
+# =============================================================================
+
+class Harness(OrchCase):
+    """Issue acceptance: the fleet lifecycle on sim workers."""
+
+    def test_lifecycle_spawn_read_send_add_kill(self):
+        wd = self.sb.workdir("wörk-目录")
+        r = self.spawn("life", 2, wd)
+        self.assertIn("life: 2 worker(s) in tmux session orch-life", r.out)
+        st = self.status("life")
+        self.assertEqual(st["workdir"], wd)
+        self.assertEqual([w["state"] for w in st["workers"]], ["idle", "idle"])
+        screen = self.read("life", 1)
+        self.assertIn("sim agent - worker 1", screen)
+        self.assertEqual(screen.rstrip("\n").splitlines()[-1], "sim>")
+
+        r = self.ok("send", "life", 1, "héllo wörld ✓", "zwei Wörter")
+        self.assertIn("W1: delivered 1 line(s), 25 chars", r.out)
+        self.assertEqual(self.sb.msgs("life", 1), ["héllo wörld ✓ zwei Wörter"])
+        self.assertIn("> héllo wörld ✓ zwei Wörter", self.read("life", 1))
+        self.assertEqual(self.sb.msgs("life", 2), [])
+
+        self.ok("send", "life", "all", "an alle: grüß euch")
+        for n in (1, 2):
+            self.assertEqual(self.sb.msgs("life", n)[-1], "an alle: grüß euch")
+
+        r = self.ok("add", "life", "--agent", SIM, "--timeout", "20")      # panes %0-%2 only
+        self.assertIn("life: 3 worker(s)", r.out)
+        self.assertEqual(self.states("life"), ["idle", "idle", "idle"])
+        self.assertIn("sim agent - worker 3", self.read("life", 3))
+        self.assertEqual(len(self.sb.panes("life")), 3)
+
+        r = self.ok("kill", "life")
+        self.assertIn("killed orch-life", r.out)
+        self.assertFalse(self.sb.has_session("life"))
+        log1 = self.sb.text(self.sb.run("life", "logs", "w1.log"))
+        self.assertIn("héllo wörld ✓ zwei Wörter", log1)
+        st = self.status("life")
+        self.assertFalse(st["live"])
+        self.assertEqual([w["state"] for w in st["workers"]], ["exited", "exited", "exited"])
+
+    def test_respawn_restarts_and_resends_brief(self):
+        wd = self.sb.workdir("wörk-respawn", {"a.txt": "# TODO: a\n", "b-ä.txt": "# TODO: ünïcode marker\n"})
+        self.spawn("rsp", 2, wd)
+        # a worker whose process died: its dead pane is restarted
+        pane1, pid1, _ = self.sb.panes("rsp")[0]
+        os.kill(pid1, signal.SIGKILL)
+        wait_for(lambda: self.states("rsp")[0] == "exited", 10, what="W1 to show as exited")
+        r = self.ok("respawn", "rsp", 1)
+        self.assertIn("W1: restarted in pane %s" % pane1, r.out)
+        wait_for(lambda: self.states("rsp")[0] == "idle", 10, what="W1 idle again")
+        self.assertNotEqual(self.sb.panes("rsp")[0][1], pid1)
+        self.ok("send", "rsp", 1, "wieder da ✓")
+        self.assertEqual(self.sb.msgs("rsp", 1)[-1], "wieder da ✓")
+        self.assertIn("respawn", self.sb.text(self.sb.run("rsp", "logs", "w1.log")))
+
+        # a live worker with an unfinished brief: new process, and the brief re-sent
+        self.ok("send", "rsp", 2, "vorher")
+        self.ok("brief", "rsp", 2, "--goal", "which files carry TODO markers")
+        pane2, pid2, _ = self.sb.panes("rsp")[1]
+        r = self.ok("respawn", "rsp", 2)
+        self.assertIn("W2: restarted in pane %s" % pane2, r.out)
+        self.assertNotEqual(self.sb.panes("rsp")[1][1], pid2)
+        self.assertIn("> vorher", self.sb.text(self.sb.run("rsp", "logs", "w2.log")))
+        brief = self.sb.shared("rsp", "agent-2.task.md")
+        wanted = ("Read and follow the brief in %s - work autonomously, do not wait for confirmation."
+                  % brief)
+        self.assertEqual(self.sb.msgs("rsp", 2), ["vorher", wanted])
+        wait_for(lambda: os.path.exists(self.sb.shared("rsp", "agent-2.done")), 15,
+                 what="W2 to finish its re-sent brief")
+        self.assertIn("b-ä.txt:1 | TODO marker: ünïcode marker",
+                      self.sb.text(self.sb.shared("rsp", "agent-2.result.md")))
+
+    def test_send_file_20_line_brief_arrives_whole_without_escape(self):
+        self.spawn("paste", 1)
+        pwned = os.path.join(self.sb.root, "pwned")
+        lines = ["Zeile 1\t\"doppelt\" 'einfach' $(touch %s) `touch %s` ${HOME} \x1b[31mrot\x1b[0m "
+                 "ünïcødé 日本語 ✓" % (pwned, pwned)]
+        extras = ["backslash \\n \\t C:\\temp\\", "semi; colon && pipe | amp & redirect > /dev/null",
+                  "percent %s %d %3 %% #{pane_id}", "braces {x} [y] <z> \"unbalanced",
+                  "tilde ~ hash # bang ! tab\tend"]
+        for i in range(2, 21):
+            lines.append("Zeile %02d\t%s" % (i, extras[i % len(extras)]))
+        text = "\n".join(lines)
+        path = os.path.join(self.sb.root, "brief-ß.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        expected = text.replace("\x1b", "")
+
+        r = self.ok("send", "paste", 1, "--file", path)
+        self.assertIn("W1: delivered 20 line(s), %d chars" % len(expected), r.out)
+        msgs = self.sb.msgs("paste", 1)
+        self.assertEqual(msgs[-1], expected)
+        self.assertEqual(msgs.count(expected), 1)
+        reads = self.sb.reads("paste", 1)
+        self.assertTrue(any("\x1b[200~" in x for x in reads), reads)      # one bracketed paste
+        for x in reads:
+            self.assertNotIn("\x1b", x.replace("\x1b[200~", "").replace("\x1b[201~", ""))
+        self.assertFalse(os.path.exists(pwned), "a shell ran the message text")
+        sends = self.sb.events("paste", "send")
+        self.assertTrue(sends[-1]["confirmed"], sends)
+
+    def test_enter_in_same_burst_is_retried(self):
+        """Text and Enter read in one burst make a newline, not a submit: orch
+        sees the draft and presses Enter again."""
+        self.spawn("burst", 1, None, SIM + " --no-bracketed-paste")
+        _, pid, tty = self.sb.panes("burst")[0]
+        log_in = self.sb.run("burst", "logs", "sim-w1.in")
+        message = "Nachricht über Grenzen ✓"
+        # Hold the sim's input-log lock: after its next read it blocks in the
+        # log write, so orch's paste and Enter queue up and arrive in one read.
+        fd = os.open(log_in, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.assertEqual(self.sb.tmux("send-keys", "-t", self.sb.panes("burst")[0][0], "F12").returncode, 0)
+
+        def blocked():
+            if tty_inq(tty):
+                return False
+            if not os.path.exists("/proc/locks"):
+                return True
+            with open("/proc/locks") as f:
+                return any("->" in ln and " %d " % pid in ln for ln in f)
+        wait_for(blocked, 10, what="the sim to block on its input log")
+        proc = self.sb.start("send", "burst", 1, message)
+        need = len(message.encode("utf-8")) + 1
+        try:
+            wait_for(lambda: tty_inq(tty) >= need, 15, what="paste and Enter to queue in the pane")
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        r = proc.finish(30)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn(message + "\r", self.sb.reads("burst", 1))   # the one burst really happened
+        self.assertEqual(self.sb.msgs("burst", 1).count(message), 1)
+        self.assertEqual(self.sb.msgs("burst", 1)[-1], message)
+        send = self.sb.events("burst", "send")[-1]
+        self.assertTrue(send["confirmed"], send)
+        self.assertGreaterEqual(send["enters"], 2, send)
+
+    def test_spawn_refuses_then_force_archives(self):
+        wd = self.sb.workdir("wörk-arch")
+        self.spawn("arch", 1, wd)
+        self.ok("send", "arch", 1, "vorher gesagt ü")
+        run = self.sb.run("arch")
+        before = tree_digest(self.sb.home)
+
+        r = self.sb.orch("spawn", "arch", 1, wd, "--agent", SIM, "--timeout", "20")
+        self.assert_one_error_line(r, 1, "--force")
+        self.assertIn("is live", r.err)
+        self.assertEqual(tree_digest(self.sb.home), before)
+
+        old = {}
+        for base, _, files in os.walk(run):
+            for f in files:
+                path = os.path.join(base, f)
+                old[os.path.relpath(path, run)] = read_bytes(path)
+        r = self.ok("spawn", "arch", 1, wd, "--agent", SIM, "--timeout", "20", "--force")
+        self.assertIn("archived the old run to", r.out)
+        runs = os.path.join(self.sb.home, "runs")
+        archives = [d for d in os.listdir(runs) if d.startswith("arch.old-")]
+        self.assertEqual(len(archives), 1, os.listdir(runs))
+        archive = os.path.join(runs, archives[0])
+        self.assertIn(archive, r.out)
+        for rel, data in sorted(old.items()):
+            new = read_bytes(os.path.join(archive, rel))
+            self.assertTrue(new.startswith(data), "%s was truncated in the archive" % rel)
+            if rel != "events.jsonl":                    # the kill event is appended to it
+                self.assertEqual(new, data, rel)
+        self.assertIn("vorher gesagt ü", self.sb.text(os.path.join(archive, "logs", "w1.log")))
+        self.assertEqual(len(self.sb.text(self.sb.shared("arch", "bus.md")).splitlines()), 1)
+        self.assertEqual(self.sb.msgs("arch", 1), [])
+        self.assertEqual(self.states("arch"), ["idle"])
+        fleets = json.loads(self.ok("status", "--json").out)["fleets"]
+        self.assertEqual([f["name"] for f in fleets], ["arch"])
+
+        # an ended fleet's workspace is refused too, and archived with --force
+        self.ok("kill", "arch")
+        r = self.sb.orch("spawn", "arch", 1, wd, "--agent", SIM, "--timeout", "20")
+        self.assert_one_error_line(r, 1, "--force")
+        self.ok("spawn", "arch", 1, wd, "--agent", SIM, "--timeout", "20", "--force")
+        self.assertEqual(len([d for d in os.listdir(runs) if d.startswith("arch.old-")]), 2)
+
+    def test_kill_saves_screen_to_logs(self):
+        self.spawn("kl", 2)
+        self.ok("send", "kl", 1, "letzte Worte ✓")
+        r = self.ok("kill", "kl")
+        self.assertIn("kl: killed orch-kl; scrollback of W1,W2", r.out)
+        self.assertFalse(self.sb.has_session("kl"))
+        log1 = self.sb.text(self.sb.run("kl", "logs", "w1.log"))
+        self.assertIn("> letzte Worte ✓", log1)
+        self.assertIn("sim>", log1)
+        self.assertIn("sim agent - worker 2", self.sb.text(self.sb.run("kl", "logs", "w2.log")))
+        r = self.ok("kill", "kl")                     # again: already gone, logs kept
+        self.assertIn("already gone", r.out)
+        self.assertIn("> letzte Worte ✓", self.sb.text(self.sb.run("kl", "logs", "w1.log")))
+
+    def test_pane_environment(self):
+        script = os.path.join(self.sb.root, "envprint.py")
+        with open(script, "w") as f:
+            f.write("import os, sys, time\n"
+                    "for k in ('ORCH_FLEET', 'ORCH_WORKER', 'ORCH_SHARED', 'ORCH_HOME'):\n"
+                    "    print('%s=%s' % (k, os.environ.get(k, '<unset>')))\n"
+                    "print('cwd=' + os.getcwd())\n"
+                    "sys.stdout.flush()\n"
+                    "time.sleep(600)\n")
+        wd = self.sb.workdir("wörk-env")
+        agent = "%s %s" % (shlex.quote(sys.executable), shlex.quote(script))
+        self.ok("spawn", "envf", 2, wd, "--agent", agent, "--timeout", "20")
+        for n in (1, 2):
+            want = ["ORCH_FLEET=envf", "ORCH_WORKER=%d" % n,
+                    "ORCH_SHARED=" + self.sb.shared("envf"), "ORCH_HOME=" + self.sb.home, "cwd=" + wd]
+            screen = wait_for(lambda: (lambda s: s if "cwd=" in s else None)(self.read("envf", n)), 10,
+                              what="W%d to print its environment" % n)
+            self.assertEqual([ln.strip() for ln in screen.splitlines() if ln.strip()], want)
+
+    def test_permissions_private(self):
+        os.makedirs(self.sb.home, 0o755)
+        os.chmod(self.sb.home, 0o755)
+        # a tmux server the user started earlier with a permissive umask
+        r = self.sb.tmux("new-session", "-d", "-s", "mine", "sleep 600", preexec_fn=lambda: os.umask(0))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        wd = self.sb.workdir("wörk-perm", {"a.py": "# TODO: perm\n"})
+        self.ok("spawn", "perm", 1, wd, "--agent", SIM, "--timeout", "20", umask=0)
+        self.ok("brief", "perm", 1, "--goal", "which lines carry TODO markers", "--send", umask=0)
+        self.ok("wait", "perm", "--timeout", "20", "--interval", "0.2", umask=0)
+        self.ok("bus", "perm", "post", "hallo", "--as", "W1", umask=0)
+        self.ok("bus", "perm", "--new", umask=0)
+        self.ok("kill", "perm", umask=0)
+        self.ok("status", umask=0)
+        self.assertTrue(os.path.exists(self.sb.shared("perm", "agent-1.done")))
+        self.assertTrue(os.path.exists(self.sb.run("perm", "logs", "w1.log")))
+        self.assertEqual(stat.S_IMODE(os.stat(self.sb.home).st_mode), 0o700)
+        bad = []
+        for base, dirs, files in os.walk(self.sb.home):
+            for d in dirs:
+                mode = stat.S_IMODE(os.stat(os.path.join(base, d)).st_mode)
+                if mode != 0o700:
+                    bad.append("%s %o" % (os.path.join(base, d), mode))
+            for f in files:
+                mode = stat.S_IMODE(os.stat(os.path.join(base, f)).st_mode)
+                if mode != 0o600:
+                    bad.append("%s %o" % (os.path.join(base, f), mode))
+        self.assertEqual(bad, [])
+
+    def test_exact_target_matching(self):
+        self.spawn("ab", 1)
+        self.spawn("a", 1)                  # "a" is not live just because orch-ab is
+        self.ok("send", "ab", 1, "für ab")
+        self.ok("send", "a", 1, "für a")
+        self.ok("kill", "a")
+        self.assertFalse(self.sb.has_session("a"))
+        self.assertTrue(self.sb.has_session("ab"))
+        st = self.status("ab")
+        self.assertTrue(st["live"])
+        self.assertEqual([w["state"] for w in st["workers"]], ["idle"])
+        self.assertFalse(self.status("a")["live"])
+        fleets = {f["name"]: f["live"] for f in json.loads(self.ok("status", "--json").out)["fleets"]}
+        self.assertEqual(fleets, {"a": False, "ab": True})
+        self.assertIn("> für ab", self.read("ab", 1))
+        self.assertEqual(self.sb.msgs("ab", 1), ["für ab"])
+        self.assertEqual(self.sb.msgs("a", 1), ["für a"])
+        self.assertFalse(os.path.exists(self.sb.run("ab", "logs", "w1.log")))
+
+    def test_fourth_pane_screen_is_read(self):
+        """Every pane is captured, whatever its id (%3, %10, ...)."""
+        self.ok("spawn", "vier", 4, self.sb.workdir("wörk-vier"), "--agent", SIM, "--timeout", "0")
+        try:
+            wait_for(lambda: self.states("vier") == ["idle"] * 4, 8, what="four idle workers")
+        except AssertionError:
+            pass                                  # the assertion below shows the states
+        self.assertEqual(self.states("vier"), ["idle"] * 4)
+        self.assertIn("sim agent - worker 4", self.read("vier", 4))
+
+
+# =============================================================================
+
+FAKE_AGENT = r'''#!%s
+# A fake agent CLI: shows one recorded screen, then sleeps (or exits).
+import os, sys, time
+here = os.path.dirname(os.path.abspath(__file__))
+name = os.path.basename(sys.argv[0])
+with open(os.path.join(here, name + ".list"), encoding="utf-8") as f:
+    rows = [line.split("\t") for line in f.read().splitlines()]
+fixture, label = rows[int(os.environ["ORCH_WORKER"]) - 1]
+with open(fixture, "rb") as f:
+    os.write(1, f.read().rstrip(b"\n"))
+if label == "exited":
+    sys.exit(0)
+while True:
+    time.sleep(3600)
+'''
+
+TMUX_COUNTER = '''#!/bin/sh
+echo "$*" >> "$TMUX_CALL_LOG"
+exec %s "$@"
+'''
+
+
+def fixture_rows():
+    with open(os.path.join(SCREENS, "labels.tsv"), encoding="utf-8") as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:] if line.strip()]
+    return [(fx, agent, state) for fx, agent, state in rows]
+
+
+class States(OrchCase):
+    """Worker states: real screens replayed in panes, sim transitions, wait."""
+
+    def test_fixture_screens_classified(self):
+        bindir = tempfile.mkdtemp(prefix="orch-bin-")
+        self.addCleanup(shutil.rmtree, bindir, True)
+        rows = fixture_rows()
+        self.assertGreaterEqual(len(rows), 30)
+        by_agent = {}
+        for fx, agent, state in rows:
+            by_agent.setdefault(agent, []).append((fx, state))
+        for agent, items in by_agent.items():
+            path = os.path.join(bindir, agent)
+            with open(path, "w") as f:
+                f.write(FAKE_AGENT % sys.executable)
+            os.chmod(path, 0o755)
+            with open(path + ".list", "w", encoding="utf-8") as f:
+                f.write("".join("%s\t%s\n" % (os.path.join(SCREENS, fx + ".ansi.txt"), st) for fx, st in items))
+        sb = Sandbox([bindir])
+        self.addCleanup(sb.close)
+        wd = sb.workdir("wörk-fx")
+        for agent, items in sorted(by_agent.items()):
+            r = sb.orch("spawn", "fx-" + agent, len(items), wd, "--agent", agent, "--timeout", "0",
+                        "--per-window", "1")
+            self.assertEqual(r.code, 0, r)
+        got = {}
+
+        def classified():
+            for agent, items in by_agent.items():
+                r = sb.orch("status", "fx-" + agent, "--json")
+                got[agent] = json.loads(r.out)["workers"] if r.code == 0 else []
+            return all([w["state"] for w in got[a]] == [st for _, st in by_agent[a]] for a in by_agent)
+        try:
+            wait_for(classified, 10, 0.2, "every fixture to be classified as labelled")
+        except AssertionError:
+            pass                                   # the subtests below say which ones
+        for agent, items in sorted(by_agent.items()):
+            for (fx, want), w in zip(items, got[agent] or [{}] * len(items)):
+                with self.subTest(fixture=fx):
+                    self.assertEqual(w.get("state"), want, "%s: %r" % (fx, w))
+                    if want != "exited":           # the replay shows the fixture's own last line
+                        text = ANSI_RE.sub("", sb.text(os.path.join(SCREENS, fx + ".ansi.txt")))
+                        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+                        self.assertEqual(" ".join(w.get("last", "").split()), " ".join(lines[-1].split()), fx)
+
+    def test_sim_moves_idle_busy_done_in_wait_output(self):
+        self.spawn("tr", 1, self.sb.workdir("wörk-tr", {"x.py": "# FIXME: ä\n"}), "sim --delay 1")
+        proc = self.sb.start("wait", "tr", "--interval", "0.2", "--timeout", "25")
+        wait_for(lambda: proc.lines, 10, what="wait's first line")
+        self.ok("brief", "tr", 1, "--goal", "which lines carry FIXME markers", "--send")
+        r = proc.finish(25)
+        self.assertEqual(r.code, 0, r)
+        changes = re.findall(r"^\d\d:\d\d:\d\d W1 (\S+) -> (\S+)", r.out, re.M)
+        self.assertEqual(changes[0], ("-", "idle"), r.out)
+        visited = [new for _, new in changes if new != "draft"]
+        self.assertEqual(visited, ["idle", "busy", "done"], r.out)
+        self.assertTrue(re.search(r"^\d\d:\d\d:\d\d W1 (idle|draft) -> busy", r.out, re.M), r.out)
+        self.assertTrue(re.search(r"^\d\d:\d\d:\d\d W1 busy -> done", r.out, re.M), r.out)
+        self.assertTrue(re.search(r"^\d\d:\d\d:\d\d tr: all done$", r.out, re.M), r.out)
+
+    def test_wait_exits_4_when_a_worker_dies(self):
+        self.spawn("tot", 2)
+        proc = self.sb.start("wait", "tot", "--interval", "0.2", "--timeout", "30")
+        wait_for(lambda: len(proc.lines) >= 2, 10, what="wait's first lines")
+        os.kill(self.sb.panes("tot")[1][1], signal.SIGKILL)
+        t0 = time.monotonic()
+        r = proc.finish(15)
+        self.assertEqual(r.code, 4, r)
+        self.assertLess(time.monotonic() - t0, 5, r)
+        self.assertTrue(re.search(r"W2 idle -> exited", r.out), r.out)
+        self.assertIn("a worker exited without its done flag", r.out)
+        self.assertEqual(r.err, "")
+
+    def test_wait_timeout_exits_3(self):
+        self.spawn("zeit", 1)
+        r = self.sb.orch("wait", "zeit", "--timeout", "1", "--interval", "0.2")
+        self.assertEqual(r.code, 3, r)
+        self.assertIn("zeit: timed out after 1s", r.out)
+        self.assertLess(r.elapsed, 6, r)
+        self.assertEqual(r.err, "")
+
+    def test_wait_nudges_a_stalled_worker(self):
+        self.spawn("still", 1, None, "sim --delay 30")
+        self.ok("brief", "still", 1, "--goal", "which lines carry TODO markers", "--send")
+        self.assertIn("sim: working on agent-1.task.md", self.read("still", 1))
+        r = self.sb.orch("wait", "still", "--nudge", "--stall", "1", "--interval", "0.2", "--timeout", "4")
+        self.assertEqual(r.code, 3, r)
+        self.assertTrue(re.search(r"W1 \S+ -> stalled", r.out), r.out)
+        self.assertIn("Reminder", self.read("still", 1))
+        nudges = [m for m in self.sb.msgs("still", 1) if m.startswith("Reminder: you are worker 1 of 1")]
+        self.assertGreaterEqual(len(nudges), 1, self.sb.msgs("still", 1))
+        self.assertIn(self.sb.shared("still", "agent-1.task.md"), nudges[0])
+        self.assertTrue(any(e.get("why") == "stalled" for e in self.sb.events("still", "nudge")))
+
+    def test_poll_cost_constant_in_fleet_size(self):
+        wrapdir = tempfile.mkdtemp(prefix="orch-wrap-")
+        self.addCleanup(shutil.rmtree, wrapdir, True)
+        with open(os.path.join(wrapdir, "tmux"), "w") as f:
+            f.write(TMUX_COUNTER % shlex.quote(REAL_TMUX))
+        os.chmod(os.path.join(wrapdir, "tmux"), 0o755)
+        sb = Sandbox([wrapdir])
+        self.addCleanup(sb.close)
+        calls = os.path.join(sb.root, "tmux-calls.log")
+        sb.env["TMUX_CALL_LOG"] = calls
+        wd = sb.workdir("wörk-cost")
+        for name, n in (("klein", 2), ("gross", 12)):
+            r = sb.orch("spawn", name, n, wd, "--agent", SIM, "--timeout", "0")
+            self.assertEqual(r.code, 0, r)
+            wait_for(lambda: len(sb.panes(name)) == n, 10, what="%d panes" % n)
+
+        def count(*args):
+            open(calls, "w").close()
+            r = sb.orch(*args)
+            with open(calls) as f:
+                return r, len(f.read().splitlines())
+        r2, small = count("status", "klein")
+        r12, big = count("status", "gross")
+        self.assertEqual(r2.code, 0, r2)
+        self.assertEqual(r12.code, 0, r12)
+        self.assertEqual(len(json.loads(count("status", "gross", "--json")[0].out)["workers"]), 12)
+        self.assertGreater(small, 0)
+        self.assertEqual(small, big)
+        self.assertLessEqual(small, 3)
+        w2, small = count("wait", "klein", "--timeout", "0.01", "--interval", "0.05")
+        w12, big = count("wait", "gross", "--timeout", "0.01", "--interval", "0.05")
+        self.assertEqual((w2.code, w12.code), (3, 3), (w2, w12))
+        self.assertEqual(small, big)
+
+    def test_status_json_fields(self):
+        wd = self.sb.workdir("wörk-js")
+        self.spawn("js", 2, wd)
+        self.ok("bus", "js", "post", "hallo Bus ✓", "--as", "W1")
+        st = self.status("js")
+        self.assertEqual(set(st), {"fleet", "session", "live", "workdir", "shared", "workers", "bus"})
+        self.assertEqual(st["fleet"], "js")
+        self.assertEqual(st["session"], "orch-js")
+        self.assertIs(st["live"], True)
+        self.assertEqual(st["workdir"], wd)
+        self.assertEqual(st["shared"], self.sb.shared("js"))
+        self.assertEqual(st["bus"], ["[orch] fleet js: 2 workers in %s" % wd, "[W1] hallo Bus ✓"])
+        panes = [p for p, _, _ in self.sb.panes("js")]
+        self.assertEqual(len(st["workers"]), 2)
+        for i, w in enumerate(st["workers"]):
+            self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last"})
+            self.assertEqual(w["n"], i + 1)
+            self.assertEqual(w["pane"], panes[i])
+            self.assertEqual(w["state"], "idle")
+            self.assertIs(w["done"], False)
+            self.assertIsInstance(w["quiet"], (int, float))
+            self.assertGreaterEqual(w["quiet"], 0)
+            self.assertEqual(w["last"], "sim>")
+        open(self.sb.shared("js", "agent-2.done"), "w").close()
+        w2 = self.status("js")["workers"][1]
+        self.assertEqual((w2["state"], w2["done"]), ("done", True))
+        self.ok("kill", "js")
+        st = self.status("js")
+        self.assertIs(st["live"], False)
+        self.assertEqual([(w["n"], w["state"], w["done"], w["quiet"], w["last"]) for w in st["workers"]],
+                         [(1, "exited", False, None, ""), (2, "done", True, None, "")])
+        self.assertEqual([w["pane"] for w in st["workers"]], panes)
+
+    def test_wait_json_fields(self):
+        self.spawn("wj", 1, self.sb.workdir("wörk-wj", {"é.py": "x = 1  # XXX ü\n"}), "sim --delay 0.6")
+        proc = self.sb.start("wait", "wj", "--json", "--interval", "0.2", "--timeout", "25")
+        wait_for(lambda: proc.lines, 10, what="wait's first line")
+        self.ok("brief", "wj", 1, "--goal", "which lines carry XXX markers", "--send")
+        r = proc.finish(25)
+        self.assertEqual(r.code, 0, r)
+        records = [json.loads(line) for line in r.out.splitlines()]
+        changes, final = records[:-1], records[-1]
+        self.assertGreaterEqual(len(changes), 2, r.out)
+        was = None
+        for rec in changes:
+            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last"}, rec)
+            self.assertIsNotNone(datetime.datetime.fromisoformat(rec["t"]).tzinfo)
+            self.assertEqual(rec["worker"], 1)
+            self.assertEqual(rec["was"], was, r.out)
+            self.assertNotEqual(rec["state"], rec["was"])
+            self.assertIsInstance(rec["last"], str)
+            was = rec["state"]
+        self.assertEqual((changes[0]["was"], changes[0]["state"], changes[0]["last"]), (None, "idle", "sim>"))
+        self.assertEqual(changes[-1]["state"], "done")
+        self.assertEqual(set(final), {"t", "result", "workers"})
+        self.assertEqual((final["result"], final["workers"]), ("done", [1]))
+        datetime.datetime.fromisoformat(final["t"])
+
+
+# =============================================================================
+
+POSTER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import orch
+name, k, count = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.stdin.read(1)                       # start line: every poster goes at once
+for i in range(count):
+    rc = orch.main(["bus", name, "post", "nachricht-ü-%d-%d" % (k, i), "--as", "W%d" % k])
+    if rc:
+        sys.exit("post %d failed: %r" % (i, rc))
+'''
+
+
+class Bus(OrchCase):
+
+    def test_parallel_posters_leave_whole_lines(self):
+        wd = self.sb.workdir("wörk-bus")
+        self.spawn("bus", 1, wd)
+        writers, per = 8, 200
+        procs = [subprocess.Popen([sys.executable, "-c", POSTER, HERE, "bus", str(k), str(per)],
+                                  env=self.sb.env, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for k in range(1, writers + 1)]
+        self.sb.procs.extend(procs)
+        for p in procs:
+            p.stdin.write(b"g")
+            p.stdin.close()
+        for p in procs:
+            self.assertEqual(p.wait(60), 0, p.stderr.read())
+        lines = read_bytes(self.sb.shared("bus", "bus.md")).decode("utf-8").split("\n")
+        self.assertEqual(lines[-1], "")
+        lines = lines[:-1]
+        self.assertEqual(len(lines), 1 + writers * per)
+        self.assertEqual(lines[0], "[orch] fleet bus: 1 workers in %s" % wd)
+        seen = {}
+        for line in lines[1:]:
+            m = re.match(r"\[W(\d)\] nachricht-ü-(\d)-(\d+)\Z", line)
+            self.assertTrue(m and m.group(1) == m.group(2), "torn or mixed line: %r" % line)
+            seen.setdefault(int(m.group(1)), []).append(int(m.group(3)))
+        self.assertEqual(seen, {k: list(range(per)) for k in range(1, writers + 1)})
+        bus_events = self.sb.events("bus", "bus")
+        self.assertEqual(len(bus_events), writers * per)
+
+    def test_new_shows_each_line_once(self):
+        wd = self.sb.workdir("wörk-neu")
+        self.spawn("neu", 1, wd)
+        bus = self.sb.shared("neu", "bus.md")
+        spawn_line = "[orch] fleet neu: 1 workers in %s" % wd
+
+        def new(who="leser"):
+            return self.ok("bus", "neu", "--new", "--as", who).out.splitlines()
+        seen = new()
+        self.assertEqual(seen, [spawn_line])
+        for word in ("eins-ü", "zwei", "drei"):
+            self.ok("bus", "neu", "post", word, "--as", "W1")
+        got = new()
+        self.assertEqual(got, ["[W1] eins-ü", "[W1] zwei", "[W1] drei"])
+        seen += got
+        self.assertEqual(new(), [])
+        self.ok("bus", "neu", "post", "vier")
+        # a writer caught mid-line: the half line is not shown until it is whole
+        with open(bus, "ab") as f:
+            f.write("[W2] halb".encode("utf-8"))
+        got = new()
+        self.assertEqual(got, ["[lead] vier"])
+        seen += got
+        with open(bus, "ab") as f:
+            f.write(" fertig ✓\n".encode("utf-8"))
+        self.ok("bus", "neu", "post", "fünf", "--as", "W3")
+        got = new()
+        self.assertEqual(got, ["[W2] halb fertig ✓", "[W3] fünf"])
+        seen += got
+        self.assertEqual(new(), [])
+        everything = self.sb.text(bus).splitlines()
+        self.assertEqual(seen, everything)                    # no repeats, no gaps
+        self.assertEqual(new("anderer"), everything)           # each reader has its own cursor
+        self.assertEqual(self.ok("bus", "neu").out.splitlines(), everything)
+        self.assertEqual(self.ok("bus", "neu", "-n", "2").out.splitlines(), everything[-2:])
+
+    def test_post_as_in_documented_order(self):
+        """`orch bus <name> post [--as WHO] MESSAGE`, as the help says."""
+        self.spawn("doc", 1)
+        self.ok("bus", "doc", "post", "--as", "W2", "Nachricht über Umwege")
+        self.ok("bus", "doc", "--as", "W3", "post", "noch eine")
+        lines = self.sb.text(self.sb.shared("doc", "bus.md")).splitlines()
+        self.assertEqual(lines[1:], ["[W2] Nachricht über Umwege", "[W3] noch eine"])
+
+    def test_multiline_post_becomes_one_line(self):
+        self.spawn("ml", 1)
+        self.ok("bus", "ml", "post", "erste Zeile\nzweite\tZeile\r\n\x1b[31mdritte ü", "--as", "W2")
+        self.ok("bus", "ml", "post", "kurz", "und", "bündig")
+        lines = self.sb.text(self.sb.shared("ml", "bus.md")).splitlines()
+        self.assertEqual(lines[1:], ["[W2] erste Zeile zweite Zeile [31mdritte ü", "[lead] kurz und bündig"])
+        r = self.sb.orch("bus", "ml", "post", " \n\t ")
+        self.assert_one_error_line(r, 2, "nothing to post")
+        self.assertEqual(len(self.sb.text(self.sb.shared("ml", "bus.md")).splitlines()), 3)
+
+
+# =============================================================================
+
+MARKED = {   # file -> [(line text, is a marker line)]
+    "données/café.py": [("import os", False), ("# TODO: vérifier l'entrée", True), ("x = 1", False),
+                        ("y = 2  # FIXME ünïcode", True)],
+    "src/main.py": [("def main():", False), ("    pass  # HACK: temporaire", True), ("# XXX: à enlever", True)],
+    "文档/说明.md": [("TODO: 翻译", True), ("TODOS is not a marker, nor todo", False)],
+    "README.md": [("Rien à voir.", False), ("FIXME: docs", True)],
+    "lib/util.py": [("# TODO(bob): refactor", True)],
+    "z.txt": [("XXX at the start", True), ("", False), ("end", False)],
+    ".hidden/secret.py": [("# TODO hidden dir", False)],
+    ".dotfile": [("TODO hidden file", False)],
+}
+
+
+class Briefs(OrchCase):
+
+    def test_brief_contents(self):
+        wd = self.sb.workdir("wörk-brief")
+        self.spawn("br", 2, wd)
+        r = self.ok("brief", "br", 1, "--goal", "which lines carry TODO markers", "--role", "finder",
+                    "--constraint", "Do not run the tests", "--constraint", "Nur lesen, nichts ändern ü")
+        path = self.sb.shared("br", "agent-1.task.md")
+        self.assertEqual(r.out, "W1: brief written to %s\n" % path)
+        self.assertEqual(r.err, "")
+        text = self.sb.text(path)
+        shared = self.sb.shared("br")
+        for line in ("- Workdir: `%s`" % wd,
+                     "- Result file: `%s`" % os.path.join(shared, "agent-1.result.md"),
+                     "- Done flag: `%s`" % os.path.join(shared, "agent-1.done"),
+                     "- Bus: `%s`" % os.path.join(shared, "bus.md"),
+                     "- Do not run the tests", "- Nur lesen, nichts ändern ü",
+                     "    F<k> | <path>:<line>[-<end>] | <one-line claim> | <exact text quoted from those lines>"):
+            self.assertIn(line + "\n", text)
+        self.assertTrue(all(os.path.isabs(p) for p in re.findall(r"^- [\w ]+: `([^`]+)`$", text, re.M)))
+        self.assertIn("Determine whether", text)
+        self.assertIn("which lines carry TODO markers", text)
+        self.assertIn("Never wait for confirmation", text)
+        self.assertIn("# Worker 1 of 2", text)
+        self.assertNotIn("CONFIRMED|REFUTED", text)
+        self.assertEqual(self.sb.msgs("br", 1), [])                 # written, not sent
+
+        self.ok("brief", "br", 2, "--goal", "the claims in W1's result hold", "--role", "verifier")
+        text = self.sb.text(self.sb.shared("br", "agent-2.task.md"))
+        self.assertIn("    W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence: path:line and why>\n", text)
+        self.assertIn("Determine whether each claim below is true", text)
+        self.assertNotIn("F<k> | <path>:<line>", text)
+
+        r = self.ok("brief", "br", 1, "--goal", "fix the bug in x")
+        self.assertTrue(r.err.startswith("orch: note:"), r)
+        self.assertIn("determine whether", r.err)
+        self.assertIn("fix the bug in x", self.sb.text(path))
+
+    def test_three_sim_finders_find_exactly_the_markers(self):
+        files = {rel: "\n".join(t for t, _ in rows) + "\n" for rel, rows in MARKED.items()}
+        wd = self.sb.workdir("wörk-drei", files)
+        expected = set()
+        for rel, rows in MARKED.items():
+            for i, (line, marker) in enumerate(rows, 1):
+                if marker:
+                    expected.add((rel, i, line.strip()))
+        self.spawn("drei", 3, wd)
+        for n in (1, 2, 3):
+            r = self.ok("brief", "drei", n, "--goal", "which lines carry TODO, FIXME, HACK or XXX markers",
+                        "--send")
+            self.assertIn("W%d: delivered 1 line(s)" % n, r.out)
+        r = self.ok("wait", "drei", "--timeout", "30", "--interval", "0.2")
+        self.assertIn("drei: all done", r.out)
+        orch = load_orch()
+        union, per_worker = [], {}
+        for n in (1, 2, 3):
+            result = self.sb.shared("drei", "agent-%d.result.md" % n)
+            done = self.sb.shared("drei", "agent-%d.done" % n)
+            text = self.sb.text(result)
+            findings, problems = orch.parse_findings(text, result)
+            self.assertEqual(problems, [], text)
+            f_lines = [ln for ln in text.splitlines() if ln.startswith("F")]
+            self.assertEqual(len(findings), len(f_lines), text)
+            self.assertGreaterEqual(len(findings), 1, text)
+            self.assertEqual([f["k"] for f in findings], list(range(1, len(findings) + 1)))
+            for f in findings:
+                word = re.search(r"\b(TODO|FIXME|HACK|XXX)\b", f["quote"]).group(1)
+                self.assertTrue(f["claim"].startswith(word + " marker"), f)
+                self.assertEqual(f["end"], f["line"])
+            got = [(f["path"], f["line"], f["quote"]) for f in findings]
+            per_worker[n] = {p for p, _, _ in got}
+            union += got
+            self.assertGreaterEqual(os.stat(done).st_mtime_ns, os.stat(result).st_mtime_ns)
+        self.assertEqual(len(union), len(set(union)), union)              # no finding twice
+        self.assertEqual(set(union), expected)
+        for a, b in ((1, 2), (1, 3), (2, 3)):
+            self.assertEqual(per_worker[a] & per_worker[b], set())       # each file has one owner
+        bus = self.sb.text(self.sb.shared("drei", "bus.md")).splitlines()
+        for n in (1, 2, 3):
+            count = sum(1 for f in union if f[0] in per_worker[n])
+            self.assertIn("[W%d] done: %d findings in %s" % (n, count, self.sb.shared("drei", "agent-%d.result.md" % n)),
+                          bus)
+            self.assertTrue(any(line.startswith("[W%d] starting finder" % n) for line in bus), bus)
+
+    def test_parse_findings_edge_cases(self):
+        orch = load_orch()
+        text = "\n".join([
+            "# Result of worker 2",                                      # 1
+            "",                                                          # 2
+            "- F1 | a.py:3 | bullet claim | x = 1",                      # 3
+            "```",                                                       # 4
+            "F2 | b/c.py:10 | fenced claim | y",                         # 5
+            "```",                                                       # 6
+            "| F3 | d.py:7 | table claim | z |",                         # 7
+            "**F4** | e.py:1 | bold claim | q",                          # 8
+            "   F5   |   f.py:2   |   spaced claim   |   quoted text   ",  # 9
+            "F6 | - | not about one place",                              # 10
+            "F7 | g.py:4 | pipe claim | a | b || c",                     # 11
+            "F8 | h.py:3-5 | range claim | first line",                  # 12
+            "F9 | no location here",                                     # 13
+            "F10 | i.py:9-2 | backwards range | x",                      # 14
+            "* W2.F11 | `données/café.py:4` | backticked | \"zitiert\"",  # 15
+            "1. F12 | j.py:1 | numbered, no quote",                      # 16
+            "F13 | k.py:1 |  | empty claim",                             # 17
+            "Prose that mentions F14 | in passing is not a finding.",   # 18
+        ])
+        found, problems = orch.parse_findings(text, "res.md")
+        got = {f["k"]: (f["worker"], f["path"], f["line"], f["end"], f["claim"], f["quote"]) for f in found}
+        self.assertEqual(got, {
+            1: (None, "a.py", 3, 3, "bullet claim", "x = 1"),
+            2: (None, "b/c.py", 10, 10, "fenced claim", "y"),
+            3: (None, "d.py", 7, 7, "table claim", "z"),
+            4: (None, "e.py", 1, 1, "bold claim", "q"),
+            5: (None, "f.py", 2, 2, "spaced claim", "quoted text"),
+            6: (None, None, None, None, "not about one place", ""),
+            7: (None, "g.py", 4, 4, "pipe claim", "a | b || c"),
+            8: (None, "h.py", 3, 5, "range claim", "first line"),
+            11: (2, "données/café.py", 4, 4, "backticked", "zitiert"),
+            12: (None, "j.py", 1, 1, "numbered, no quote", ""),
+        })
+        self.assertEqual(len(problems), 3, problems)
+        for lineno, k in ((13, 9), (14, 10), (17, 13)):
+            self.assertTrue(any(p.startswith("res.md:%d: " % lineno) and ("F%d |" % k) in p for p in problems),
+                            (lineno, problems))
+
+    def test_parse_verdicts_edge_cases(self):
+        orch = load_orch()
+        text = "\n".join([
+            "W1.F1 | CONFIRMED | a.py:3 reads x = 1",            # 1
+            "- W1.F2 | refuted | b.py:10 has no marker",         # 2
+            "| W2.F1 | UNVERIFIABLE | cannot tell |",            # 3
+            "W2.F2 | MAYBE | a.py:1",                            # 4
+            "**W3.F1** | CONFIRMED | looks right to me",         # 5
+            "W3.F2|CONFIRMED|`données/c.py:2-4` quote matches",  # 6
+            "F1 | a.py:1 | a finding, not a verdict | x",        # 7
+        ])
+        verdicts, problems = orch.parse_verdicts(text, "v.md")
+        got = {k: (v["verdict"], v["unsupported"]) for k, v in verdicts.items()}
+        self.assertEqual(got, {"W1.F1": ("CONFIRMED", False), "W1.F2": ("REFUTED", False),
+                               "W2.F1": ("UNVERIFIABLE", True), "W3.F1": ("CONFIRMED", True),
+                               "W3.F2": ("CONFIRMED", False)})
+        self.assertEqual(verdicts["W1.F1"]["evidence"], "a.py:3 reads x = 1")
+        self.assertEqual(len(problems), 1, problems)
+        self.assertTrue(problems[0].startswith("v.md:4: not a verdict"), problems)
+        self.assertIn("MAYBE", problems[0])
+
+
+# =============================================================================
+
+class BadInput(OrchCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.box = Sandbox()
+        cls.addClassCleanup(cls.box.close)
+        wd = cls.box.workdir("wörk-bi")
+        r = cls.box.orch("spawn", "bi", 2, wd, "--agent", SIM, "--timeout", "20")
+        if r.code:
+            raise AssertionError(r)
+        os.makedirs(cls.box.run("kaputt"))
+        with open(cls.box.run("kaputt", "fleet.json"), "w") as f:
+            f.write('{"version": 1, "workers": [')
+
+    def setUp(self):
+        self.sb = self.box
+
+    def test_table(self):
+        sb = self.sb
+        missing = os.path.join(sb.root, "gibt-es-nicht.txt")
+        a_dir = sb.root
+        a_file = os.path.join(sb.root, "nachricht.txt")
+        with open(a_file, "w", encoding="utf-8") as f:
+            f.write("hallo\n")
+        bad_names = ["a/b", "..", "a:b", "a.b", "a;b", "a b", "a\nb", "x" * 33, "", "ü", "-"]
+        cases = [
+            (["frobnicate"], None, 2, "invalid choice"),
+            (["spawn"], None, 2, "required"),
+            (["send", "bi"], None, 2, "required"),
+            (["brief", "bi", "1"], None, 2, "--goal"),
+            (["read"], None, 2, "required"),
+        ]
+        commands = [["spawn", None, "1", "--agent", "sim"], ["status", None], ["read", None, "1"],
+                    ["send", None, "1", "hi"], ["kill", None], ["bus", None], ["wait", None]]
+        for i, name in enumerate(bad_names):
+            argv = [name if a is None else a for a in commands[i % len(commands)]]
+            cases.append((argv, None, 2, "bad fleet name"))
+        cases += [
+            (["read", "bi", "0"], None, 2, "no worker '0'"),
+            (["read", "bi", "3"], None, 2, "no worker '3'"),
+            (["send", "bi", "-1", "hi"], None, 2, "no worker '-1'"),
+            (["nudge", "bi", "x"], None, 2, "no worker 'x'"),
+            (["respawn", "bi", "3"], None, 2, "no worker '3'"),
+            (["brief", "bi", "0", "--goal", "g"], None, 2, "no worker '0'"),
+            (["wait", "bi", "3"], None, 2, "no worker '3'"),
+            (["nudge", "bi", "all"], None, 2, "no worker 'all'"),
+            (["status", "nosuch"], None, 2, "no fleet 'nosuch'"),
+            (["send", "nosuch", "1", "hi"], None, 2, "no fleet 'nosuch'"),
+            (["add", "nosuch"], None, 2, "no fleet 'nosuch'"),
+            (["attach", "nosuch"], None, 2, "no fleet 'nosuch'"),
+            (["send", "bi", "1", ""], None, 2, "nothing to send"),
+            (["send", "bi", "all"], None, 2, "nothing to send"),
+            (["send", "bi", "1", "\x1b\x07\r\n"], None, 2, "nothing to send"),
+            (["send", "bi", "1", "-"], "", 2, "nothing to send"),
+            (["send", "bi", "1", "--file", missing], None, 2, "no such file"),
+            (["send", "bi", "1", "--file", a_dir], None, 2, "no such file"),
+            (["send", "bi", "1", "und", "Wörter", "--file", a_file], None, 2, "not both"),
+            (["send", "bi", "1", "--file", a_file, "und", "Wörter"], None, 2, "not both"),
+            (["wait", "bi", "--timeout", "-1"], None, 2, "must be a number >= 0"),
+            (["wait", "bi", "--interval", "abc"], None, 2, "--interval must be a number"),
+            (["wait", "bi", "--interval", "0"], None, 2, "--interval must be a number"),
+            (["wait", "bi", "--stall", "nan"], None, 2, "must be a number"),
+            (["wait", "bi", "--timeout", "inf"], None, 2, "must be a number"),
+            (["spawn", "neu", "0", "--agent", "sim"], None, 2, "N (workers) must be a number >= 1"),
+            (["spawn", "neu", "1", missing, "--agent", "sim"], None, 2, "not a directory"),
+            (["spawn", "neu", "1", "--agent", ""], None, 2, "empty --agent"),
+            (["spawn", "neu", "1", "--agent", " "], None, 2, "empty --agent"),
+            (["spawn", "neu", "1", "--agent", "sim 'offen"], None, 2, "bad --agent"),
+            (["spawn", "neu", "1", "--agent", "kein-agent-ü"], None, 1, "not found on PATH"),
+            (["spawn", "neu", "1", "--agent", "sim", "--timeout", "-5"], None, 2, "must be a number"),
+            (["spawn", "bi", "2", "--agent", "sim"], None, 1, "--force"),
+            (["read", "bi", "1", "0"], None, 2, "lines must be a number >= 1"),
+            (["bus", "bi", "post"], None, 2, "nothing to post"),
+            (["bus", "bi", "post", "--as", "a b", "x"], None, 2, "--as"),
+            (["bus", "bi", "schrei"], None, 2, "unknown bus action"),
+            (["bus", "bi", "-n", "-3"], None, 2, "-n must be a number"),
+            (["kill"], None, 2, "name one fleet"),
+            (["kill", "bi", "--all"], None, 2, "name one fleet"),
+            (["brief", "bi", "1", "--goal", "   "], None, 2, "--goal is empty"),
+            (["brief", "bi", "1", "--goal", "g", "--role", "boss"], None, 2, "invalid choice"),
+            (["status", "kaputt"], None, 1, "corrupt"),
+            (["send", "kaputt", "1", "hi"], None, 1, "corrupt"),
+            (["kill", "kaputt"], None, 1, "corrupt"),
+        ]
+        before = tree_digest(sb.home)
+        sessions = sb.tmux("list-sessions", "-F", "#{session_name}").stdout
+        for argv, stdin, code, needle in cases:
+            with self.subTest(argv=argv):
+                r = sb.orch(*argv, stdin=stdin, timeout=30)
+                self.assert_one_error_line(r, code, needle)
+                self.assertEqual(r.out, "", r)
+        after = tree_digest(sb.home)
+        self.assertEqual(after, before)                   # not even watch.json was rewritten
+        self.assertEqual(sb.tmux("list-sessions", "-F", "#{session_name}").stdout, sessions)
+
+    def test_no_command_prints_help(self):
+        r = self.sb.orch()
+        self.assertEqual(r.code, 2, r)
+        self.assertIn("commands:", r.out)
+        self.assertEqual(r.err, "")
+
+
+# =============================================================================
+
+@unittest.skipUnless(os.environ.get("ORCH_BENCH") == "1", "set ORCH_BENCH=1 to run the benchmark")
+class Bench(OrchCase):
+
+    def test_status_and_poll_cost(self):
+        orch = load_orch()
+        saved = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(), os.environ.update(saved)))
+        os.environ.clear()
+        os.environ.update(self.sb.env)           # in-process poll talks to the same server
+
+        def median(fn, runs):
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        wd = self.sb.workdir("wörk-bench")
+        table = []
+        for n in (1, 8, 32):
+            name = "b%d" % n
+            self.ok("spawn", name, n, wd, "--agent", SIM, "--timeout", "0", "--per-window", "8")
+            wait_for(lambda: len(self.sb.panes(name)) == n and all(
+                self.sb.tmux("capture-pane", "-p", "-t", p).stdout.strip() for p, _, _ in self.sb.panes(name)),
+                30, what="%d panes drawn" % n)
+            bare = median(lambda: self.sb.tmux("list-panes", "-a"), 9)
+            status = median(lambda: self.assertEqual(self.sb.orch("status", name).code, 0), 5)
+            fleet = orch.load_fleet(name)
+            poll = median(lambda: orch.poll(fleet), 9)
+            workers = json.loads(self.ok("status", name, "--json").out)["workers"]
+            self.assertEqual(len(workers), n)
+            table.append((n, bare, status, poll))
+        out = ["", "bench: N  bare list-panes  status (x bare)  one poll (x bare)"]
+        for n, bare, st, poll in table:
+            out.append("  %5d  %8.1f ms  %8.1f ms (%4.1fx)  %8.1f ms (%4.1fx)"
+                       % (n, bare * 1e3, st * 1e3, st / bare, poll * 1e3, poll / bare))
+        sys.stderr.write("\n".join(out) + "\n")
+        self.assertLess(table[-1][3] / table[-1][1], 100)     # loose: one poll is a few tmux calls
+
+
+if __name__ == "__main__":
+    unittest.main()
