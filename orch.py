@@ -176,7 +176,7 @@ PROFILES = {
         "clear": ["C-e", "C-u", "BSpace"],
     },
     "sim": {  # orch's built-in simulated agent; the caller fills "cmd"
-        "cmd": None, "prompt": r"^sim>( |$)", "above": 0, "below": 0,
+        "cmd": None, "prompt": r"^sim>( |$)", "above": 2, "below": 0,
         "idle": [], "busy": [r"^sim: working"], "permission": [], "dialog": [], "limited": [],
         "title_busy": None, "clear": ["C-e", "C-u", "BSpace"],
     },
@@ -248,7 +248,8 @@ def snapshot(fleet, panes, history=False, ansi=True):
     for attempt in (1, 2):
         argv = list(listing)
         for p in panes:
-            argv += [";", "display-message", "-p", "-t", p, "%s %s" % (nonce, p),
+            # The header is a format, not text: a literal "%3" would go through strftime.
+            argv += [";", "display-message", "-p", "-t", p, nonce + " #{pane_id}",
                      ";", "capture-pane", "-p", "-t", p] + (["-e"] if ansi else []) \
                 + (["-S", "-", "-E", "-"] if history else [])
         try:
@@ -744,7 +745,7 @@ def cmd_spawn(a):
     workdir = os.path.abspath(a.workdir or os.getcwd())
     if not os.path.isdir(workdir) or workdir.endswith(";"):
         raise OrchError("workdir %s is not a directory: create it or pass another" % workdir, 2)
-    agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
+    agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
     parse_agent(agent)
     rd = run_dir(name)
     live = session_of(name) in live_sessions()
@@ -788,7 +789,7 @@ def cmd_add(a):
         raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
                         % (a.name, a.name))
     first = len(fleet["workers"]) + 1
-    add_workers(fleet, a.K, a.agent or fleet["agent"])
+    add_workers(fleet, a.K, fleet["agent"] if a.agent is None else a.agent)
     report_ready(fleet, range(first, first + a.K), a.timeout)
 
 
@@ -973,16 +974,16 @@ def cmd_nudge(a):
 def cmd_bus(a):
     fleet = load_fleet(a.name)
     bus = os.path.join(shared_dir(fleet), "bus.md")
-    if a.words[:1] == ["post"]:
-        text = clean_text(" ".join(a.words[1:])).replace("\n", " ").replace("\t", " ").strip()
+    if a.message[:1] == ["post"]:
+        text = clean_text(" ".join(a.message[1:])).replace("\n", " ").replace("\t", " ").strip()
         if not text:
             raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
         append_line(bus, "[%s] %s" % (a.who, text))
         log_event(fleet, "bus", who=a.who, chars=len(text))
         return
-    if a.words:
+    if a.message:
         raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
-                        "posts" % (a.words[0], a.name, a.name), 2)
+                        "posts" % (a.message[0], a.name, a.name), 2)
     cursors_path = os.path.join(fleet["run"], "bus-cursors.json")
     cursors = json.loads(read_text(cursors_path, "{}") or "{}")
     start = cursors.get(a.who, 0) if a.new else 0
@@ -1032,6 +1033,12 @@ def cmd_respawn(a):
         fleet["workers"][n - 1]["pane"] = out.split()[0]
         save_fleet(fleet)
         print("W%d: pane %s was gone; new pane %s" % (n, old, fleet["workers"][n - 1]["pane"]))
+    # Forget the old screen: respawn-pane keeps the pane id, and a worker seen
+    # ready before must not count as ready while its new agent boots.
+    mem_path = os.path.join(fleet["run"], "watch.json")
+    mem = json.loads(read_text(mem_path, "{}") or "{}")
+    mem.pop(str(n), None)
+    write_json(mem_path, mem)
     log_event(fleet, "respawn", worker=n, pane=fleet["workers"][n - 1]["pane"])
     waiting = wait_ready(fleet, {n}, BOOT_WAIT)
     if waiting:
@@ -1779,7 +1786,7 @@ def cmd_sim(a):
     st = {"draft": "", "paste": False, "pending": "", "jobs": [], "until": 0.0, "ctrl_c": 0,
           "lines": ["sim agent - worker %s - %s" % (n, "ready")]}
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)        # keep what was typed before we were ready
     if not a.no_bracketed_paste:
         out.write("\x1b[?2004h")
 
@@ -1926,7 +1933,7 @@ def build_parser():
             arg("--stall", type=secs, default=120.0), arg("--nudge", action="store_true"),
             arg("--json", action="store_true"))
     command("nudge", name, worker, arg("message", nargs="*"))
-    command("bus", name, arg("words", nargs="*", metavar="post MESSAGE"),
+    command("bus", name, arg("message", nargs="*", metavar="post MESSAGE"),
             arg("-n", type=number("-n", 0, True), default=20), arg("--new", action="store_true"),
             arg("--follow", action="store_true"),
             arg("--as", dest="who", default="lead", type=who_name))
@@ -1961,9 +1968,15 @@ def file_digest():
 def main(argv=None):
     os.umask(0o077)                 # every file and directory orch makes is private
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # argparse fills a '*' positional before the options that follow it
+        # (`bus f post --as W2 hi`): the leftover words belong to the message.
+        args, extra = parser.parse_known_args(argv)
+        if extra and (not hasattr(args, "message") or any(x.startswith("-") for x in extra)):
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
+        args.message = getattr(args, "message", []) + extra
         if not args.command:
-            build_parser().print_help()
+            parser.print_help()
             return 2
         if getattr(args, "name", None) is not None:
             check_name(args.name)
