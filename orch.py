@@ -1577,15 +1577,14 @@ def cmd_demo(a):
                                 % ("timeout" if code == 3 else "a worker exited"))
             cmd_verify(ns(name="demo", rounds=2, by=None, timeout=180))
             write_report(fleet)
-        print()
-        print(read_text(os.path.join(shared_dir(fleet), "matrix.md")))
-        print("report: %s" % os.path.join(shared_dir(fleet), "report.md"))
     finally:
-        ECHO["stream"] = None
         if session_of("demo") in live_sessions():
             with quiet:
                 end_fleet(load_fleet("demo"))
-
+        ECHO["stream"] = None
+    print()
+    print(read_text(os.path.join(shared_dir(fleet), "matrix.md")))
+    print("report: %s" % os.path.join(shared_dir(fleet), "report.md"))
 
 
 # --- doctor and install --------------------------------------------------------------

@@ -11,7 +11,9 @@ tmux server in teardown. Screen fixtures come from .ci/screens/ only.
 """
 import datetime
 import fcntl
+import glob
 import hashlib
+import http.server
 import importlib
 import json
 import os
@@ -1127,6 +1129,390 @@ class BadInput(OrchCase):
         self.assertEqual(r.code, 2, r)
         self.assertIn("commands:", r.out)
         self.assertEqual(r.err, "")
+
+
+# =============================================================================
+
+def finding_is_true(workdir, f):
+    """Ground truth from the files themselves: the cited line carries the
+    claimed marker and the quote is that line."""
+    path = os.path.join(workdir, f["path"] or "")
+    if f["path"] is None or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    if not 1 <= f["line"] <= len(lines):
+        return False
+    word = re.match(r"(TODO|FIXME|HACK|XXX)\b", f["claim"])
+    line = lines[f["line"] - 1]
+    return bool(word) and re.search(r"\b%s\b" % word.group(1), line) is not None \
+        and " ".join(f["quote"].split()) == " ".join(line.split())
+
+
+class Verification(OrchCase):
+    """Round-robin adversarial verification, the matrix, report and demo."""
+
+    def test_demo_catches_every_lie_and_refutes_no_truth(self):
+        kinds = set()
+        for seed in ("1", "2", "3"):
+            wd = os.path.join(self.sb.root, "demo-%s" % seed)
+            r = self.ok("demo", wd, "--seed", seed, timeout=120)
+            for event in ("spawn", "brief", "send", "verify-brief", "round", "verify", "kill"):
+                self.assertRegex(r.out, r"\d+\.\ds  %s " % event)
+            self.assertIn("# Verification Matrix: fleet demo", r.out)
+            matrix = json.loads(self.sb.text(self.sb.shared("demo", "matrix.json")))
+            self.assertEqual(matrix["rounds"], 2)
+            lies = [f for f in matrix["findings"] if not finding_is_true(wd, f)]
+            truths = [f for f in matrix["findings"] if finding_is_true(wd, f)]
+            self.assertEqual(len(lies), 2, [f["id"] for f in lies])        # W3 runs --lie 2
+            self.assertEqual({f["worker"] for f in lies}, {3})
+            for f in lies:
+                self.assertIn(f["final"], ("REFUTED", "BAD-CITATION"), f)
+                kinds.add(f["final"])
+            for f in truths:
+                self.assertNotEqual(f["final"], "REFUTED", f)
+                self.assertEqual(f["citation"], "ok", f)
+            t = matrix["tally"]
+            self.assertIn("%d findings: %d confirmed, %d refuted, %d bad citation, %d unverifiable" % (
+                len(matrix["findings"]), t["CONFIRMED"], t["REFUTED"], t["BAD-CITATION"],
+                t["UNVERIFIABLE"]), r.out)
+            report = self.sb.text(self.sb.shared("demo", "report.md"))
+            self.assertIn("## Worker results", report)
+            self.assertIn("W3.F1", report)
+            self.assertFalse(self.sb.has_session("demo"))                 # the demo cleans up
+            self.assertTrue(os.path.exists(self.sb.run("demo", "logs", "w3.log")))
+        self.assertEqual(kinds, {"REFUTED", "BAD-CITATION"})             # both ways of catching
+
+    def test_rubber_stamp_cannot_confirm_a_false_finding(self):
+        lines = ["import os", "", "def main():", "    # TODO: parse the arguments", "    return 0", "",
+                 "def helper(x):", "    return x * 2", "", "print(main())"]
+        wd = self.sb.workdir("wörk-stempel", {"app.py": "\n".join(lines) + "\n"})
+        self.spawn("rs", 1, wd, "sim --lie 1 --seed 7 --delay 0.2")        # W1: finder, plants a lie
+        self.ok("add", "rs", "1", "--agent", "sim --lie 1 --delay 0.2")     # W2: rubber-stamps
+        self.ok("add", "rs", "1", "--agent", SIM)                           # W3: honest
+        self.ok("brief", "rs", "1", "--goal", "app.py carries TODO, FIXME, HACK or XXX markers", "--send")
+        self.ok("wait", "rs", "1", "--timeout", "30", "--interval", "0.2")
+        r = self.ok("verify", "rs", "--rounds", "1", "--timeout", "30")
+        one = json.loads(self.sb.text(self.sb.shared("rs", "matrix.json")))
+        lie = [f for f in one["findings"] if not finding_is_true(wd, f)]
+        self.assertEqual(len(lie), 1, one["findings"])
+        self.assertEqual(lie[0]["citation"], "ok")                         # the lie cites a real line
+        cell = lie[0]["rounds"][0]
+        self.assertEqual((cell["verifier"], cell["verdict"], cell["unsupported"]), (2, "CONFIRMED", True))
+        self.assertEqual(lie[0]["final"], "UNVERIFIABLE")                  # a stamp confirms nothing
+        self.assertIn("(unsupported)", self.sb.text(self.sb.shared("rs", "matrix.md")))
+        self.assertIn("0 confirmed", r.out)
+        self.ok("verify", "rs", "--rounds", "2", "--timeout", "30")
+        two = json.loads(self.sb.text(self.sb.shared("rs", "matrix.json")))
+        lie = [f for f in two["findings"] if not finding_is_true(wd, f)][0]
+        self.assertEqual([(c["verifier"], c["verdict"]) for c in lie["rounds"]],
+                         [(2, "CONFIRMED"), (3, "REFUTED")])
+        self.assertEqual(lie["final"], "REFUTED")
+        truth = [f for f in two["findings"] if finding_is_true(wd, f)]
+        self.assertEqual([f["final"] for f in truth], ["UNVERIFIABLE"])  # stamped in round 1
+        self.assertTrue(glob.glob(self.sb.shared("rs", "verify.old-*", "r1-w2.result.md")))  # kept
+
+    def test_round_robin_assignment(self):
+        orch = load_orch()
+        for n in (2, 3, 5):
+            pool = list(range(1, n + 1))
+            for rounds in range(1, n):
+                for finder in pool:
+                    got = [orch.verifier_for(finder, k, pool, n) for k in range(1, rounds + 1)]
+                    self.assertNotIn(finder, got)
+                    self.assertEqual(len(set(got)), rounds, (n, rounds, finder, got))
+                    self.assertEqual(got, [((finder - 1 + k) % n) + 1 for k in range(1, rounds + 1)])
+        self.assertEqual([orch.verifier_for(2, k, [2, 4], 5) for k in (1, 2)], [4, 4])
+        self.assertEqual(orch.verifier_for(1, 1, [1], 3), None)
+
+    def test_citation_check(self):
+        orch = load_orch()
+        wd = self.sb.workdir("wörk-zitat", {"src/ü.py": "".join("line %d\n" % i for i in range(1, 11))})
+        with open(os.path.join(self.sb.root, "outside.py"), "w") as f:
+            f.write("line 1\n")
+        os.symlink(os.path.join(self.sb.root, "outside.py"), os.path.join(wd, "link.py"))
+
+        def check(path, line, quote, end=None):
+            return orch.check_citation(wd, {"path": path, "line": line, "end": end or line, "quote": quote})
+        self.assertEqual(check("src/ü.py", 5, "line 5"), "ok")
+        self.assertEqual(check("src/ü.py", 5, "  line   7 "), "ok")           # two lines off, spaces
+        self.assertEqual(check("src/ü.py", 5, "line 3"), "ok")
+        self.assertIn("quote not within 2 lines", check("src/ü.py", 5, "line 8"))   # three off
+        self.assertIn("quote not within 2 lines", check("src/ü.py", 5, "line 2"))
+        self.assertEqual(check("src/ü.py", 3, "line 5", end=4), "ok")
+        self.assertEqual(check("src/nope.py", 1, ""), "no such file")
+        self.assertIn("past the end", check("src/ü.py", 11, ""))
+        self.assertIn("past the end", check("src/ü.py", 9, "", end=12))
+        self.assertIn("past the end", check("src/ü.py", 0, ""))
+        for escape in ("../outside.py", os.path.join(self.sb.root, "outside.py"), "link.py", "src/../../outside.py"):
+            self.assertEqual(check(escape, 1, "line 1"), "path escapes the workdir", escape)
+        self.assertEqual(orch.check_citation(wd, {"path": None, "line": None, "end": None, "quote": ""}), "n/a")
+
+    def test_verify_refusals(self):
+        wd = self.sb.workdir("wörk-nein", {"a.py": "# TODO: x\n"})
+        self.spawn("solo", 1, wd)
+        r = self.sb.orch("verify", "solo")
+        self.assert_one_error_line(r, 1, "at least 2 workers")
+        self.ok("add", "solo", "1", "--agent", SIM)
+        self.assert_one_error_line(self.sb.orch("verify", "solo"), 1, "no worker of 'solo' has a done flag")
+        for argv, needle in ((["--rounds", "0"], "--rounds must be"), (["--rounds", "2"], "at most 1 rounds"),
+                             (["--by", "1,x"], "--by 1,x"), (["--by", "3"], "--by 3")):
+            self.assert_one_error_line(self.sb.orch("verify", "solo", *argv), 2, needle)
+        self.assertFalse(os.path.exists(self.sb.shared("solo", "matrix.json")))
+
+    def test_report_without_verification_says_so(self):
+        self.spawn("rep", 2)
+        r = self.ok("report", "rep")
+        self.assertIn("Not verified", r.out)
+        self.assertIn("### W1 (NOT done)", r.out)
+        self.assertEqual(self.sb.text(self.sb.shared("rep", "report.md")).strip(),
+                         r.out.rsplit("report: ", 1)[0].strip())
+
+
+# =============================================================================
+
+def shown_commands(path):
+    """Every orch command line a document shows in a code block."""
+    out, block = [], False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("```"):
+                block = not block
+            elif block:
+                line = line.split("  #")[0].strip()
+                for prefix in ("python3 orch.py ", "orch "):
+                    if line.startswith(prefix):
+                        out.append(shlex.split(line[len(prefix):]))
+    return out
+
+
+class Docs(OrchCase):
+    """README.md and SKILL.md stay true to the code."""
+
+    def test_readme_and_help_list_the_same_commands(self):
+        help_text = self.ok("--help").out
+        section = help_text.split("commands:", 1)[1].split("\n\n", 1)[0]
+        in_help = set(re.findall(r"^  ([a-z]+)\b", section, re.M))
+        readme = self.sb.text(os.path.join(HERE, "README.md"))
+        in_readme = set(re.findall(r"^\| `([a-z]+)[ `]", readme, re.M))
+        self.assertEqual(in_help, in_readme)
+        self.assertEqual(in_help, set(load_orch().build_parser()._subparsers._group_actions[0].choices))
+        for flag in set(re.findall(r"(--[a-z-]+)", section)):
+            self.assertIn(flag, readme, "--help shows %s, README does not" % flag)
+
+    def test_every_command_shown_parses(self):
+        orch = load_orch()
+        for doc in ("README.md", "SKILL.md"):
+            shown = shown_commands(os.path.join(HERE, doc))
+            self.assertGreater(len(shown), 5, doc)
+            for argv in shown:
+                try:
+                    orch.build_parser().parse_args(argv)
+                except orch.OrchError as e:
+                    self.fail("%s shows `%s`: %s" % (doc, " ".join(argv), e))
+
+    def test_skill_front_matter(self):
+        text = self.sb.text(os.path.join(HERE, "SKILL.md"))
+        head = text.split("---")[1]
+        self.assertRegex(head, r"(?m)^name: orch$")
+        self.assertRegex(head, r"(?m)^description: \S.{40,}")
+
+    def test_version_names_the_file_digest(self):
+        with open(ORCH_PY, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        self.assertRegex(self.ok("--version").out, r"^orch \S+ \(%s\)\n$" % digest)
+
+
+class Setup(OrchCase):
+    """doctor and install."""
+
+    def fake_bin(self, names):
+        d = os.path.join(self.sb.root, "bin")
+        os.makedirs(d, exist_ok=True)
+        for name in names:
+            with open(os.path.join(d, name), "w") as f:
+                f.write("#!%s\nimport time\ntime.sleep(600)\n" % sys.executable)
+            os.chmod(os.path.join(d, name), 0o755)
+        return d
+
+    def test_doctor_names_the_fix_for_missing_tmux(self):
+        env = dict(self.sb.env, PATH=self.fake_bin(["claude"]), ANTHROPIC_API_KEY="sk-test")
+        r = self.sb.orch("doctor", env=env)
+        self.assertEqual(r.code, 1, r)
+        self.assertRegex(r.out, r"(?m)^FAIL tmux +not found  -> install tmux")
+        self.assertRegex(r.out, r"(?m)^ok   agent +claude at ")
+        self.assertNotIn("Traceback", r.err)
+
+    def test_doctor_all_present(self):
+        env = dict(self.sb.env, PATH=self.fake_bin(["claude"]) + os.pathsep + os.path.dirname(REAL_TMUX),
+                   ANTHROPIC_API_KEY="sk-test")
+        r = self.sb.orch("doctor", env=env)
+        self.assertEqual(r.code, 0, r)
+        for check in ("python", "tmux", "agent", "credentials", "ORCH_HOME"):
+            self.assertRegex(r.out, r"(?m)^ok   %s " % check)
+        self.assertIn('"Bash(python3 orch.py:*)"', r.out)
+        r = self.sb.orch("doctor", "--agent", "codex", env=env)
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("npm install -g @openai/codex", r.out)
+
+    def test_install_into_a_bin_dir(self):
+        home = os.path.join(self.sb.root, "user")
+        bin_dir = os.path.join(self.sb.root, "bin dir")
+        r = self.ok("install", "--bin-dir", bin_dir, env=dict(self.sb.env, HOME=home))
+        target = os.path.join(bin_dir, "orch")
+        self.assertIn("installed %s" % target, r.out)
+        self.assertIn("not on PATH", r.out)
+        self.assertTrue(os.access(target, os.X_OK))
+        skill = os.path.join(home, ".claude", "skills", "orch", "SKILL.md")
+        self.assertEqual(read_bytes(skill), read_bytes(os.path.join(HERE, "SKILL.md")))
+        out = subprocess.run([sys.executable, target, "--help"], stdout=subprocess.PIPE,
+                             universal_newlines=True, env=self.sb.env)
+        self.assertEqual(out.returncode, 0)
+        self.assertIn("commands:", out.stdout)
+        out = subprocess.run([target, "--version"], stdout=subprocess.PIPE, universal_newlines=True,
+                             env=dict(self.sb.env, PATH=os.path.dirname(sys.executable) + os.pathsep
+                                      + self.sb.env["PATH"]))
+        self.assertRegex(out.stdout, r"^orch ")
+
+
+# =============================================================================
+
+CLAUDE_VERSION = "2.1.331"          # pinned: the screens orch knows were read off this one
+
+
+class MockAnthropic(http.server.BaseHTTPRequestHandler):
+    """A scripted Anthropic Messages API (SSE). The prompt's directive lines are
+    played one per model turn: `WRITE <path> <text>` -> a Write tool call,
+    `BASH <command>` -> a Bash tool call; then a closing text. Requests without
+    tools are side queries (session title, the auto-mode classifier)."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+        self.server.requests.append(body)
+        if self.path.startswith("/v1/messages/count_tokens"):
+            return self.send(b'{"input_tokens": 100}', "application/json")
+        blocks, stop = self.decide(body)
+        msg = {"id": "msg_%d" % len(self.server.requests), "type": "message", "role": "assistant",
+               "model": body.get("model", "mock"), "content": [], "stop_reason": None,
+               "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+        if not body.get("stream"):
+            msg.update(content=blocks, stop_reason=stop)
+            return self.send(json.dumps(msg).encode(), "application/json")
+        events = [("message_start", {"message": msg})]
+        for i, b in enumerate(blocks):
+            delta = {"type": "text_delta", "text": b["text"]} if b["type"] == "text" else \
+                {"type": "input_json_delta", "partial_json": json.dumps(b["input"])}
+            events += [("content_block_start", {"index": i, "content_block": dict(b, text="") if
+                                                 b["type"] == "text" else dict(b, input={})}),
+                       ("content_block_delta", {"index": i, "delta": delta}),
+                       ("content_block_stop", {"index": i})]
+        events += [("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
+                                      "usage": {"output_tokens": 20}}), ("message_stop", {})]
+        self.send("".join("event: %s\ndata: %s\n\n" % (e, json.dumps(dict(d, type=e)))
+                          for e, d in events).encode(), "text/event-stream")
+
+    def send(self, data, ctype):
+        self.send_response(200)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def decide(self, body):
+        if not body.get("tools"):            # the classifier's answer "no" allows a call
+            blocked = "security monitor" in json.dumps(body.get("system", ""))
+            return [{"type": "text", "text": "<block>no</block>" if blocked else "Mock"}], "end_turn"
+        msgs = body.get("messages", [])
+        start, prompt = 0, ""
+        for i, m in enumerate(msgs):
+            parts = m.get("content")
+            parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts or []
+            text = "\n".join(re.sub(r"<system-reminder>.*?</system-reminder>", "", p.get("text", ""),
+                                    flags=re.S) for p in parts if p.get("type") == "text").strip()
+            if m.get("role") == "user" and text and not any(p.get("type") == "tool_result" for p in parts):
+                start, prompt = i, text
+        steps = [line.split(" ", 1) for line in prompt.splitlines() if line.split(" ")[0] in ("WRITE", "BASH")]
+        turn = sum(m.get("role") == "assistant" for m in msgs[start:])
+        if turn >= len(steps):
+            return [{"type": "text", "text": "Mock done."}], "end_turn"
+        word, arg = steps[turn]
+        if word == "WRITE":
+            path, _, text = arg.partition(" ")
+            call = {"name": "Write", "input": {"file_path": path, "content": text + "\n"}}
+        else:
+            call = {"name": "Bash", "input": {"command": arg, "description": "mock step"}}
+        call.update(type="tool_use", id="toolu_%d_%d" % (len(msgs), turn))
+        return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use"
+
+
+@unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
+class RealClaude(OrchCase):
+    """A real Claude Code fleet, offline: the pinned CLI from npm, pointed at the mock."""
+
+    @classmethod
+    def setUpClass(cls):
+        cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
+        cls.bin = os.path.join(cache, "claude-" + CLAUDE_VERSION, "node_modules", ".bin")
+        if not os.path.exists(os.path.join(cls.bin, "claude")):
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
+                            os.path.dirname(os.path.dirname(cls.bin)),
+                            "@anthropic-ai/claude-code@" + CLAUDE_VERSION], check=True,
+                           stdout=subprocess.DEVNULL)
+        cls.api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockAnthropic)
+        cls.api.requests = []
+        cls.api.daemon_threads = True
+        threading.Thread(target=cls.api.serve_forever, daemon=True).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.api.shutdown()
+
+    def test_fleet_boots_idle_works_unattended_and_asks_for_permission(self):
+        sb = self.sb
+        home = os.path.join(sb.root, "user")
+        os.makedirs(os.path.join(home, ".claude"))
+        mine = {os.path.join(home, ".claude.json"): '{"theme": "light", "projects": {}}\n',
+                os.path.join(home, ".claude", "settings.json"): '{"permissions": {"allow": []}}\n'}
+        for path, text in mine.items():
+            with open(path, "w") as f:
+                f.write(text)
+        sb.env.update(HOME=home, PATH=self.bin + os.pathsep + sb.env["PATH"],
+                        ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1],
+                        ANTHROPIC_API_KEY="sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop")
+        self.ok("spawn", "real", "2", sb.workdir("wörk-real"), "--agent", "claude", "--timeout", "90",
+                timeout=120)
+        self.assertEqual(self.states("real"), ["idle", "idle"])
+        screens = self.ok("read", "real", "all", "50").out
+        for dialog in ("trust", "Do you want", "Choose the text style", "Enter to confirm"):
+            self.assertNotIn(dialog, screens)
+        shared = sb.shared("real")
+        brief = ["Line %02d of a thirty-line brief: read it all." % i for i in range(1, 29)] + [
+            "WRITE %s/agent-1.result.md F1 | - | the mock found nothing" % shared,
+            "BASH touch %s/agent-1.done" % shared]
+        self.ok("send", "real", "1", "-", stdin="\n".join(brief))
+        self.assertTrue(any(all(line in json.dumps(b) for line in brief) for b in self.api.requests),
+                        "the mock never received the whole brief")
+        self.ok("wait", "real", "1", "--timeout", "90", "--interval", "0.5", timeout=120)
+        self.assertIn("the mock found nothing", sb.text(os.path.join(shared, "agent-1.result.md")))
+        # Not on the allowlist: Claude asks, and status must say so.
+        self.ok("send", "real", "2", "BASH python3 -c 'print(42)'")
+        wait_for(lambda: self.states("real")[1] == "permission", 60, what="W2 at a permission prompt")
+        self.ok("kill", "real")
+        self.assertIn("Do you want to proceed", sb.text(sb.run("real", "logs", "w2.log")))
+        for path, text in mine.items():
+            self.assertEqual(sb.text(path), text, "orch changed the user's own %s" % path)
+        config = sb.run("real", "claude")
+        for name in (".claude.json", "settings.json"):
+            self.assertEqual(os.stat(os.path.join(config, name)).st_mode & 0o777, 0o600)
+        settings = json.loads(sb.text(os.path.join(config, "settings.json")))
+        self.assertFalse([r for r in settings["permissions"]["allow"] if "rm" in r.split("(")[-1].split(":")[0]])
+        fleet = json.loads(sb.text(sb.run("real", "fleet.json")))
+        for w in fleet["workers"]:                   # the transcript is where the id says
+            self.assertTrue(glob.glob(os.path.join(config, "projects", "*", w["session_id"] + ".jsonl")))
 
 
 # =============================================================================
