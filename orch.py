@@ -58,14 +58,12 @@ import secrets
 import select
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import sys
 import termios
 import time
 import tty
-import unicodedata
 import uuid
 
 # --- constants and agent profiles -------------------------------------------
@@ -88,7 +86,6 @@ ENTER_RETRIES = 3
 # answer by itself, each once: only "trust the workdir the lead chose".
 PROFILES = {
     "claude": {
-        "cmd": ["claude"],
         # 2.1.197: the input line is "❯" + NBSP; past messages use "❯ " (normal space), menus "❯ 1. Yes".
         # Claude Code 1.x drew "│ > " inside a box instead.
         "prompt": r"^\s*❯\u00a0|^│ > ",
@@ -124,7 +121,6 @@ PROFILES = {
         "answer": [(r"❯ 1\. Yes, I trust this folder", ["Enter"])],
     },
     "codex": {
-        "cmd": ["codex"],
         # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
         # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
         # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.
@@ -145,7 +141,6 @@ PROFILES = {
         "answer": [(r"› 1\. Trust and continue", ["Enter"])],
     },
     "gemini": {
-        "cmd": ["gemini"],
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
         # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.
         "prompt": r"^[\s│]*[>!*] ",
@@ -164,26 +159,21 @@ PROFILES = {
         "answer": [(r"● 1\. Trust folder", ["Enter"])],
     },
     "aider": {
-        "cmd": ["aider"],
         # Line REPL (prompt_toolkit): "> " or "<mode>> " on the last line; no own cursor, and old
         # "> ..." lines stay in the scrollback, so only the bottom line can be the live prompt.
         "prompt": r"^[\w-]*>( |$)", "above": 0, "below": 0,
-        "idle": [], "dialog": [], "title_busy": None,
         "busy": [r"Waiting for ", r"Retrying in "],  # spinner "Waiting for <model>"
         # "Create new file? (Y)es/(N)o [Yes]: " is live only while it ends the screen (\Z).
         "permission": [r"\(Y\)es/\(N\)o.*\]: *\Z"],
         "limited": [r"(?i)exceeded your current quota"],
         "clear": ["C-e", "C-u", "BSpace"],
     },
-    "sim": {  # orch's built-in simulated agent; the caller fills "cmd"
-        "cmd": None, "prompt": r"^sim>( |$)", "above": 2, "below": 0,
-        "idle": [], "busy": [r"^sim: working"], "permission": [], "dialog": [], "limited": [],
-        "title_busy": None, "clear": ["C-e", "C-u", "BSpace"],
+    "sim": {  # orch's built-in simulated agent (`orch.py sim`)
+        "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"],
+        "clear": ["C-e", "C-u", "BSpace"],
     },
-    "generic": {  # any other command: no markers, the caller decides from screen changes
-        "cmd": None, "prompt": None, "above": 0, "below": 0,
-        "idle": [], "busy": [], "permission": [], "dialog": [], "limited": [],
-        "title_busy": None, "clear": ["C-e", "C-u", "BSpace"],
+    "generic": {  # any other command: no markers, poll() decides from screen changes
+        "clear": ["C-e", "C-u", "BSpace"],
     },
 }
 
@@ -346,6 +336,16 @@ def read_text(path, default=None):
         return default
 
 
+def read_state(path):
+    """A JSON object orch keeps for itself (watch.json, cursors): missing or
+    damaged means start afresh, never a crash."""
+    try:
+        state = json.loads(read_text(path, "{}"))
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def now_iso():
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -445,7 +445,7 @@ def screen_state(profile, ansi_screen, title):
     if not rows:
         return None
     last, p, m = rows[-1], None, None
-    for i in reversed(rows if profile["prompt"] else []):  # lowest match = live input line
+    for i in reversed(rows if profile.get("prompt") else []):  # lowest match = live input line
         m = re.search(profile["prompt"], vis[i])
         if m:
             p = i
@@ -461,7 +461,7 @@ def screen_state(profile, ansi_screen, title):
 
     def found(key, start):
         text = "\n".join(plain[start:last + 1])
-        return any(re.search(rx, text, re.M) for rx in profile[key])
+        return any(re.search(rx, text, re.M) for rx in profile.get(key, []))
 
     # A question waiting for an answer wins over a busy title (Gemini spins while waiting for
     # approval; Claude's title looks idle then). "limited" before "dialog": a limit may offer a menu.
@@ -471,14 +471,14 @@ def screen_state(profile, ansi_screen, title):
         return "limited"
     if found("dialog", box):
         return "dialog"
-    if found("busy", top) or (profile["title_busy"] and re.search(profile["title_busy"], title or "")):
+    if found("busy", top) or re.search(profile.get("title_busy") or r"\Z.", title or ""):
         return "busy"
     if p is None:
         return "idle" if found("idle", box) else None
     # Draft = text after the prompt glyph, before the reverse-video cursor, dim text ignored;
     # a placeholder shown without the cursor (unfocused pane) is recognised by the idle markers.
     draft = vis[p][m.end():].split("\0")[0].strip(" \u00a0│")
-    if draft and not any(re.search(rx, draft) for rx in profile["idle"]):
+    if draft and not any(re.search(rx, draft) for rx in profile.get("idle", [])):
         return "draft"
     return "idle"
 
@@ -490,10 +490,7 @@ def poll(fleet, stall=120.0, flags=None):
     flags = flags or {}
     snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
     mem_path = os.path.join(fleet["run"], "watch.json")
-    try:
-        mem = json.loads(read_text(mem_path, "{}"))
-    except ValueError:
-        mem = {}
+    mem = read_state(mem_path)
     now, rows = time.time(), []
     for w in fleet["workers"]:
         n, info = w["n"], snap.get(w["pane"])
@@ -651,10 +648,26 @@ def agent_argv(w):
     return words
 
 
+def open_pane(fleet, n, beside=None):
+    """A pane running `orch.py worker <name> <n>`: split beside pane `beside`
+    and retiled, else in a new window (or the session, if there is none)."""
+    argv = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}",
+            sys.executable, ORCH, "worker", fleet["name"], str(n)]
+    if beside:
+        return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
+    if fleet["session"] in live_sessions():
+        head = ["new-window", "-t", "=%s:" % fleet["session"]]
+    else:
+        head = ["new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50"]
+    # remain-on-exit in the same batch as the window's birth: a pane whose
+    # agent dies at once still keeps its last screen.
+    return tmux(*head, *argv, ";", "set-option", "-w", "remain-on-exit", "on").split()[0]
+
+
 def add_workers(fleet, count, agent):
     """Create `count` panes running `orch.py worker`, K per tiled window."""
     profile = parse_agent(agent)
-    session, k = fleet["session"], fleet["per_window"]
+    k = fleet["per_window"]
     for _ in range(count):
         n = len(fleet["workers"]) + 1
         w = {"n": n, "agent": agent, "profile": profile, "pane": None}
@@ -662,20 +675,7 @@ def add_workers(fleet, count, agent):
             w["session_id"] = str(uuid.uuid4())
         fleet["workers"].append(w)
         save_fleet(fleet)                 # the worker command reads its record
-        argv = [sys.executable, ORCH, "worker", fleet["name"], str(n)]
-        here = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}"]
-        first = fleet["workers"][(n - 1) // k * k]["pane"]
-        # remain-on-exit in the same batch as the window's birth: a pane whose
-        # agent dies at once still keeps its last screen.
-        if n == 1 and session not in live_sessions():
-            out = tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50", *(here + argv
-                       + [";", "set-option", "-w", "remain-on-exit", "on"]))
-        elif first is None:
-            out = tmux("new-window", "-t", "=%s:" % session, *(here + argv
-                       + [";", "set-option", "-w", "remain-on-exit", "on"]))
-        else:
-            out = tmux("split-window", "-t", first, *(here + argv + [";", "select-layout", "tiled"]))
-        w["pane"] = out.split()[0]
+        w["pane"] = open_pane(fleet, n, fleet["workers"][(n - 1) // k * k]["pane"])
         save_fleet(fleet)
         log_event(fleet, "pane", worker=n, pane=w["pane"], agent=agent)
 
@@ -985,7 +985,7 @@ def cmd_bus(a):
         raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
                         "posts" % (a.message[0], a.name, a.name), 2)
     cursors_path = os.path.join(fleet["run"], "bus-cursors.json")
-    cursors = json.loads(read_text(cursors_path, "{}") or "{}")
+    cursors = read_state(cursors_path)
     start = cursors.get(a.who, 0) if a.new else 0
     while True:
         with open(bus, "rb") as f:
@@ -999,7 +999,7 @@ def cmd_bus(a):
             print(line, flush=True)
         start += len(whole)
         if a.new:
-            cursors = json.loads(read_text(cursors_path, "{}") or "{}")
+            cursors = read_state(cursors_path)
             cursors[a.who] = start
             write_json(cursors_path, cursors)
         if not a.follow or fleet["session"] not in live_sessions():
@@ -1012,34 +1012,24 @@ def cmd_respawn(a):
     w = pick_workers(fleet, a.worker, allow_all=False)[0]
     n = w["n"]
     save_logs(dict(fleet, workers=[w]), "respawn")
-    argv = [sys.executable, ORCH, "worker", fleet["name"], str(n)]
     try:
         alive = snapshot(fleet, [w["pane"]], ansi=False)
     except OrchError:
         alive = {}
     if w["pane"] in alive:
-        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"], *argv)
+        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"],
+             sys.executable, ORCH, "worker", fleet["name"], str(n))
     else:                               # pane closed by hand, or the session is gone
-        old = w["pane"]
-        fleet["workers"] = [x for x in fleet["workers"] if x["n"] != n]
-        fleet["workers"].insert(n - 1, dict(w, pane=None))
-        here = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}"] + argv
-        if fleet["session"] in live_sessions():
-            out = tmux("new-window", "-t", "=%s:" % fleet["session"], *(here + [
-                       ";", "set-option", "-w", "remain-on-exit", "on"]))
-        else:
-            out = tmux("new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50",
-                       *(here + [";", "set-option", "-w", "remain-on-exit", "on"]))
-        fleet["workers"][n - 1]["pane"] = out.split()[0]
+        old, w["pane"] = w["pane"], open_pane(fleet, n)
         save_fleet(fleet)
-        print("W%d: pane %s was gone; new pane %s" % (n, old, fleet["workers"][n - 1]["pane"]))
+        print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
     # Forget the old screen: respawn-pane keeps the pane id, and a worker seen
     # ready before must not count as ready while its new agent boots.
     mem_path = os.path.join(fleet["run"], "watch.json")
-    mem = json.loads(read_text(mem_path, "{}") or "{}")
+    mem = read_state(mem_path)
     mem.pop(str(n), None)
     write_json(mem_path, mem)
-    log_event(fleet, "respawn", worker=n, pane=fleet["workers"][n - 1]["pane"])
+    log_event(fleet, "respawn", worker=n, pane=w["pane"])
     waiting = wait_ready(fleet, {n}, BOOT_WAIT)
     if waiting:
         raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
@@ -1047,7 +1037,7 @@ def cmd_respawn(a):
     brief = worker_file(fleet, n, "task.md")
     if os.path.exists(brief) and not os.path.exists(worker_file(fleet, n, "done")):
         report_delivery(fleet, [n], brief_message(brief), deliver(fleet, [n], brief_message(brief)))
-    print("W%d: restarted in pane %s" % (n, fleet["workers"][n - 1]["pane"]))
+    print("W%d: restarted in pane %s" % (n, w["pane"]))
 
 
 def cmd_kill(a):
@@ -1115,10 +1105,7 @@ def agent_setup(fleet, w):
         os.makedirs(config, exist_ok=True)
         user_json = os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR") \
             else os.path.expanduser("~/.claude.json")
-        try:
-            mine = json.loads(read_text(user_json, "{}"))
-        except ValueError:
-            mine = {}
+        mine = read_state(user_json)
         keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
         state = {k: mine[k] for k in keep if k in mine}
         trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
