@@ -1180,7 +1180,8 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
     rules = ["Work only inside the workdir; do not change any file there%s." % (
         "" if role == "fixer" else " (your role is read-only)")] + list(constraints)
     parts = [
-        "# Worker %d of %d — %s (%s)" % (n, count, title or goal[:60].rstrip(), role.upper()), "",
+        "# Worker %d of %d — %s (%s)" % (n, count, title or goal.split("\n")[0][:60].rstrip(),
+                                         role.upper()), "",
         "You are worker %d of %d in fleet `%s`. A different worker will check your result."
         % (n, count, fleet["name"]), "",
         "- Workdir: `%s`" % fleet["workdir"],
@@ -1210,7 +1211,7 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
 
 
 def brief_message(path):
-    return "Read and follow the brief in %s - work autonomously, do not wait for confirmation." % path
+    return "Read and follow the brief in `%s` - work autonomously, do not wait for confirmation." % path
 
 
 def cmd_brief(a):
@@ -1797,11 +1798,11 @@ def cmd_sim(a):
         log("msgs", json.dumps(msg, ensure_ascii=False))
         first = msg.split("\n")[0]
         st["lines"] += ["> " + first[:200], "  (received %d line(s), %d chars)" % (msg.count("\n") + 1, len(msg))]
-        brief = re.search(r"(/[^\s`'\"]+\.task\.md)", msg)
+        brief = re.search(r"`(/[^`]+\.task\.md)`|(/\S+\.task\.md)", msg)
         if brief:
             if not st["jobs"]:
                 st["until"] = time.time() + a.delay
-            st["jobs"].append(brief.group(1))
+            st["jobs"].append(brief.group(1) or brief.group(2))
         else:
             st["lines"].append("sim: noted")
 
