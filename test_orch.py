@@ -985,6 +985,11 @@ class Briefs(OrchCase):
             "1. F12 | j.py:1 | numbered, no quote",                      # 16
             "F13 | k.py:1 |  | empty claim",                             # 17
             "Prose that mentions F14 | in passing is not a finding.",   # 18
+            # As real Claude Code workers wrote them (the seed repo's realrun):
+            "| # | Location | Text (abridged) | Classification |",       # 19
+            "|---|---|---|---|",                                         # 20
+            "| 1 | `CONTRIBUTING.md:9` | \"not a TODO.\" | Meta |",    # 21
+            "| F15 | `ex/README.md:10` | escaped | \"W1 \\| FIND\" |",  # 22
         ])
         found, problems = orch.parse_findings(text, "res.md")
         got = {f["k"]: (f["worker"], f["path"], f["line"], f["end"], f["claim"], f["quote"]) for f in found}
@@ -999,11 +1004,13 @@ class Briefs(OrchCase):
             8: (None, "h.py", 3, 5, "range claim", "first line"),
             11: (2, "données/café.py", 4, 4, "backticked", "zitiert"),
             12: (None, "j.py", 1, 1, "numbered, no quote", ""),
+            15: (None, "ex/README.md", 10, 10, "escaped", "W1 | FIND"),
         })
-        self.assertEqual(len(problems), 3, problems)
+        self.assertEqual(len(problems), 4, problems)
         for lineno, k in ((13, 9), (14, 10), (17, 13)):
             self.assertTrue(any(p.startswith("res.md:%d: " % lineno) and ("F%d |" % k) in p for p in problems),
                             (lineno, problems))
+        self.assertTrue(problems[-1].startswith("res.md:21: cites a location but has no F<k> id"), problems)
 
     def test_parse_verdicts_edge_cases(self):
         orch = load_orch()
