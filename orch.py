@@ -651,7 +651,8 @@ def agent_argv(w):
 def open_pane(fleet, n, beside=None):
     """A pane running `orch.py worker <name> <n>`: split beside pane `beside`
     and retiled, else in a new window (or the session, if there is none)."""
-    argv = ["-c", fleet["workdir"], "-P", "-F", "#{pane_id}",
+    # -c is a tmux format: a '#' in the workdir must not expand.
+    argv = ["-c", fleet["workdir"].replace("#", "##"), "-P", "-F", "#{pane_id}",
             sys.executable, ORCH, "worker", fleet["name"], str(n)]
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
@@ -999,9 +1000,14 @@ def cmd_bus(a):
             print(line, flush=True)
         start += len(whole)
         if a.new:
-            cursors = read_state(cursors_path)
-            cursors[a.who] = start
-            write_json(cursors_path, cursors)
+            fd = os.open(bus, os.O_RDONLY)
+            try:                        # readers with other names update the same file
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                cursors = read_state(cursors_path)
+                cursors[a.who] = start
+                write_json(cursors_path, cursors)
+            finally:
+                os.close(fd)
         if not a.follow or fleet["session"] not in live_sessions():
             return
         time.sleep(0.5)
@@ -1017,7 +1023,7 @@ def cmd_respawn(a):
     except OrchError:
         alive = {}
     if w["pane"] in alive:
-        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"],
+        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"].replace("#", "##"),
              sys.executable, ORCH, "worker", fleet["name"], str(n))
     else:                               # pane closed by hand, or the session is gone
         old, w["pane"] = w["pane"], open_pane(fleet, n)
