@@ -744,8 +744,11 @@ def end_fleet(fleet):
 def cmd_spawn(a):
     name = check_name(a.name)
     workdir = os.path.abspath(a.workdir or os.getcwd())
-    if not os.path.isdir(workdir) or workdir.endswith(";"):
+    if not os.path.isdir(workdir):
         raise OrchError("workdir %s is not a directory: create it or pass another" % workdir, 2)
+    if re.search(r"[`\x00-\x1f\x7f]|;$", workdir):     # briefs quote it in backticks
+        raise OrchError("workdir %r has a backtick, control character or trailing ';' that "
+                        "briefs and tmux cannot carry: rename it or use a symlink" % workdir, 2)
     agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
     parse_agent(agent)
     rd = run_dir(name)
@@ -1126,9 +1129,10 @@ def agent_setup(fleet, w):
             approved.setdefault("approved", []).append(key[-20:])
         write_json(os.path.join(config, ".claude.json"), state)
         # acceptEdits lets a worker edit the workdir and shared/; these rules add
-        # the commands it needs. rm is denied, not asked: a refusal does not stall.
+        # the commands it needs (not find: -delete and -exec would pass as a
+        # prefix). rm is denied, not asked: a refusal does not stall a worker.
         rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
-                 "Bash(ls:*)", "Bash(grep:*)", "Bash(find:*)", "Bash(head:*)", "Bash(tail:*)",
+                 "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)",
                  "Bash(wc:*)", "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)",
                  "Bash(git show:*)"]
         settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
@@ -1773,8 +1777,7 @@ def sim_job(brief_path, lie, seed):
         summary = "nothing to do"
     write_file(paths["Result file"], "# Result of worker %d\n\n%s\n" % (n, "\n".join(result)))
     post("done: %s in %s" % (summary, paths["Result file"]))
-    with open(paths["Done flag"], "a"):
-        pass                                        # the done flag, touched last
+    os.close(os.open(paths["Done flag"], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # last
     return ["sim: %s written, done flag touched" % summary]
 
 

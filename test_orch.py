@@ -9,6 +9,7 @@ stdlib unittest only, Python 3.8+. Every test gets its own TMUX_TMPDIR (so its
 own tmux server) and ORCH_HOME, runs orch as real subprocesses, and kills its
 tmux server in teardown. Screen fixtures come from .ci/screens/ only.
 """
+import ast
 import datetime
 import fcntl
 import glob
@@ -340,7 +341,7 @@ class Harness(OrchCase):
         self.assertNotEqual(self.sb.panes("rsp")[1][1], pid2)
         self.assertIn("> vorher", self.sb.text(self.sb.run("rsp", "logs", "w2.log")))
         brief = self.sb.shared("rsp", "agent-2.task.md")
-        wanted = ("Read and follow the brief in %s - work autonomously, do not wait for confirmation."
+        wanted = ("Read and follow the brief in `%s` - work autonomously, do not wait for confirmation."
                   % brief)
         self.assertEqual(self.sb.msgs("rsp", 2), ["vorher", wanted])
         wait_for(lambda: os.path.exists(self.sb.shared("rsp", "agent-2.done")), 15,
@@ -1520,6 +1521,734 @@ class RealClaude(OrchCase):
         fleet = json.loads(sb.text(sb.run("real", "fleet.json")))
         for w in fleet["workers"]:                   # the transcript is where the id says
             self.assertTrue(glob.glob(os.path.join(config, "projects", "*", w["session_id"] + ".jsonl")))
+
+
+# =============================================================================
+# Hardening: faults, concurrency, security, the Python 3.8 floor.
+
+# Seconds the concurrency test drives one fleet from five directions at once, as
+# the issue asks: ~50 sends, ~100 posts, hundreds of polls. With it this set takes
+# ~56 s, inside its ~60 s share of the suite's 3-minute budget; ORCH_CHAOS=S
+# shortens it for a quick local run.
+CHAOS_SECONDS = float(os.environ.get("ORCH_CHAOS") or 30)
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # what no pane may receive
+
+
+def pane_value(sb, pane, fmt):
+    r = sb.tmux("display-message", "-p", "-t", pane, fmt)
+    return r.stdout.decode("utf-8", "replace").strip() if r.returncode == 0 else None
+
+
+def jsonl_lines(path):
+    """events.jsonl as parsed records; fails on a torn or partial line."""
+    raw = read_bytes(path)
+    if raw and not raw.endswith(b"\n"):
+        raise AssertionError("%s ends in a partial line: %r" % (path, raw[-120:]))
+    out = []
+    for i, line in enumerate(raw.decode("utf-8").split("\n")[:-1], 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise AssertionError("%s:%d is not one whole JSON object: %r" % (path, i, line[:200]))
+        if not (isinstance(rec, dict) and "event" in rec and "t" in rec):
+            raise AssertionError("%s:%d is not an event: %r" % (path, i, line[:200]))
+        out.append(rec)
+    return out
+
+
+def bad_reads(reads):
+    """Raw pane reads carrying a control character that is not a paste bracket
+    or the Enter orch presses (alone, or in one read right next to a paste)."""
+    bad = []
+    for x in reads:
+        s = re.sub(r"\x1b\[201~\r+", "\x1b[201~", x)
+        s = re.sub(r"\r+\x1b\[200~", "\x1b[200~", s)
+        s = s.replace("\x1b[200~", "").replace("\x1b[201~", "")
+        if s and not s.strip("\r"):
+            continue                                     # Enter presses
+        if CONTROL_CHARS.search(s):
+            bad.append(x)
+    return bad
+
+
+class Faults(OrchCase):
+    """What a user sees when processes, panes, the tmux server or ORCH_HOME fail."""
+
+    def test_worker_killed_mid_task_exits_and_wait_exits_4_within_one_poll(self):
+        wd = self.sb.workdir("wörk-mord", {"a.py": "# TODO: a\n"})
+        self.spawn("mord", 2, wd, "sim --delay 30")
+        self.ok("brief", "mord", 1, "--goal", "which lines carry TODO markers", "--send")
+        wait_for(lambda: self.states("mord") == ["busy", "idle"], 10, what="W1 busy on its brief")
+        self.assertIn("sim: working on agent-1.task.md", self.read("mord", 1))
+        interval = 1.0
+        proc = self.sb.start("wait", "mord", "--interval", interval, "--timeout", "20")
+        wait_for(lambda: len(proc.lines) >= 2, 10, what="wait's first lines")
+        pane, pid, _ = self.sb.panes("mord")[0]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: pane_value(self.sb, pane, "#{pane_dead}") == "1", 5, what="W1's pane to die")
+        t_dead = time.monotonic()
+        r = proc.finish(15)
+        self.assertEqual(r.code, 4, r)
+        self.assertLess(time.monotonic() - t_dead, interval + 1.5, r)    # the next poll saw it
+        self.assertTrue(re.search(r"W1 busy -> exited", r.out), r.out)
+        self.assertIn("a worker exited without its done flag", r.out)
+        self.assertEqual(r.err, "")
+        st = self.status("mord")
+        self.assertEqual([(w["state"], w["done"]) for w in st["workers"]], [("exited", False), ("idle", False)])
+        self.assertRegex(self.ok("status", "mord").out, r"(?m)^  W1 +%s +exited " % re.escape(pane))
+        self.assertFalse(os.path.exists(self.sb.shared("mord", "agent-1.done")))
+        self.assertFalse(os.path.exists(self.sb.shared("mord", "agent-1.result.md")))
+
+    def test_tmux_server_killed_under_wait_one_error_line_files_intact(self):
+        self.spawn("srv", 2)
+        for i in range(3):
+            self.ok("bus", "srv", "post", "vorher %d ✓" % i, "--as", "W%d" % (i % 2 + 1))
+        proc = self.sb.start("wait", "srv", "--interval", "0.2", "--timeout", "30")
+        wait_for(lambda: len(proc.lines) >= 2, 10, what="wait's first lines")
+        fleet_before = json.loads(self.sb.text(self.sb.run("srv", "fleet.json")))
+        bus_before = read_bytes(self.sb.shared("srv", "bus.md"))
+        self.assertEqual(self.sb.tmux("kill-server").returncode, 0)
+        r = proc.finish(10)
+        self.assert_one_error_line(r, 1, "orch-srv")
+        self.assertNotIn("Traceback", r.out)
+        self.assertEqual(json.loads(self.sb.text(self.sb.run("srv", "fleet.json"))), fleet_before)
+        self.assertEqual(read_bytes(self.sb.shared("srv", "bus.md")), bus_before)
+        self.assertEqual(len(bus_before.decode("utf-8").splitlines()), 4)
+        events = jsonl_lines(self.sb.run("srv", "events.jsonl"))
+        self.assertEqual([e["event"] for e in events[:1]], ["spawn"])
+        json.loads(self.sb.text(self.sb.run("srv", "watch.json")))
+        st = self.status("srv")                           # what is left is still readable
+        self.assertIs(st["live"], False)
+        self.assertEqual([w["state"] for w in st["workers"]], ["exited", "exited"])
+
+    def _unusable_home(self, home):
+        """Every command, run with ORCH_HOME=home: one error line naming ORCH_HOME, exit 1."""
+        env = dict(self.sb.env, ORCH_HOME=home)
+        wd = self.sb.workdir("wörk-home")
+        before = sorted(os.listdir(self.sb.root))
+        for argv in (["status"], ["status", "f"], ["status", "--json"], ["kill", "--all"],
+                     ["spawn", "f", "1", wd, "--agent", SIM], ["bus", "f", "post", "hallo"],
+                     ["brief", "f", "1", "--goal", "g"], ["wait", "f"], ["send", "f", "1", "hi"]):
+            with self.subTest(home=home, argv=argv):
+                r = self.sb.orch(*argv, env=env)
+                self.assert_one_error_line(r, 1, "ORCH_HOME")
+                self.assertEqual(r.out, "", r)
+        r = self.sb.orch("doctor", "--agent", "sim", env=env)
+        self.assertEqual(r.code, 1, r)
+        self.assertNotIn("Traceback", r.out + r.err, r)
+        self.assertRegex(r.out, r"(?m)^FAIL ORCH_HOME ")
+        self.assertEqual(sorted(os.listdir(self.sb.root)), before)
+        self.assertFalse(self.sb.has_session("f"))
+
+    def test_orch_home_unusable_one_error_line(self):
+        """Works as root too: directory modes do not stop root, a regular file does."""
+        a_file = os.path.join(self.sb.root, "eine-datei")
+        with open(a_file, "w") as f:
+            f.write("kein Verzeichnis\n")
+        self._unusable_home(os.path.join(a_file, "home"))       # below a regular file
+        self._unusable_home(a_file)                             # a regular file itself
+        home = os.path.join(self.sb.root, "home-mit-datei")     # runs/ a regular file
+        os.mkdir(home, 0o700)
+        with open(os.path.join(home, "runs"), "w") as f:
+            f.write("kein Verzeichnis\n")
+        self._unusable_home(home)
+        self.assertEqual(self.sb.text(a_file), "kein Verzeichnis\n")
+
+    @unittest.skipIf(os.geteuid() == 0, "root writes through directory modes; "
+                     "test_orch_home_unusable_one_error_line covers root")
+    def test_orch_home_read_only_directories(self):
+        ro = os.path.join(self.sb.root, "nur-lesen")
+        os.mkdir(ro, 0o700)
+        os.chmod(ro, 0o500)
+        self.addCleanup(os.chmod, ro, 0o700)
+        self._unusable_home(os.path.join(ro, "home"))
+        home = os.path.join(self.sb.root, "home-ro")             # ORCH_HOME and runs/ read-only
+        os.makedirs(os.path.join(home, "runs"), 0o700)
+        os.chmod(os.path.join(home, "runs"), 0o500)
+        os.chmod(home, 0o500)
+        self.addCleanup(os.chmod, home, 0o700)
+        self.addCleanup(os.chmod, os.path.join(home, "runs"), 0o700)
+        env = dict(self.sb.env, ORCH_HOME=home)
+        r = self.sb.orch("spawn", "f", "1", self.sb.workdir("wörk-ro"), "--agent", SIM, env=env)
+        self.assert_one_error_line(r, 1, os.path.join(home, "runs"))
+        self.assertEqual(os.listdir(os.path.join(home, "runs")), [])
+        self.assertFalse(self.sb.has_session("f"))
+
+    def test_pane_closed_by_hand_exited_then_respawn_recovers(self):
+        self.spawn("hand", 2)
+        (pane1, _, _), (pane2, _, _) = self.sb.panes("hand")
+        self.assertEqual(self.sb.tmux("kill-pane", "-t", pane1).returncode, 0)
+        wait_for(lambda: self.states("hand") == ["exited", "idle"], 10, what="W1 exited, W2 idle")
+        w1 = self.status("hand")["workers"][0]
+        self.assertEqual((w1["pane"], w1["done"]), (pane1, False))
+        r = self.ok("respawn", "hand", 1)
+        fleet = json.loads(self.sb.text(self.sb.run("hand", "fleet.json")))
+        new = fleet["workers"][0]["pane"]
+        self.assertNotIn(new, (pane1, pane2))
+        self.assertEqual(fleet["workers"][1]["pane"], pane2)
+        self.assertIn("W1: pane %s was gone; new pane %s" % (pane1, new), r.out)
+        self.assertIn("W1: restarted in pane %s" % new, r.out)
+        self.assertEqual(sorted(p for p, _, _ in self.sb.panes("hand")), sorted([new, pane2]))
+        wait_for(lambda: self.states("hand") == ["idle", "idle"], 10, what="W1 idle again")
+        self.assertEqual([w["pane"] for w in self.status("hand")["workers"]], [new, pane2])
+        self.assertIn("sim agent - worker 1", self.read("hand", 1))
+        self.ok("send", "hand", 1, "wieder da ✓")
+        self.assertEqual(self.sb.msgs("hand", 1)[-1], "wieder da ✓")
+        self.assertEqual(self.sb.events("hand", "respawn")[-1]["pane"], new)
+
+    def test_kill_when_session_already_gone_saves_what_it_can(self):
+        self.spawn("weg", 1)
+        self.spawn("bleibt", 2)
+        self.ok("send", "weg", 1, "vorher ✓")
+        self.assertEqual(self.sb.tmux("kill-session", "-t", "=orch-weg").returncode, 0)
+        self.assertTrue(self.sb.has_session("bleibt"))        # the server lives: tmux says "can't find"
+        r = self.ok("kill", "weg")
+        self.assertIn("weg: tmux session orch-weg was already gone; saved 0 pane log(s) in %s"
+                      % self.sb.run("weg", "logs"), r.out)
+        self.assertEqual(r.err, "")
+        kill = self.sb.events("weg", "kill")[-1]
+        self.assertEqual((kill["saved"], kill["already_gone"]), ([], True))
+        self.assertFalse(self.status("weg")["live"])
+
+        # one pane of a live fleet closed by hand: the other's scrollback is saved
+        pane1 = self.sb.panes("bleibt")[0][0]
+        self.assertEqual(self.sb.tmux("kill-pane", "-t", pane1).returncode, 0)
+        r = self.ok("kill", "bleibt")
+        self.assertIn("bleibt: killed orch-bleibt; scrollback of W2 in", r.out)
+        self.assertIn("sim agent - worker 2", self.sb.text(self.sb.run("bleibt", "logs", "w2.log")))
+        self.assertFalse(os.path.exists(self.sb.run("bleibt", "logs", "w1.log")))
+        self.assertFalse(self.sb.has_session("bleibt"))
+
+        # the whole tmux server gone: tmux says "no server"
+        self.spawn("letzt", 1)
+        self.assertEqual(self.sb.tmux("kill-server").returncode, 0)
+        r = self.ok("kill", "letzt")
+        self.assertIn("letzt: tmux session orch-letzt was already gone", r.out)
+        self.assertTrue(self.sb.events("letzt", "kill")[-1]["already_gone"])
+        json.loads(self.sb.text(self.sb.run("letzt", "fleet.json")))
+
+
+# =============================================================================
+
+BUS_LOOP = r'''
+import contextlib, importlib, io, sys, time
+sys.path.insert(0, sys.argv[1])
+orch = importlib.import_module(sys.argv[2])         # orch.main in a loop: hundreds of calls a second
+name, who, count, seconds = sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
+sys.stdin.read(1)                       # start line
+deadline = time.monotonic() + seconds
+for i in range(count):
+    if time.monotonic() > deadline:
+        break
+    if who.startswith("post-as-"):
+        rc = orch.main(["bus", name, "post", "zeile-%d ü" % i, "--as", who[8:]])
+    else:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = orch.main(["bus", name, "--new", "--as", who])
+        sys.stdout.write(buf.getvalue())
+    if rc:
+        sys.exit("%s %d failed: %r" % (who, i, rc))
+'''
+
+
+class Concurrency(OrchCase):
+
+    def test_wait_send_post_brief_status_at_once(self):
+        """A background wait, and in the foreground send, brief, status, bus post,
+        bus reads and one `add`, all on one fleet for CHAOS_SECONDS; beside them a
+        two processes posting to the bus in a tight loop."""
+        name = "viel"
+        self.spawn(name, 2, self.sb.workdir("wörk-viel", {"a.py": "# TODO: a\n"}))
+        run = self.sb.run(name)
+        stop, samples, torn = threading.Event(), [0], []
+
+        def sampler():                # every state file always parses, read at any moment
+            while not stop.is_set():
+                for fn in ("fleet.json", "watch.json", "bus-cursors.json"):
+                    try:
+                        data = read_bytes(os.path.join(run, fn))
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        json.loads(data.decode("utf-8"))
+                        samples[0] += 1
+                    except ValueError:
+                        torn.append((fn, data[:200]))
+                time.sleep(0.002)
+        watcher = threading.Thread(target=sampler, daemon=True)
+        watcher.start()
+        self.addCleanup(stop.set)
+        waiter = self.sb.start("wait", name, "--interval", "0.2", "--timeout", CHAOS_SECONDS)
+        loopers = [subprocess.Popen([sys.executable, "-c", BUS_LOOP, os.path.dirname(ORCH_PY),
+                                     os.path.splitext(os.path.basename(ORCH_PY))[0], name, "post-as-" + who,
+                                     "1000000", str(CHAOS_SECONDS)], env=self.sb.env, stdin=subprocess.PIPE,
+                                    stderr=subprocess.PIPE) for who in ("P", "Q")]
+        self.sb.procs.extend(loopers)
+        for p in loopers:
+            p.stdin.write(b"g")
+            p.stdin.close()
+        deadline = time.monotonic() + CHAOS_SECONDS
+        sent, posts, goals, failures = {1: [], 2: []}, [], {}, []
+        news = []                                           # what the one `bus --new` reader got
+
+        def run_orch(*argv):
+            r = self.sb.orch(*argv)
+            if r.code or "Traceback" in r.err:
+                failures.append(r)
+            return r
+
+        def lane_send():
+            i = 0
+            while time.monotonic() < deadline:
+                n = 1 + i % 2
+                msg = "nachricht-%d an W%d ✓" % (i, n)
+                if not run_orch("send", name, n, msg).code:
+                    sent[n].append(msg)
+                goal = "which lines carry TODO markers, round %d" % i
+                if not run_orch("brief", name, 3 - n, "--goal", goal).code:
+                    goals[3 - n] = goal
+                r = run_orch("status", name, "--json")
+                try:
+                    json.loads(r.out)
+                except ValueError:
+                    failures.append(r)
+                i += 1
+
+        def lane_post():
+            j, added = 0, False
+            while time.monotonic() < deadline:
+                text = "post-%d ü" % j
+                if not run_orch("bus", name, "post", "--as", "B", text).code:
+                    posts.append("[B] " + text)
+                news.extend(run_orch("bus", name, "--new", "--as", "leser").out.splitlines())
+                run_orch("status", name)
+                if not added and time.monotonic() > deadline - CHAOS_SECONDS / 2:
+                    run_orch("add", name, "--agent", SIM, "--timeout", "20")
+                    added = True
+                j += 1
+
+        def lane_read():        # one `bus --new` reader only: parallel readers are the test below
+            while time.monotonic() < deadline:
+                tail = run_orch("bus", name, "-n", "3").out.splitlines()
+                if not 1 <= len(tail) <= 3 or any(not ln.startswith("[") for ln in tail):
+                    failures.append(tail)
+                run_orch("status")
+
+        lanes = [threading.Thread(target=f, daemon=True) for f in (lane_send, lane_post, lane_read)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join(CHAOS_SECONDS + 60)
+            self.assertFalse(t.is_alive(), "a foreground lane hung")
+        r = waiter.finish(30)
+        for p in loopers:
+            self.assertEqual(p.wait(30), 0, p.stderr.read())
+        stop.set()
+        watcher.join(5)
+
+        self.assertEqual(failures, [])
+        self.assertEqual(r.code, 3, r)                     # no done flag: it ran to its timeout
+        self.assertEqual(r.err, "")
+        self.assertEqual(torn, [])
+        self.assertGreater(samples[0], 100)
+        fleet = json.loads(self.sb.text(os.path.join(run, "fleet.json")))
+        self.assertEqual([w["n"] for w in fleet["workers"]], [1, 2, 3])
+        events = jsonl_lines(os.path.join(run, "events.jsonl"))
+        bus = self.sb.text(self.sb.shared(name, "bus.md")).splitlines()
+        self.assertGreater(len(posts), CHAOS_SECONDS / 2)        # ~3.5 a second here: it did work
+        self.assertEqual([ln for ln in bus if ln.startswith("[B] ")], posts)     # none lost, none doubled
+        self.assertEqual(len([e for e in events if e["event"] == "bus" and e["who"] == "B"]), len(posts))
+        for who in ("P", "Q"):                                      # the tight-loop posters
+            looped = [ln for ln in bus if ln.startswith("[%s] " % who)]
+            self.assertGreater(len(looped), 100)
+            self.assertEqual(looped, ["[%s] zeile-%d ü" % (who, i) for i in range(len(looped))])
+            self.assertEqual(len([e for e in events if e["event"] == "bus" and e["who"] == who]), len(looped))
+        self.assertEqual(len(bus), len(set(bus)))
+        self.assertEqual([ln for ln in bus if not re.match(r"\[(orch|B|P|Q|W\d)\] \S", ln)], [])
+        self.assertGreater(len(sent[1]) + len(sent[2]), CHAOS_SECONDS / 4)   # ~1.7 a second here
+        for n in (1, 2):
+            self.assertEqual(self.sb.msgs(name, n), sent[n])
+            self.assertIn(goals[n], self.sb.text(self.sb.shared(name, "agent-%d.task.md" % n)))
+        sends = [e for e in events if e["event"] == "send"]
+        self.assertEqual(len(sends), len(sent[1]) + len(sent[2]))
+        self.assertTrue(all(e["confirmed"] for e in sends), sends)
+        self.assertEqual(news, bus[:len(news)])              # `bus --new`: every line once, in order
+
+    def test_parallel_new_readers_each_see_each_line_once(self):
+        """`bus --new --as X` keeps one cursor per reader in bus-cursors.json; readers
+        running at once must not undo each other's cursor (a lost update shows a
+        reader the same lines again)."""
+        self.spawn("leser", 1)
+        readers, rounds, posts = 3, 120, 240
+        script = [sys.executable, "-c", BUS_LOOP, os.path.dirname(ORCH_PY),
+                  os.path.splitext(os.path.basename(ORCH_PY))[0], "leser"]
+        outs = [os.path.join(self.sb.root, "out-%d.txt" % k) for k in range(readers + 1)]
+        procs = []
+        for k, path in enumerate(outs):
+            with open(path, "wb") as out:
+                procs.append(subprocess.Popen(script + (["r%d" % k, str(rounds)] if k < readers else
+                                                        ["post-as-W1", str(posts)]) + ["60"], env=self.sb.env,
+                                              stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE))
+        self.sb.procs.extend(procs)
+        for p in procs:                         # one start line: everyone goes at once
+            p.stdin.write(b"g")
+            p.stdin.close()
+        for p in procs:
+            self.assertEqual(p.wait(60), 0, p.stderr.read())
+        bus = self.sb.text(self.sb.shared("leser", "bus.md")).splitlines()
+        self.assertEqual(len(bus), 1 + posts)
+        for k in range(readers):
+            lines = self.sb.text(outs[k]).splitlines()
+            self.assertGreater(len(lines), 1)
+            self.assertEqual(lines, bus[:len(lines)], "reader r%d saw a line twice or skipped one" % k)
+
+
+# =============================================================================
+
+SHELL_CALLS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
+               ("subprocess", "getstatusoutput")}
+SUBPROCESS_RUNNERS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def stringy(node):
+    """An expression that builds a str: a shell command line if it is run."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mod, ast.Add)):
+        return stringy(node.left) or stringy(node.right)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return node.func.attr in ("join", "format") and stringy(node.func.value)
+    return False
+
+
+FAKE_CLAUDE = '''#!%s
+# A fake claude: notes how it was started, next to itself, then sleeps.
+import json, os, sys, time
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "started.json"), "w") as f:
+    json.dump({"argv": sys.argv[1:], "config": os.environ.get("CLAUDE_CONFIG_DIR")}, f)
+print("fake claude started")
+sys.stdout.flush()
+time.sleep(600)
+'''
+
+
+class Security(OrchCase):
+
+    def test_planted_symlinks_are_replaced_not_followed(self):
+        wd = self.sb.workdir("wörk-link", {"a.py": "# TODO: a\n"})
+        self.spawn("link", 1, wd)
+        outside = {}
+        for kind in ("task", "result", "bus"):
+            outside[kind] = os.path.join(self.sb.root, "aussen-%s.txt" % kind)
+            with open(outside[kind], "w", encoding="utf-8") as f:
+                f.write("unberührt %s\n" % kind)
+        task, result = self.sb.shared("link", "agent-1.task.md"), self.sb.shared("link", "agent-1.result.md")
+        os.symlink(outside["task"], task)
+        self.ok("brief", "link", 1, "--goal", "which lines carry TODO markers")
+        self.assertFalse(os.path.islink(task))
+        self.assertIn("which lines carry TODO markers", self.sb.text(task))
+        os.symlink(outside["result"], result)
+        self.ok("send", "link", 1, "Read and follow the brief in %s" % task)
+        wait_for(lambda: os.path.exists(self.sb.shared("link", "agent-1.done")), 15,
+                 what="the sim finder to finish its brief")
+        self.assertFalse(os.path.islink(result))
+        self.assertIn("F1 | a.py:1 | TODO marker: a | # TODO: a", self.sb.text(result))
+        bus = self.sb.shared("link", "bus.md")                 # an append refuses a link
+        os.remove(bus)
+        os.symlink(outside["bus"], bus)
+        r = self.sb.orch("bus", "link", "post", "hallo")
+        self.assert_one_error_line(r, 1, bus)
+        for kind, path in sorted(outside.items()):
+            self.assertEqual(self.sb.text(path), "unberührt %s\n" % kind, kind)
+
+    def test_control_characters_never_reach_a_pane(self):
+        wd = self.sb.workdir("wörk-ctl", {"a.py": "# TODO: a\n"})
+        self.spawn("ctl", 1, wd)
+        pane = self.sb.panes("ctl")[0][0]
+        title = pane_value(self.sb, pane, "#{pane_title}")
+        m1 = "eins \x1b[31mROT\x1b[0m \x1b]0;PWNED-TITEL\x07 glocke\x07 wagen\rrück\x08 csi\x9b2J ende ✓"
+        m2 = "zwei \x00null \x7fdel \x1bc reset \x1b[2J\x03\x04\x15\x1a ✓"
+        m3 = "drei \x1b]2;PWNED-TITEL\x1b\\ st \x9d0;PWNED\x9c c1 ✓"
+        self.ok("send", "ctl", 1, m1)
+        self.ok("send", "ctl", 1, "-", stdin=m2)
+        self.ok("nudge", "ctl", 1, m3)
+        self.ok("brief", "ctl", 1, "--goal", "vier \x1b[31mrot\x07 \x9b2J \rwhether a.py has TODO markers",
+                "--constraint", "\x1b]0;PWNED-TITEL\x07nur \x08lesen", "--send")
+        brief = self.sb.shared("ctl", "agent-1.task.md")
+        msgs = self.sb.msgs("ctl", 1)
+        self.assertEqual(msgs[:3], ["eins [31mROT[0m ]0;PWNED-TITEL glocke wagenrück csi2J ende ✓",
+                                    "zwei null del c reset [2J ✓",
+                                    "drei ]2;PWNED-TITEL\\ st 0;PWNED c1 ✓"])
+        self.assertEqual(len(msgs), 4, msgs)
+        self.assertIn(brief, msgs[3])
+        self.assertIsNone(CONTROL_CHARS.search("".join(msgs)), msgs)
+        reads = self.sb.reads("ctl", 1)
+        self.assertEqual(bad_reads(reads), [])
+        self.assertEqual(sum("\x1b[200~" in x for x in reads), 4, reads)     # four bracketed pastes
+        text = self.sb.text(brief)
+        self.assertIn("vier [31mrot 2J whether a.py has TODO markers", text)
+        self.assertIn("- ]0;PWNED-TITELnur lesen\n", text)
+        self.assertIsNone(CONTROL_CHARS.search(text.replace("\n", "")), repr(text))
+        self.assertIn("> eins [31mROT[0m ]0;PWNED-TITEL", self.read("ctl", 1))  # shown, not obeyed
+        self.assertEqual(pane_value(self.sb, pane, "#{pane_title}"), title)
+        wait_for(lambda: os.path.exists(self.sb.shared("ctl", "agent-1.done")), 15, what="W1 done")
+
+    def test_worker_number_or_fleet_name_cannot_steer_a_write(self):
+        self.spawn("f", 1)
+        wd = self.sb.workdir("wörk-steer")
+        cases = [(["brief", "f", "../../x", "--goal", "g"], "no worker"),
+                 (["brief", "f", "1/../../2", "--goal", "g"], "no worker"),
+                 (["brief", "../x", "1", "--goal", "g"], "bad fleet name"),
+                 (["spawn", "../x", "1", wd, "--agent", SIM], "bad fleet name"),
+                 (["bus", "../../x", "post", "hi"], "bad fleet name")]
+        commands = [["send", "f", None, "hi"], ["nudge", "f", None, "hi"], ["respawn", "f", None],
+                    ["wait", "f", None], ["read", "f", None], ["worker", "f", None],
+                    ["brief", "f", None, "--goal", "g"]]
+        for i, n in enumerate(("../1", "/tmp/x", "1/", "１", "٣", "1\n", " 1", "+1", "0x1", "1e0")):
+            cases.append(([n if a is None else a for a in commands[i % len(commands)]], "no worker"))
+        commands = [["spawn", None, "1", wd, "--agent", SIM], ["status", None], ["kill", None],
+                    ["worker", None, "1"], ["brief", None, "1", "--goal", "g"], ["bus", None, "post", "hi"]]
+        for i, name in enumerate(("../../x", "f/../g", "f.old-1", ".", "/tmp/x", "x\n")):
+            cases.append(([name if a is None else a for a in commands[i % len(commands)]], "bad fleet name"))
+        cases += [(["bus", "f", "post", "--as", "../x", "hi"], "--as"),
+                  (["bus", "f", "--new", "--as", "../../x"], "--as")]
+
+        def everything():
+            out = {}
+            for base, dirs, files in os.walk(self.sb.root):
+                dirs[:] = [d for d in dirs if os.path.join(base, d) != os.path.join(self.sb.root, "tmux")]
+                for f in dirs + files:
+                    path = os.path.join(base, f)
+                    out[path] = "dir" if os.path.isdir(path) else read_bytes(path)
+            return out
+        before = everything()
+        for argv, needle in cases:
+            with self.subTest(argv=argv):
+                r = self.sb.orch(*argv, timeout=30)
+                self.assert_one_error_line(r, 2, needle)
+        self.assertEqual(sorted(everything()), sorted(before))
+        self.assertEqual(everything(), before)
+        self.assertEqual(self.sb.tmux("list-sessions", "-F", "#{session_name}").stdout, b"orch-f\n")
+
+    def test_demo_leaves_orch_home_0700_and_every_file_0600(self):
+        wd = os.path.join(self.sb.root, "demo-wörk")           # the demo's workdir, inside the sandbox
+        r = self.sb.orch("demo", wd, umask=0, timeout=120)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("# Verification Matrix: fleet demo", r.out)
+        self.assertEqual(stat.S_IMODE(os.stat(self.sb.home).st_mode), 0o700)
+        seen, bad = set(), []
+        for base, dirs, files in os.walk(self.sb.home):
+            for d in dirs:
+                mode = stat.S_IMODE(os.lstat(os.path.join(base, d)).st_mode)
+                if mode != 0o700:
+                    bad.append("%s %o" % (os.path.join(base, d), mode))
+            for f in files:
+                path = os.path.join(base, f)
+                seen.add(os.path.relpath(path, self.sb.run("demo")))
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600:
+                    bad.append("%s %o" % (path, st.st_mode))
+        self.assertEqual(bad, [])
+        for rel in ("fleet.json", "events.jsonl", "watch.json", "logs/w3.log", "logs/sim-w3.in",
+                    "shared/bus.md", "shared/agent-3.done", "shared/verify/r2-w1.result.md",
+                    "shared/verify/r2-w1.done", "shared/matrix.json", "shared/report.md"):
+            self.assertIn(rel, seen)                         # the walk saw what the demo made
+
+    def test_nothing_runs_through_a_shell_static(self):
+        with open(ORCH_PY, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), ORCH_PY)
+        bad = []
+        for node in ast.walk(tree):
+            where = "orch.py:%d" % getattr(node, "lineno", 0)
+            if isinstance(node, ast.keyword) and node.arg == "shell":
+                if not (isinstance(node.value, ast.Constant) and node.value.value is False):
+                    bad.append("%s shell=%s" % (where, ast.dump(node.value)))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and (node.value.id, node.attr) in SHELL_CALLS:
+                bad.append("%s %s.%s" % (where, node.value.id, node.attr))
+            if isinstance(node, ast.ImportFrom) and any((node.module, a.name) in SHELL_CALLS for a in node.names):
+                bad.append("%s from %s import ..." % (where, node.module))
+            if isinstance(node, ast.Call):
+                fn = node.func
+                runner = isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) \
+                    and fn.value.id == "subprocess" and fn.attr in SUBPROCESS_RUNNERS
+                if runner:
+                    cmd = node.args[0] if node.args else next(
+                        (k.value for k in node.keywords if k.arg == "args"), None)
+                    if cmd is None or stringy(cmd):
+                        bad.append("%s subprocess.%s with a string command" % (where, fn.attr))
+        self.assertEqual(bad, [])
+        runs = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                and getattr(n.func.value, "id", None) == "subprocess"]
+        self.assertGreaterEqual(len(runs), 2)               # the check did look at orch's tmux calls
+
+    def test_shell_metacharacters_in_workdir_agent_and_goal_run_nothing(self):
+        self.sb.env["HOME"] = self.sb.root     # a shell started by tmux would `cd` here, not to ~
+        wd = self.sb.workdir("w $(touch GOTCHA-dollar) ;touch GOTCHA-semi; #(cd;touch GOTCHA-tmux) "
+                             "#{pane_id} & x", {"a.py": "# TODO: a\n"})
+        self.ok("spawn", "meta", 1, wd, "--agent", "sim --delay 0.2 --seed '$(cd;touch GOTCHA-seed)'",
+                "--timeout", "20")
+        self.ok("brief", "meta", 1, "--goal", "$(cd;touch GOTCHA-goal) `cd;touch GOTCHA-tick` which lines "
+                "carry TODO markers", "--send")
+        self.ok("wait", "meta", "--timeout", "20", "--interval", "0.2")
+        self.assertIn("F1 | a.py:1 | TODO marker: a", self.sb.text(self.sb.shared("meta", "agent-1.result.md")))
+        self.assertEqual(self.status("meta")["workdir"], wd)
+        self.ok("respawn", "meta", 1)
+        wait_for(lambda: self.states("meta") == ["done"], 10, what="W1 back")
+        self.ok("kill", "meta")
+        gotcha = []
+        for base, dirs, files in os.walk(self.sb.root):
+            gotcha += [os.path.join(base, f) for f in dirs + files if f.startswith("GOTCHA")]
+        home = os.path.expanduser("~")
+        gotcha += [os.path.join(home, f) for f in os.listdir(home) if f.startswith("GOTCHA-")]
+        for path in gotcha:
+            if not path.startswith(self.sb.root):
+                self.addCleanup(os.remove, path)
+        self.assertEqual(gotcha, [], "a shell ran text orch was given")
+
+    def test_claude_worker_settings_deny_rm(self):
+        bindir = os.path.join(self.sb.root, "bin")
+        os.mkdir(bindir)
+        with open(os.path.join(bindir, "claude"), "w") as f:
+            f.write(FAKE_CLAUDE % sys.executable)
+        os.chmod(os.path.join(bindir, "claude"), 0o755)
+        env = self.sb.env
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", os.defpath)
+        env["HOME"] = os.path.join(self.sb.root, "user-home")    # no real ~/.claude is read or linked
+        os.mkdir(env["HOME"], 0o700)
+        for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY"):
+            env.pop(var, None)
+        wd = self.sb.workdir("wörk-claude")
+        self.ok("spawn", "cl", 1, wd, "--agent", "claude", "--timeout", "0")
+        wait_for(lambda: "fake claude started" in self.read("cl", 1), 10, what="the fake claude to start")
+        config = self.sb.run("cl", "claude")
+        started = json.loads(self.sb.text(os.path.join(bindir, "started.json")))
+        self.assertEqual(started["config"], config)
+        self.assertIn("acceptEdits", started["argv"])
+        path = os.path.join(config, "settings.json")
+        perms = json.loads(self.sb.text(path))["permissions"]
+        self.assertIn("Bash(rm:*)", perms["deny"])
+        self.assertGreater(len(perms["allow"]), 0)
+        for rule in perms["allow"]:
+            m = re.match(r"Bash\((.*)\)\Z", rule)
+            self.assertNotEqual(rule, "Bash", "Bash allowed whole")
+            if m:
+                words = m.group(1).split(":")[0].split()
+                self.assertTrue(words and words[0] not in ("rm", "*", "sudo", "xargs", "sh", "bash"),
+                                "allow rule %r lets a worker delete" % rule)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(config, ".claude.json")).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o700)
+        self.assertEqual(os.listdir(env["HOME"]), [])
+
+
+# =============================================================================
+
+PY39_ATTRS = {"removeprefix", "removesuffix", "is_relative_to", "randbytes", "waitstatus_to_exitcode",
+              "pidfd_open", "BooleanOptionalAction", "to_thread", "bit_count", "pairwise", "batched",
+              "file_digest", "with_stem"}
+PY39_MODULE_ATTRS = {("functools", "cache"), ("math", "lcm"), ("ast", "unparse"), ("datetime", "UTC")}
+PY39_MODULES = {"zoneinfo", "graphlib", "tomllib"}
+BUILTIN_GENERICS = {"list", "dict", "tuple", "set", "frozenset", "type"}
+
+
+def py39_uses(src, filename):
+    """3.9+ calls and annotations in `src`, which must parse as 3.8."""
+    tree = ast.parse(src, filename, feature_version=(3, 8))
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in ast.walk(tree))
+    bad = []
+    for node in ast.walk(tree):
+        where = "%s:%d" % (os.path.basename(filename), getattr(node, "lineno", 0))
+        if isinstance(node, ast.Attribute):
+            if node.attr in PY39_ATTRS:
+                bad.append("%s .%s" % (where, node.attr))
+            if isinstance(node.value, ast.Name) and (node.value.id, node.attr) in PY39_MODULE_ATTRS:
+                bad.append("%s %s.%s" % (where, node.value.id, node.attr))
+        elif isinstance(node, ast.Import):
+            bad += ["%s import %s" % (where, a.name) for a in node.names if a.name.split(".")[0] in PY39_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            if (node.module or "").split(".")[0] in PY39_MODULES:
+                bad.append("%s from %s" % (where, node.module))
+            bad += ["%s from %s import %s" % (where, node.module, a.name) for a in node.names
+                    if (node.module, a.name) in PY39_MODULE_ATTRS]
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None)
+            if name == "isinstance" and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp):
+                bad.append("%s isinstance(x, A | B)" % where)
+            if name == "zip" and any(k.arg == "strict" for k in node.keywords):
+                bad.append("%s zip(strict=)" % where)
+        annotations = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            annotations += [a.annotation for a in args.posonlyargs + args.args + args.kwonlyargs
+                            + [args.vararg, args.kwarg] if a is not None and a.annotation is not None]
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign) and not future:
+            annotations.append(node.annotation)
+        for ann in annotations:
+            for sub in ast.walk(ann) if ann is not None and not future else ():
+                if isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.BitOr):
+                    bad.append("%s X | Y annotation" % where)
+                if isinstance(sub, ast.Subscript) and getattr(sub.value, "id", None) in BUILTIN_GENERICS:
+                    bad.append("%s %s[...] annotation" % (where, sub.value.id))
+    return bad
+
+
+def python38():
+    """A Python 3.8 interpreter, or None: ORCH_PYTHON38, python3.8 on PATH, pyenv."""
+    pyenv = os.path.expanduser("~/.pyenv/versions")
+    candidates = [os.environ.get("ORCH_PYTHON38"), shutil.which("python3.8")]
+    if os.path.isdir(pyenv):
+        candidates += [os.path.join(pyenv, v, "bin", "python3.8") for v in sorted(os.listdir(pyenv))
+                       if v.startswith("3.8")]
+    for exe in candidates:
+        if exe and os.path.exists(exe):
+            r = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            if r.returncode == 0 and r.stdout.strip() == b"(3, 8)":
+                return exe
+    return None
+
+
+class Python38(OrchCase):
+
+    def test_sources_parse_as_3_8_and_call_nothing_newer(self):
+        paths = sorted({ORCH_PY, os.path.join(HERE, "test_orch.py"), os.path.abspath(__file__)})
+        for path in paths:
+            with self.subTest(path=path):
+                with open(path, encoding="utf-8") as f:
+                    self.assertEqual(py39_uses(f.read(), path), [])
+        self.assertEqual(len(py39_uses("def f(a: str | None) -> list[int]:\n    return 'x'.removeprefix('y')\n"
+                                       "import zoneinfo\nfrom functools import cache\n", "probe.py")), 5)
+
+    def test_runs_under_python_3_8(self):
+        exe = python38()
+        if exe is None:
+            self.skipTest("no Python 3.8 interpreter (set ORCH_PYTHON38=/path/to/python3.8)")
+
+        def orch38(*argv):
+            r = subprocess.run([exe, ORCH_PY] + list(argv), env=self.sb.env, cwd=self.sb.root,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=120)
+            out, err = r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+            self.assertNotIn("Traceback", err, err)
+            return r.returncode, out, err
+        code, out, err = orch38("--help")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("commands:", out)
+        code, out, err = orch38("sim", "--help")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("--no-bracketed-paste", out)
+        code, out, err = orch38("--version")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"^orch \S+ \([0-9a-f]{12}\)\n\Z")
+        code, out, err = orch38("demo", os.path.join(self.sb.root, "demo-38"))   # workers run on 3.8 too
+        self.assertEqual(code, 0, out + err)
+        self.assertRegex(out, r"\n\d+ findings: \d+ confirmed, [1-9]\d* refuted, ")
+        self.assertTrue(os.path.exists(self.sb.shared("demo", "report.md")))
 
 
 # =============================================================================
