@@ -1420,11 +1420,18 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
         for v in sorted(flags):
             for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
                 problems.append("round %d: %s" % (k, why))
-        if flags:
+                del flags[v]                # unreachable: its verdicts are MISSING
+        while flags:
             code = watch(fleet, flags, timeout, 0.5, 120.0,
                          lambda v: default_nudge(fleet, v, stems[v]), emit)
-            if code:
-                problems.append("round %d: %s" % (k, "timed out" if code == 3 else "a verifier exited"))
+            if code != 4:
+                if code == 3:
+                    problems.append("round %d: timed out after %gs" % (k, timeout))
+                break
+            for r in poll(fleet, flags=flags):      # a verifier died: the rest go on
+                if r["n"] in flags and r["state"] == "exited":
+                    problems.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
+                    del flags[r["n"]]
         for v, fs in jobs.items():
             path = stems[v] + ".result.md"
             verdicts, bad = parse_verdicts(read_text(path, ""), path)
@@ -1442,7 +1449,6 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
              for v in ("CONFIRMED", "REFUTED", "BAD-CITATION", "UNVERIFIABLE")}
     return {"fleet": fleet["name"], "rounds": rounds, "pool": pool, "findings": findings,
             "tally": tally, "problems": problems, "written": now_iso()}
-
 
 
 def tally_line(matrix):

@@ -1220,6 +1220,28 @@ class Verification(OrchCase):
         self.assertEqual([f["final"] for f in truth], ["UNVERIFIABLE"])  # stamped in round 1
         self.assertTrue(glob.glob(self.sb.shared("rs", "verify.old-*", "r1-w2.result.md")))  # kept
 
+    def test_a_verifier_that_dies_leaves_missing_cells_and_the_round_goes_on(self):
+        wd = self.sb.workdir("wörk-tot", {"a.py": "# TODO: eins\n", "b.py": "# XXX: nobody's\n",
+                                          "c.py": "x = 1\n# FIXME: zwei\n"})   # every 3rd file each
+        self.spawn("tot", 1, wd)                                            # W1: finder
+        self.ok("add", "tot", "1", "--agent", "sim --delay 60")             # W2: slow verifier
+        self.ok("add", "tot", "1", "--agent", SIM)                          # W3: finder
+        for n in (1, 3):
+            self.ok("brief", "tot", n, "--goal", "the files carry TODO or FIXME markers", "--send")
+        self.ok("wait", "tot", "1", "3", "--timeout", "30", "--interval", "0.2")
+        proc = self.sb.start("verify", "tot", "--rounds", "1", "--timeout", "60")
+        wait_for(lambda: os.path.exists(self.sb.shared("tot", "verify", "r1-w2.task.md"))
+                 and "sim: working" in self.read("tot", 2), 20, what="W2 busy verifying")
+        os.kill(self.sb.panes("tot")[1][1], signal.SIGKILL)
+        r = proc.finish(40)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("W2 exited without its verdicts", r.err)
+        matrix = json.loads(self.sb.text(self.sb.shared("tot", "matrix.json")))
+        cells = {f["id"]: (f["rounds"][0]["verifier"], f["rounds"][0]["verdict"], f["final"])
+                 for f in matrix["findings"]}
+        self.assertEqual(cells, {"W1.F1": (2, "MISSING", "UNVERIFIABLE"),
+                                 "W3.F1": (1, "CONFIRMED", "CONFIRMED")})
+
     def test_round_robin_assignment(self):
         orch = load_orch()
         for n in (2, 3, 5):
