@@ -72,7 +72,7 @@ VERSION = "0.3"
 SCHEMA = 1                      # fleet.json "version"
 ORCH = os.path.abspath(__file__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-READY = ("idle", "busy", "draft", "stalled", "done")   # booted and past dialogs
+READY = ("idle", "busy", "draft", "stalled")   # booted and past dialogs
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 ENTER_RETRIES = 3
 
@@ -346,6 +346,18 @@ def read_state(path):
     return state if isinstance(state, dict) else {}
 
 
+@contextlib.contextmanager
+def state_lock(fleet):
+    """One lock for the state files orch reads, changes and writes back
+    (watch.json, bus-cursors.json): concurrent orch processes take turns."""
+    fd = os.open(fleet["run"], os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def now_iso():
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -485,47 +497,64 @@ def screen_state(profile, ansi_screen, title):
 
 def poll(fleet, stall=120.0, flags=None):
     """Every worker's state from one snapshot (one tmux process, whatever N).
-    Screen hashes, change times and last states persist in watch.json so that
-    stalls are seen across calls; every state change goes to events.jsonl."""
+    A row's "state" is what status and wait report ("done" once the done flag
+    exists); its "live" state is what the pane shows, which is what delivery
+    must respect: a done worker can still sit at a permission prompt, or be
+    dead. Screen hashes, change times and last states persist in watch.json,
+    so stalls are seen across calls; every state change goes to events.jsonl."""
     flags = flags or {}
-    snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
-    mem_path = os.path.join(fleet["run"], "watch.json")
-    mem = read_state(mem_path)
+    done = {w["n"]: os.path.exists(flags.get(w["n"]) or worker_file(fleet, w["n"], "done"))
+            for w in fleet["workers"]}
+    try:
+        snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
+    except OrchError:
+        if not all(done.values()):
+            raise
+        snap = {}                       # the session ended after every worker finished
     now, rows = time.time(), []
-    for w in fleet["workers"]:
-        n, info = w["n"], snap.get(w["pane"])
-        m = mem.get(str(n)) or {}
-        plain = strip_ansi(info["screen"]) if info else ""
-        digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
-        if (m.get("hash"), m.get("pane")) != (digest, w["pane"]):
-            m.update(hash=digest, since=now, pane=w["pane"])
-        profile = PROFILES.get(w["profile"], {})
-        quiet = now - m["since"]
-        done = os.path.exists(flags.get(n) or worker_file(fleet, n, "done"))
-        if done:
-            state = "done"
-        elif info is None or info["dead"]:
-            state = "exited"
-        else:
-            if w["profile"] != "generic":
-                state = screen_state(profile, info["screen"], info["title"])
-            else:                       # generic agent: only screen change tells
-                state = ("busy" if quiet < 3 else "idle") if plain.strip() else None
-            if state is None:
-                state = "busy" if m.get("ready") else "booting"
-            m["ready"] = m.get("ready") or state in READY
-            if state in ("idle", "busy", "booting") and quiet >= stall:
-                state = "stalled"
-        if m.get("state") != state:
-            log_event(fleet, "state", worker=n, was=m.get("state"), now=state)
-            m["state"] = state
-        mem[str(n)] = m
-        lines = [ln.rstrip() for ln in plain.split("\n") if ln.strip()]
-        rows.append({"n": n, "pane": w["pane"], "state": state, "done": done, "quiet": round(quiet, 1),
-                     "last": norm(lines[-1]) if lines else "", "screen": plain,
-                     "ansi": info["screen"] if info else "", "digest": digest})
-    write_json(mem_path, mem)
+    with state_lock(fleet):
+        mem_path = os.path.join(fleet["run"], "watch.json")
+        mem = read_state(mem_path)
+        for w in fleet["workers"]:
+            n, info = w["n"], snap.get(w["pane"])
+            m = mem.get(str(n)) or {}
+            plain = strip_ansi(info["screen"]) if info else ""
+            digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
+            if (m.get("hash"), m.get("pane")) != (digest, w["pane"]):
+                m.update(hash=digest, since=now, pane=w["pane"])
+            quiet = now - m["since"]
+            if info is None or info["dead"]:
+                live = "exited"
+            elif w["profile"] == "generic":     # no markers: only screen change tells
+                live = ("busy" if quiet < 3 else "idle") if plain.strip() else None
+            else:
+                live = screen_state(PROFILES[w["profile"]], info["screen"], info["title"])
+            if live is None:
+                live = "busy" if m.get("ready") else "booting"
+            m["ready"] = m.get("ready") or live in READY
+            if live in ("idle", "busy") and quiet >= stall:
+                live = "stalled"
+            state = "done" if done[n] else live
+            if m.get("state") != state:
+                log_event(fleet, "state", worker=n, was=m.get("state"), now=state)
+                m["state"] = state
+            mem[str(n)] = m
+            lines = [ln for ln in plain.split("\n") if ln.strip()]
+            rows.append({"n": n, "pane": w["pane"], "state": state, "live": live, "done": done[n],
+                         "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
+                         "screen": plain, "digest": digest})
+        write_json(mem_path, mem)
     return rows
+
+
+def forget_screen(fleet, n):
+    """Drop what was seen of worker n: respawn-pane keeps the pane id, and a
+    worker seen ready before must not count as ready while its agent boots."""
+    with state_lock(fleet):
+        path = os.path.join(fleet["run"], "watch.json")
+        mem = read_state(path)
+        mem.pop(str(n), None)
+        write_json(path, mem)
 
 
 # --- delivery -----------------------------------------------------------------
@@ -539,30 +568,19 @@ def clean_text(text):
 
 
 def refusal(fleet, n, state):
+    """Why worker n cannot take a message now, and what to do about it."""
     name = fleet["name"]
-    return {
-        "draft": "W%d has unsent text in its input box: look with `orch read %s %d`; "
-                 "`orch nudge %s %d MESSAGE` clears it first" % (n, name, n, name, n),
-        "permission": "W%d is waiting for a permission answer: answer it in the pane "
-                      "(`tmux attach -t orch-%s`), then send again" % (n, name),
-        "dialog": "W%d is at a dialog: look with `orch read %s %d` and answer it in the "
-                  "pane (`tmux attach -t orch-%s`)" % (n, name, n, name),
-        "limited": "W%d hit a usage or rate limit: wait for the reset, or `orch respawn %s %d`"
-                   % (n, name, n),
-        "exited": "W%d has exited: `orch respawn %s %d` restarts it" % (n, name, n),
-        "booting": "W%d is still booting after %ds: look with `orch read %s %d`"
-                   % (n, BOOT_WAIT, name, n),
-    }[state]
-
-
-def settle(fleet, ns, stall=1e9):
-    """Poll until none of workers `ns` is booting (bounded); return their rows."""
-    deadline = time.time() + BOOT_WAIT
-    while True:
-        rows = {r["n"]: r for r in poll(fleet, stall)}
-        if time.time() > deadline or all(rows[n]["state"] != "booting" for n in ns):
-            return rows
-        time.sleep(0.2)
+    return "W%d %s" % (n, {
+        "draft": "has unsent text in its input box: look with `orch read %s %d`; `orch nudge "
+                 "%s %d MESSAGE` clears it first" % (name, n, name, n),
+        "permission": "is waiting for a permission answer: answer it in the pane (`tmux attach "
+                      "-t orch-%s`), then send again" % name,
+        "dialog": "is at a dialog: look with `orch read %s %d` and answer it in the pane "
+                  "(`tmux attach -t orch-%s`)" % (name, n, name),
+        "limited": "hit a usage or rate limit: wait for the reset, or `orch respawn %s %d`" % (name, n),
+        "exited": "has exited: `orch respawn %s %d` restarts it" % (name, n),
+        "booting": "is still booting after %ds: look with `orch read %s %d`" % (BOOT_WAIT, name, n),
+    }[state])
 
 
 def deliver(fleet, ns, text, clear=False):
@@ -571,28 +589,35 @@ def deliver(fleet, ns, text, clear=False):
     text = clean_text(text)
     if not text.strip():
         raise OrchError("nothing to send: the message is empty", 2)
-    workers = {w["n"]: w for w in fleet["workers"]}
-    rows = settle(fleet, ns)
+    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
+    deadline = time.time() + BOOT_WAIT              # never type into a booting agent
+    rows = {r["n"]: r for r in poll(fleet)}
+    while any(rows[n]["live"] == "booting" for n in ns) and time.time() < deadline:
+        time.sleep(0.2)
+        rows = {r["n"]: r for r in poll(fleet)}
     failed, targets = {}, []
     for n in ns:
+        profile = PROFILES[next(w["profile"] for w in fleet["workers"] if w["n"] == n)]
         for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
-            if rows[n]["state"] != "draft":
+            if rows[n]["live"] != "draft":
                 break
-            tmux("send-keys", "-t", workers[n]["pane"], *PROFILES[workers[n]["profile"]]["clear"])
+            tmux("send-keys", "-t", panes[n], *profile["clear"])
             time.sleep(0.1)
             rows[n] = next(r for r in poll(fleet) if r["n"] == n)
-        if rows[n]["state"] in READY and rows[n]["state"] != "draft":
+        if rows[n]["live"] in READY and rows[n]["live"] != "draft":
             targets.append(n)
         else:
-            failed[n] = refusal(fleet, n, rows[n]["state"])
+            failed[n] = refusal(fleet, n, rows[n]["live"])
     if not targets:
         return failed
     # Bracketed paste (-p): the agent sees one paste, not keystrokes, so a
     # newline inside never submits. Enter goes as a separate keystroke after.
+    # Never into a pane that died since the poll: tmux 3.3a crashes on that.
     buf = "orch-" + secrets.token_hex(4)
     argv = ["load-buffer", "-b", buf, "-"]
     for n in targets:
-        argv += [";", "paste-buffer", "-p", "-b", buf, "-t", workers[n]["pane"]]
+        argv += [";", "if-shell", "-F", "-t", panes[n], "#{?pane_dead,,1}",
+                 "paste-buffer -p -b %s -t %s" % (buf, panes[n])]
     tmux(*(argv + [";", "delete-buffer", "-b", buf]), stdin=text.encode("utf-8"))
     before = {n: rows[n]["digest"] for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
@@ -602,23 +627,23 @@ def deliver(fleet, ns, text, clear=False):
         now = time.time()
         for n in sorted(pending):
             count, last = enters[n]
-            if count == 0 or (rows[n]["state"] == "draft" and now - last >= 1.0
+            if count == 0 or (rows[n]["live"] == "draft" and now - last >= 1.0
                               and count <= ENTER_RETRIES):
-                tmux("send-keys", "-t", workers[n]["pane"], "Enter")
+                tmux("send-keys", "-t", panes[n], "Enter")
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
         rows = {r["n"]: r for r in poll(fleet)}
         for n in list(pending):
             # Submitted: the input box is empty again and the screen moved on.
-            if rows[n]["state"] not in ("draft", "booting") and rows[n]["digest"] != before[n]:
+            if rows[n]["live"] not in ("draft", "booting", "exited") \
+                    and rows[n]["digest"] != before[n]:
                 pending.discard(n)
     for n in targets:
         ok = n not in pending
         log_event(fleet, "send", worker=n, chars=len(text), enters=enters[n][0], confirmed=ok)
         if not ok:
-            failed[n] = ("W%d: could not confirm delivery (state %s after %d Enter presses): "
-                         "look with `orch read %s %d`"
-                         % (n, rows[n]["state"], enters[n][0], fleet["name"], n))
+            failed[n] = ("W%d: could not confirm delivery (%s after %d Enter presses): look with "
+                         "`orch read %s %d`" % (n, rows[n]["live"], enters[n][0], fleet["name"], n))
     return failed
 
 
@@ -688,10 +713,10 @@ def wait_ready(fleet, ns, timeout):
     workers = {w["n"]: w for w in fleet["workers"]}
     while True:
         rows = [r for r in poll(fleet) if r["n"] in ns]
-        waiting = [r for r in rows if r["state"] not in READY]
+        waiting = [r for r in rows if r["live"] not in READY]
         for r in waiting:
-            for pattern, keys in PROFILES.get(workers[r["n"]]["profile"], {}).get("answer", []):
-                if r["state"] == "dialog" and (r["n"], pattern) not in answered \
+            for pattern, keys in PROFILES[workers[r["n"]]["profile"]].get("answer", []):
+                if r["live"] == "dialog" and (r["n"], pattern) not in answered \
                         and re.search(pattern, r["screen"]):
                     tmux("send-keys", "-t", r["pane"], *keys)
                     answered.add((r["n"], pattern))
@@ -784,7 +809,7 @@ def report_ready(fleet, ns, timeout):
           % (fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet)))
     if waiting:
         raise OrchError("not ready after %gs: %s: look with `orch read %s all`" % (
-            timeout, ", ".join("W%d %s" % (r["n"], r["state"]) for r in waiting), fleet["name"]))
+            timeout, ", ".join("W%d %s" % (r["n"], r["live"]) for r in waiting), fleet["name"]))
 
 
 def cmd_add(a):
@@ -1003,14 +1028,10 @@ def cmd_bus(a):
             print(line, flush=True)
         start += len(whole)
         if a.new:
-            fd = os.open(bus, os.O_RDONLY)
-            try:                        # readers with other names update the same file
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with state_lock(fleet):     # readers of other names update the same file
                 cursors = read_state(cursors_path)
                 cursors[a.who] = start
                 write_json(cursors_path, cursors)
-            finally:
-                os.close(fd)
         if not a.follow or fleet["session"] not in live_sessions():
             return
         time.sleep(0.5)
@@ -1032,17 +1053,12 @@ def cmd_respawn(a):
         old, w["pane"] = w["pane"], open_pane(fleet, n)
         save_fleet(fleet)
         print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
-    # Forget the old screen: respawn-pane keeps the pane id, and a worker seen
-    # ready before must not count as ready while its new agent boots.
-    mem_path = os.path.join(fleet["run"], "watch.json")
-    mem = read_state(mem_path)
-    mem.pop(str(n), None)
-    write_json(mem_path, mem)
+    forget_screen(fleet, n)
     log_event(fleet, "respawn", worker=n, pane=w["pane"])
     waiting = wait_ready(fleet, {n}, BOOT_WAIT)
     if waiting:
         raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
-                        % (n, waiting[0]["state"], a.name, n))
+                        % (n, waiting[0]["live"], a.name, n))
     brief = worker_file(fleet, n, "task.md")
     if os.path.exists(brief) and not os.path.exists(worker_file(fleet, n, "done")):
         report_delivery(fleet, [n], brief_message(brief), deliver(fleet, [n], brief_message(brief)))

@@ -415,6 +415,26 @@ class Harness(OrchCase):
         self.assertTrue(send["confirmed"], send)
         self.assertGreaterEqual(send["enters"], 2, send)
 
+    def test_a_done_flag_does_not_hide_the_screen_from_delivery(self):
+        """Done workers still get verification briefs: what their pane shows
+        (a draft, a dead agent) must guard delivery as for any worker."""
+        self.spawn("fertig", 2)
+        for n in (1, 2):
+            with open(self.sb.shared("fertig", "agent-%d.done" % n), "w"):
+                pass
+        pane1, pane2 = self.sb.panes("fertig")[0][0], self.sb.panes("fertig")[1]
+        self.sb.tmux("send-keys", "-t", pane1, "-l", "halb getippt")
+        wait_for(lambda: "halb getippt" in self.read("fertig", 1), 10)
+        self.assert_one_error_line(self.sb.orch("send", "fertig", "1", "hallo"), 1, "unsent text")
+        self.assertEqual(self.sb.msgs("fertig", 1), [])
+        self.ok("nudge", "fertig", "1", "frisch")                    # clears the draft first
+        self.assertEqual(self.sb.msgs("fertig", 1), ["frisch"])
+        os.kill(pane2[1], signal.SIGKILL)
+        wait_for(lambda: "Pane is dead" in self.read("fertig", 2) or not self.read("fertig", 2).strip(), 10)
+        self.assertEqual(self.states("fertig"), ["done", "done"])
+        self.assert_one_error_line(self.sb.orch("send", "fertig", "2", "hallo"), 1, "W2 has exited")
+        self.assertTrue(self.sb.has_session("fertig"))             # tmux 3.3a dies pasting into a dead pane
+
     def test_spawn_refuses_then_force_archives(self):
         wd = self.sb.workdir("wörk-arch")
         self.spawn("arch", 1, wd)
@@ -1230,7 +1250,7 @@ class Verification(OrchCase):
             self.ok("brief", "tot", n, "--goal", "the files carry TODO or FIXME markers", "--send")
         self.ok("wait", "tot", "1", "3", "--timeout", "30", "--interval", "0.2")
         proc = self.sb.start("verify", "tot", "--rounds", "1", "--timeout", "60")
-        wait_for(lambda: os.path.exists(self.sb.shared("tot", "verify", "r1-w2.task.md"))
+        wait_for(lambda: [e for e in self.sb.events("tot", "send") if e["worker"] == 2 and e["confirmed"]]
                  and "sim: working" in self.read("tot", 2), 20, what="W2 busy verifying")
         os.kill(self.sb.panes("tot")[1][1], signal.SIGKILL)
         r = proc.finish(40)
