@@ -48,6 +48,7 @@ import codecs
 import contextlib
 import datetime
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -673,12 +674,20 @@ def agent_argv(w):
     return words
 
 
+def pane_command(fleet, n):
+    """The start directory and command of worker n's pane; the lead's
+    environment goes along in env.json (0600), never on a command line."""
+    write_json(os.path.join(fleet["run"], "env.json"), {
+        k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "TERM", "COLUMNS", "LINES")})
+    # -c is a tmux format: a '#' in the workdir must not expand.
+    return ["-c", fleet["workdir"].replace("#", "##"), sys.executable, ORCH, "worker",
+            fleet["name"], str(n), "--home", orch_home()]
+
+
 def open_pane(fleet, n, beside=None):
     """A pane running `orch.py worker <name> <n>`: split beside pane `beside`
     and retiled, else in a new window (or the session, if there is none)."""
-    # -c is a tmux format: a '#' in the workdir must not expand.
-    argv = ["-c", fleet["workdir"].replace("#", "##"), "-P", "-F", "#{pane_id}",
-            sys.executable, ORCH, "worker", fleet["name"], str(n)]
+    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n)
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
     if fleet["session"] in live_sessions():
@@ -694,6 +703,7 @@ def add_workers(fleet, count, agent):
     """Create `count` panes running `orch.py worker`, K per tiled window."""
     profile = parse_agent(agent)
     k = fleet["per_window"]
+    seed_config(fleet, profile, agent)
     for _ in range(count):
         n = len(fleet["workers"]) + 1
         w = {"n": n, "agent": agent, "profile": profile, "pane": None}
@@ -1047,8 +1057,7 @@ def cmd_respawn(a):
     except OrchError:
         alive = {}
     if w["pane"] in alive:
-        tmux("respawn-pane", "-k", "-t", w["pane"], "-c", fleet["workdir"].replace("#", "##"),
-             sys.executable, ORCH, "worker", fleet["name"], str(n))
+        tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
     else:                               # pane closed by hand, or the session is gone
         old, w["pane"] = w["pane"], open_pane(fleet, n)
         save_fleet(fleet)
@@ -1090,11 +1099,15 @@ def cmd_attach(a):
 
 
 def cmd_worker(a):
-    """The pane command: set the worker's environment, then exec the agent."""
+    """The pane command: set the worker's environment, then exec the agent.
+    A pane inherits the tmux server's environment, not the lead's: the lead's
+    comes from env.json, where add and respawn saved it."""
+    os.environ["ORCH_HOME"] = a.home or orch_home()
     fleet = load_fleet(a.name)
     w = pick_workers(fleet, a.n, allow_all=False)[0]
-    env = dict(os.environ, ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]),
-               ORCH_SHARED=shared_dir(fleet), ORCH_HOME=orch_home())
+    env = dict(os.environ, **read_state(os.path.join(fleet["run"], "env.json")))
+    env.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
+               ORCH_HOME=orch_home())
     argv, extra = agent_argv(w), agent_setup(fleet, w)
     env.update(extra.get("env", {}))
     argv += extra.get("args", [])
@@ -1105,64 +1118,70 @@ def cmd_worker(a):
         raise OrchError("cannot start %s: %s" % (argv[0], e.strerror))
 
 
-def agent_setup(fleet, w):
-    """Per-agent environment and arguments: a config of the fleet's own, so
-    workers boot past first-run dialogs and the user's config is never touched."""
+def seed_config(fleet, profile, agent):
+    """The fleet's own agent config, written once by the lead before a pane
+    starts (workers booting together must not race to write it), so workers
+    boot past first-run dialogs and the user's own config is never touched."""
     workdir, shared = os.path.realpath(fleet["workdir"]), os.path.realpath(shared_dir(fleet))
-    words = shlex.split(w["agent"])
-    if w["profile"] == "codex":             # Codex 0.169: trust lives in config.toml
-        home = os.path.join(fleet["run"], "codex")
-        user = os.path.join(os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex"))
+    if profile == "codex":                  # Codex 0.169: trust lives in config.toml
+        home, user = os.path.join(fleet["run"], "codex"), os.environ.get("CODEX_HOME") or \
+            os.path.expanduser("~/.codex")
         if not os.path.exists(os.path.join(home, "config.toml")):
             os.makedirs(home, exist_ok=True)
-            write_file(os.path.join(home, "config.toml"), "%s\n[projects.%s]\ntrust_level = \"trusted\"\n"
-                       % (read_text(os.path.join(user, "config.toml"), ""), json.dumps(workdir)))
+            text, table = read_text(os.path.join(user, "config.toml"), ""), "[projects.%s]" % json.dumps(workdir)
+            if table not in text:           # the user may have trusted it already
+                text += "\n%s\ntrust_level = \"trusted\"\n" % table
+            write_file(os.path.join(home, "config.toml"), text)
             if os.path.exists(os.path.join(user, "auth.json")):
                 os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
-        return {"env": {"CODEX_HOME": home}}
+    config = os.path.join(fleet["run"], "claude")
+    if profile != "claude" or os.path.exists(os.path.join(config, ".claude.json")):
+        return
+    os.makedirs(config, exist_ok=True)
+    user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
+    mine = read_state(os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR")
+                      else os.path.expanduser("~/.claude.json"))
+    keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
+    state = {k: mine[k] for k in keep if k in mine}
+    trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
+    state.update(hasCompletedOnboarding=True, projects={workdir: trusted, shared: trusted},
+                 # Claude Code 2.1.331: auto-mode notices that would block a worker.
+                 hasSeenAutoDefaultNotice=True, hasSeenAutoDefaultNudge=True,
+                 autoModeClassifierBillingNoticeAcknowledgedAt=4102444800000)
+    state.setdefault("lastOnboardingVersion", "2.1.331")
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    if key:                                 # else Claude asks whether to use the key
+        approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
+        approved.setdefault("approved", []).append(key[-20:])
+    write_json(os.path.join(config, ".claude.json"), state)
+    # acceptEdits lets a worker edit the workdir and shared/; these rules add
+    # the commands it needs (not find: -delete and -exec would pass as a
+    # prefix). rm is denied, not asked: a refusal does not stall a worker.
+    rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
+             "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)", "Bash(wc:*)",
+             "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)"]
+    settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
+    if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
+        settings["skipDangerousModePermissionPrompt"] = True
+    write_json(os.path.join(config, "settings.json"), settings)
+    creds = os.path.join(user_dir, ".credentials.json")
+    if os.path.exists(creds):               # a link, so token refreshes keep working
+        os.symlink(creds, os.path.join(config, ".credentials.json"))
+
+
+def agent_setup(fleet, w):
+    """The worker's own environment and arguments, set in its pane."""
+    shared = os.path.realpath(shared_dir(fleet))
+    if w["profile"] == "codex":
+        return {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}}
     if w["profile"] == "gemini":
         return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"}, "args": ["--include-directories", shared]}
     if w["profile"] != "claude":
         return {}
     config = os.path.join(fleet["run"], "claude")
-    user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
-    if not os.path.exists(os.path.join(config, ".claude.json")):
-        os.makedirs(config, exist_ok=True)
-        user_json = os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR") \
-            else os.path.expanduser("~/.claude.json")
-        mine = read_state(user_json)
-        keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
-        state = {k: mine[k] for k in keep if k in mine}
-        trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
-        state.update(hasCompletedOnboarding=True, projects={workdir: trusted, shared: trusted},
-                     # Claude Code 2.1.331: auto-mode notices that would block a worker.
-                     hasSeenAutoDefaultNotice=True, hasSeenAutoDefaultNudge=True,
-                     autoModeClassifierBillingNoticeAcknowledgedAt=4102444800000)
-        state.setdefault("lastOnboardingVersion", "2.1.331")
-        key = os.environ.get("ANTHROPIC_API_KEY")
-        if key:                             # else Claude asks whether to use the key
-            approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
-            approved.setdefault("approved", []).append(key[-20:])
-        write_json(os.path.join(config, ".claude.json"), state)
-        # acceptEdits lets a worker edit the workdir and shared/; these rules add
-        # the commands it needs (not find: -delete and -exec would pass as a
-        # prefix). rm is denied, not asked: a refusal does not stall a worker.
-        rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
-                 "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)",
-                 "Bash(wc:*)", "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)",
-                 "Bash(git show:*)"]
-        settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
-        if "--dangerously-skip-permissions" in words:     # the lead asked for it
-            settings["skipDangerousModePermissionPrompt"] = True
-        write_json(os.path.join(config, "settings.json"), settings)
-        creds = os.path.join(user_dir, ".credentials.json")
-        if os.path.exists(creds):           # a link, so token refreshes keep working
-            os.symlink(creds, os.path.join(config, ".credentials.json"))
-    transcript = [d for d in os.listdir(os.path.join(config, "projects"))
-                  if os.path.exists(os.path.join(config, "projects", d, w["session_id"] + ".jsonl"))] \
-        if os.path.isdir(os.path.join(config, "projects")) else []
-    args = ["--add-dir", shared, "--resume" if transcript else "--session-id", w["session_id"]]
-    if not any(x in words for x in ("--permission-mode", "--dangerously-skip-permissions")):
+    resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
+    args = ["--add-dir", shared, "--resume" if resume else "--session-id", w["session_id"]]
+    if not any(x in shlex.split(w["agent"]) for x in ("--permission-mode", "--dangerously-skip-permissions")):
         args = ["--permission-mode", "acceptEdits"] + args
     return {"env": {"CLAUDE_CONFIG_DIR": config, "DISABLE_AUTOUPDATER": "1",
                     # pin the inline UI the screen profile knows (2.1.331 may pick fullscreen)
@@ -1975,7 +1994,7 @@ def build_parser():
     command("attach", name)
     command("doctor", arg("--agent"))
     command("install", arg("--bin-dir"))
-    command("worker", name, arg("n"))
+    command("worker", name, arg("n"), arg("--home"))
     command("sim", arg("--lie", type=number("--lie", 0, True), default=0),
             arg("--seed", default="1"), arg("--delay", type=secs, default=0.5),
             arg("--no-bracketed-paste", action="store_true"))

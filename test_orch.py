@@ -496,17 +496,23 @@ class Harness(OrchCase):
         script = os.path.join(self.sb.root, "envprint.py")
         with open(script, "w") as f:
             f.write("import os, sys, time\n"
-                    "for k in ('ORCH_FLEET', 'ORCH_WORKER', 'ORCH_SHARED', 'ORCH_HOME'):\n"
+                    "for k in ('ORCH_FLEET', 'ORCH_WORKER', 'ORCH_SHARED', 'ORCH_HOME', 'LEAD_ONLY'):\n"
                     "    print('%s=%s' % (k, os.environ.get(k, '<unset>')))\n"
                     "print('cwd=' + os.getcwd())\n"
                     "sys.stdout.flush()\n"
                     "time.sleep(600)\n")
         wd = self.sb.workdir("wörk-env")
         agent = "%s %s" % (shlex.quote(sys.executable), shlex.quote(script))
-        self.ok("spawn", "envf", 2, wd, "--agent", agent, "--timeout", "20")
+        # The tmux server already runs, started with another environment (as
+        # when the lead lives inside the user's tmux): panes inherit the
+        # server's, yet the workers must see the lead's.
+        subprocess.run([REAL_TMUX, "new-session", "-d", "-s", "nutzer", "sleep 600"], check=True,
+                       env=dict(self.sb.env, ORCH_HOME=os.path.join(self.sb.root, "nirgendwo")))
+        self.ok("spawn", "envf", 2, wd, "--agent", agent, "--timeout", "20",
+                env=dict(self.sb.env, LEAD_ONLY="vom Lead ✓"))
         for n in (1, 2):
-            want = ["ORCH_FLEET=envf", "ORCH_WORKER=%d" % n,
-                    "ORCH_SHARED=" + self.sb.shared("envf"), "ORCH_HOME=" + self.sb.home, "cwd=" + wd]
+            want = ["ORCH_FLEET=envf", "ORCH_WORKER=%d" % n, "ORCH_SHARED=" + self.sb.shared("envf"),
+                    "ORCH_HOME=" + self.sb.home, "LEAD_ONLY=vom Lead ✓", "cwd=" + wd]
             screen = wait_for(lambda: (lambda s: s if "cwd=" in s else None)(self.read("envf", n)), 10,
                               what="W%d to print its environment" % n)
             self.assertEqual([ln.strip() for ln in screen.splitlines() if ln.strip()], want)
