@@ -12,16 +12,18 @@ commands:
   spawn <name> <N> [workdir]      start N workers  [--agent A] [--per-window K]
                                   [--timeout S] [--force]
   add <name> [K]                  add K workers to a live fleet  [--agent A]
+                                  [--timeout S]
   send <name> <n|all> MESSAGE...  deliver and submit a message  [--file PATH | -]
   brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
                                   [--constraint TEXT]... [--send]
   read <name> <n|all> [lines]     the last lines of worker screens
   status [name] [--json]          every fleet, or one fleet's workers and bus
+                                  [--stall S]
   wait <name> [n...]              poll until done flags  [--timeout S]
                                   [--interval S] [--stall S] [--nudge] [--json]
   nudge <name> <n> [MESSAGE]      clear the input box, remind a worker of its brief
-  bus <name> [-n N] [--new] [--follow]      read the message bus
-  bus <name> post [--as WHO] MESSAGE        append one line to it
+  bus <name> [-n N] [--new] [--follow] [--as WHO]   read the message bus
+  bus <name> post [--as WHO] MESSAGE                 append one line to it
   verify <name>                   round-robin adversarial verification
                                   [--rounds R] [--by v,...] [--timeout S]
   report <name>                   write and print report.md
@@ -29,10 +31,12 @@ commands:
   kill <name> | --all             save scrollback to logs/, end the tmux session
   attach <name>                   watch a fleet, read-only
   demo [workdir] [--agent A]      a 3-worker self-verifying audit, end to end
-  doctor                          check python, tmux, agent, credentials, ORCH_HOME
+                                  [--seed S]
+  doctor [--agent A]              check python, tmux, agent, credentials, ORCH_HOME
   install [--bin-dir D]           copy orch to ~/.local/bin, SKILL.md to ~/.claude
-  worker <name> <n>               internal: the pane command that starts the agent
-  sim                             internal: the built-in simulated agent
+  worker <name> <n> [--home H]    internal: the pane command that starts the agent
+  sim [--lie N] [--seed S] [--delay S] [--no-bracketed-paste]
+                                  internal: the built-in simulated agent
 
 agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
   or any command line; words after a known name are passed to it ("sim --lie 2").
@@ -1952,11 +1956,11 @@ def build_parser():
     p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                usage=argparse.SUPPRESS, add_help=True)
     p.add_argument("--version", action="version", version="orch %s (%s)" % (VERSION, file_digest()))
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub = p.add_subparsers(dest="command", parser_class=Parser, help=argparse.SUPPRESS)
     secs = number("seconds")
 
     def command(name, *arguments):
-        sp = sub.add_parser(name, help=argparse.SUPPRESS)
+        sp = sub.add_parser(name, prog="orch " + name)
         for names, kw in arguments:
             sp.add_argument(*names, **kw)
         return sp

@@ -1347,6 +1347,7 @@ class Docs(OrchCase):
 
     def test_readme_and_help_list_the_same_commands(self):
         help_text = self.ok("--help").out
+        self.assertNotIn("SUPPRESS", help_text)
         section = help_text.split("commands:", 1)[1].split("\n\n", 1)[0]
         in_help = set(re.findall(r"^  ([a-z]+)\b", section, re.M))
         readme = self.sb.text(os.path.join(HERE, "README.md"))
