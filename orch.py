@@ -797,14 +797,16 @@ def cmd_spawn(a):
             what = "is live" if live else "has an old workspace in %s" % rd
             raise OrchError("fleet %r %s: run `orch kill %s` first (the workspace stays), or "
                             "pass --force to archive it" % (name, what, name))
+        if live and not os.path.exists(os.path.join(rd, "fleet.json")):
+            raise OrchError("tmux session %s is live but is no fleet of ORCH_HOME %s (another "
+                            "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
+                            "-t %s`" % (session_of(name), orch_home(), session_of(name)))
         if live:
-            try:
-                end_fleet(load_fleet(name))
-            except OrchError:
-                tmux("kill-session", "-t", "=" + session_of(name))
-        archive = "%s.old-%s" % (rd, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
-        os.rename(rd, archive)
-        print("%s: archived the old run to %s" % (name, archive))
+            end_fleet(load_fleet(name))
+        if os.path.isdir(rd):
+            archive = "%s.old-%s" % (rd, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
+            os.rename(rd, archive)
+            print("%s: archived the old run to %s" % (name, archive))
     for sub in ("shared/verify", "logs"):
         os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
     fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
@@ -966,7 +968,7 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
             return 4
         if deadline and time.time() >= deadline:
             return 3
-        time.sleep(interval)
+        time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
 
 
 def print_change(json_mode):
@@ -1036,8 +1038,8 @@ def cmd_bus(a):
             chunk = f.read()
         whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
         lines = whole.decode("utf-8", "replace").splitlines()
-        if not a.follow and not a.new and a.n:
-            lines = lines[-a.n:]
+        if not a.follow and not a.new:
+            lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
         for line in lines:
             print(line, flush=True)
         start += len(whole)
@@ -1272,6 +1274,10 @@ def cmd_brief(a):
         print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
               "so the worker does not invent a bug to fix", file=sys.stderr)
     path = worker_file(fleet, n, "task.md")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    for old in (worker_file(fleet, n, "done"), worker_file(fleet, n, "result.md")):
+        if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
+            os.rename(old, "%s.old-%s" % (old, stamp))
     write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal),
                                 [clean_text(c) for c in a.constraint],
                                 worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
@@ -1385,7 +1391,7 @@ def verifier_for(finder, k, pool, count):
     """Round k's verifier of worker `finder`'s findings: the k-th worker after
     it in cyclic order among `pool`, never itself."""
     others = sorted((v for v in pool if v != finder), key=lambda v: (v - finder) % count)
-    return others[(k - 1) % len(others)] if others else None
+    return others[k - 1] if k <= len(others) else None
 
 
 def collect_findings(fleet):
@@ -1460,8 +1466,9 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
             for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
                 problems.append("round %d: %s" % (k, why))
                 del flags[v]                # unreachable: its verdicts are MISSING
+        deadline = time.time() + timeout
         while flags:
-            code = watch(fleet, flags, timeout, 0.5, 120.0,
+            code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.5, 120.0,
                          lambda v: default_nudge(fleet, v, stems[v]), emit)
             if code != 4:
                 if code == 3:
@@ -1529,10 +1536,10 @@ def cmd_verify(a):
             pool = [0]
         if not all(1 <= v <= count for v in pool):
             raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
-    rounds = a.rounds or min(2, count - 1)
-    if rounds > count - 1:
-        raise OrchError("--rounds %d: %d workers allow at most %d rounds of distinct verifiers"
-                        % (rounds, count, count - 1), 2)
+    rounds = a.rounds or max(1, min(2, len(pool) - 1))
+    if rounds > max(1, len(pool) - 1):
+        raise OrchError("--rounds %d: %d verifiers allow at most %d rounds in which no finding "
+                        "meets the same verifier twice" % (rounds, len(pool), max(1, len(pool) - 1)), 2)
     if not any(os.path.exists(worker_file(fleet, w["n"], "done")) for w in fleet["workers"]):
         raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
     matrix = verify_fleet(fleet, rounds, pool, a.timeout, print_change(False))
@@ -1662,10 +1669,10 @@ def cmd_doctor(a):
                         "gemini": "npm install -g @google/gemini-cli"}.get(word, "install %s" % word)
                        + ", or use --agent sim for a dry run"))
     if word == "claude":
-        home = os.path.expanduser("~")
-        creds = os.environ.get("ANTHROPIC_API_KEY") and "ANTHROPIC_API_KEY" or next(
-            (p for p in (os.path.join(home, ".claude", ".credentials.json"),
-                         os.path.join(home, ".claude.json")) if os.path.exists(p)), None)
+        user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
+        creds = next((c for c in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN") if os.environ.get(c)),
+                     None) or (os.path.join(user_dir, ".credentials.json") if os.path.exists(
+                         os.path.join(user_dir, ".credentials.json")) else None)
         checks.append(("credentials", bool(creds), creds or "none found",
                        "run `claude` once and log in, or export ANTHROPIC_API_KEY"))
     try:
@@ -1690,7 +1697,8 @@ def cmd_install(a):
     bin_dir = os.path.abspath(os.path.expanduser(a.bin_dir or "~/.local/bin"))
     os.makedirs(bin_dir, exist_ok=True)
     target = os.path.join(bin_dir, "orch")
-    shutil.copyfile(ORCH, target)
+    if not (os.path.exists(target) and os.path.samefile(ORCH, target)):
+        shutil.copyfile(ORCH, target)
     os.chmod(target, 0o755)
     print("installed %s" % target)
     skill = os.path.join(os.path.dirname(ORCH), "SKILL.md")

@@ -909,6 +909,20 @@ MARKED = {   # file -> [(line text, is a marker line)]
 
 class Briefs(OrchCase):
 
+    def test_a_new_brief_archives_the_last_result_and_done_flag(self):
+        wd = self.sb.workdir("wörk-zwei", {"a.py": "# TODO: eins\n"})
+        self.spawn("zwei", 1, wd, "sim --delay 1")
+        self.ok("brief", "zwei", "1", "--goal", "a.py carries markers", "--send")
+        self.ok("wait", "zwei", "--timeout", "30", "--interval", "0.2")
+        first = self.sb.text(self.sb.shared("zwei", "agent-1.result.md"))
+        self.ok("brief", "zwei", "1", "--goal", "a.py still carries markers")
+        self.assertFalse(os.path.exists(self.sb.shared("zwei", "agent-1.done")))
+        old = glob.glob(self.sb.shared("zwei", "agent-1.result.md.old-*"))
+        self.assertEqual([self.sb.text(p) for p in old], [first])
+        self.assertEqual(len(glob.glob(self.sb.shared("zwei", "agent-1.done.old-*"))), 1)
+        r = self.sb.orch("wait", "zwei", "--timeout", "0.5", "--interval", "0.1")
+        self.assertEqual(r.code, 3, r)                       # the old flag no longer answers
+
     def test_brief_contents(self):
         wd = self.sb.workdir("wörk-brief")
         self.spawn("br", 2, wd)
@@ -1278,7 +1292,8 @@ class Verification(OrchCase):
                     self.assertNotIn(finder, got)
                     self.assertEqual(len(set(got)), rounds, (n, rounds, finder, got))
                     self.assertEqual(got, [((finder - 1 + k) % n) + 1 for k in range(1, rounds + 1)])
-        self.assertEqual([orch.verifier_for(2, k, [2, 4], 5) for k in (1, 2)], [4, 4])
+        self.assertEqual([orch.verifier_for(2, k, [2, 4], 5) for k in (1, 2)], [4, None])  # never twice
+        self.assertEqual([orch.verifier_for(1, k, [2, 4], 5) for k in (1, 2, 3)], [2, 4, None])
         self.assertEqual(orch.verifier_for(1, 1, [1], 3), None)
 
     def test_citation_check(self):
@@ -1312,6 +1327,7 @@ class Verification(OrchCase):
         self.ok("add", "solo", "1", "--agent", SIM)
         self.assert_one_error_line(self.sb.orch("verify", "solo"), 1, "no worker of 'solo' has a done flag")
         for argv, needle in ((["--rounds", "0"], "--rounds must be"), (["--rounds", "2"], "at most 1 rounds"),
+                             (["--by", "1,2", "--rounds", "2"], "2 verifiers allow at most 1 rounds"),
                              (["--by", "1,x"], "--by 1,x"), (["--by", "3"], "--by 3")):
             self.assert_one_error_line(self.sb.orch("verify", "solo", *argv), 2, needle)
         self.assertFalse(os.path.exists(self.sb.shared("solo", "matrix.json")))
@@ -1412,6 +1428,18 @@ class Setup(OrchCase):
         self.assertEqual(r.code, 1, r)
         self.assertIn("npm install -g @openai/codex", r.out)
 
+    def test_doctor_finds_credentials_where_workers_do(self):
+        conf = os.path.join(self.sb.root, "eigene-config")
+        os.makedirs(conf)
+        with open(os.path.join(conf, ".credentials.json"), "w") as f:
+            f.write("{}")
+        env = dict(self.sb.env, PATH=self.fake_bin(["claude"]) + os.pathsep + os.path.dirname(REAL_TMUX),
+                   CLAUDE_CONFIG_DIR=conf, HOME=self.sb.root)
+        env.pop("ANTHROPIC_API_KEY", None)
+        r = self.sb.orch("doctor", env=env)
+        self.assertRegex(r.out, r"(?m)^ok   credentials +%s" % re.escape(conf))
+        self.assertEqual(r.code, 0, r)
+
     def test_install_into_a_bin_dir(self):
         home = os.path.join(self.sb.root, "user")
         bin_dir = os.path.join(self.sb.root, "bin dir")
@@ -1430,6 +1458,9 @@ class Setup(OrchCase):
                              env=dict(self.sb.env, PATH=os.path.dirname(sys.executable) + os.pathsep
                                       + self.sb.env["PATH"]))
         self.assertRegex(out.stdout, r"^orch ")
+        again = subprocess.run([sys.executable, target, "install", "--bin-dir", bin_dir], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True, env=dict(self.sb.env, HOME=home))
+        self.assertEqual(again.returncode, 0, again.stderr)   # an installed copy installs itself again
 
 
 # =============================================================================
