@@ -415,6 +415,12 @@ class Harness(OrchCase):
         self.assertTrue(send["confirmed"], send)
         self.assertGreaterEqual(send["enters"], 2, send)
 
+    def test_force_never_kills_a_session_of_another_home(self):
+        self.sb.tmux("new-session", "-d", "-s", "orch-fremd", "sleep 600")
+        r = self.sb.orch("spawn", "fremd", "1", self.sb.workdir("wörk-fremd"), "--agent", SIM, "--force")
+        self.assert_one_error_line(r, 1, "is no fleet of ORCH_HOME")
+        self.assertTrue(self.sb.has_session("fremd"))
+
     def test_a_done_flag_does_not_hide_the_screen_from_delivery(self):
         """Done workers still get verification briefs: what their pane shows
         (a draft, a dead agent) must guard delivery as for any worker."""
