@@ -430,13 +430,14 @@ class Harness(OrchCase):
                 pass
         pane1, pane2 = self.sb.panes("fertig")[0][0], self.sb.panes("fertig")[1]
         self.sb.tmux("send-keys", "-t", pane1, "-l", "halb getippt")
-        wait_for(lambda: "halb getippt" in self.read("fertig", 1), 10)
+        wait_for(lambda: "halb getippt" in self.read("fertig", 1), 20, what="the draft on W1's screen")
         self.assert_one_error_line(self.sb.orch("send", "fertig", "1", "hallo"), 1, "unsent text")
         self.assertEqual(self.sb.msgs("fertig", 1), [])
         self.ok("nudge", "fertig", "1", "frisch")                    # clears the draft first
         self.assertEqual(self.sb.msgs("fertig", 1), ["frisch"])
         os.kill(pane2[1], signal.SIGKILL)
-        wait_for(lambda: "Pane is dead" in self.read("fertig", 2) or not self.read("fertig", 2).strip(), 10)
+        wait_for(lambda: self.sb.tmux("display-message", "-p", "-t", pane2[0], "#{pane_dead}").stdout.strip()
+                 == b"1", 20, what="W2's pane dead")
         self.assertEqual(self.states("fertig"), ["done", "done"])
         self.assert_one_error_line(self.sb.orch("send", "fertig", "2", "hallo"), 1, "W2 has exited")
         self.assertTrue(self.sb.has_session("fertig"))             # tmux 3.3a dies pasting into a dead pane
