@@ -1809,7 +1809,9 @@ def sim_job(brief_path, lie, seed):
     """Do what a brief asks, mechanically; return lines for the screen."""
     text = read_text(brief_path, "")
     head = re.search(r"^# Worker (\d+) of (\d+) .*\((\w+)\)\s*$", text, re.M)
-    paths = dict(re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M))
+    paths = {}
+    for key, path in re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M):
+        paths.setdefault(key, path)             # orch's header comes first; a goal cannot override it
     if not head or len(paths) < 4:
         return ["sim: %s is not a brief I understand" % brief_path]
     n, count, role = int(head.group(1)), int(head.group(2)), head.group(3).lower()
