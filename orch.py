@@ -81,6 +81,14 @@ READY = ("idle", "busy", "draft", "stalled")   # booted and past dialogs
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 ENTER_RETRIES = 3
 
+# Keys that clear a draft, the same in every profile that has no "clear" of
+# its own: end of line, kill to line start (C-u in Claude, Codex, Gemini,
+# prompt_toolkit), join the previous line; delivery repeats them while the
+# draft lasts. Not Escape: it interrupts a busy turn in all three, answers "No"
+# in approvals, and Esc Esc opens Claude's rewind. Not C-c: one Ctrl-C on an
+# empty Codex 0.169 composer exits; Claude and Gemini exit on the second.
+CLEAR_KEYS = ["C-e", "C-u", "BSpace"]
+
 # Agent profiles: how to recognise each agent's screens. Facts from real tmux
 # 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini CLI 0.61.0,
 # plus strings users reported for other versions. Markers are regexes searched
@@ -114,12 +122,6 @@ PROFILES = {
                     r"(?i)limit reached\W+resets?"],  # "Weekly limit reached · resets 10am"
         # "⠂ Claude Code" (2.1.197), "◐ Claude Code" (2.1.331); idle and permission: "✳ Claude Code"
         "title_busy": r"^[\u2800-\u28ff◐◓◑◒]",
-        # Draft clearing, same keys everywhere: end of line, kill to line start (C-u in Claude, Codex,
-        # Gemini KILL_LINE_LEFT, prompt_toolkit), join the previous line; the caller repeats while
-        # the state stays "draft" (multi-line drafts). Not Escape: it interrupts a busy turn in all
-        # three, answers "No" in approvals, and Esc Esc opens Claude's rewind. Not C-c: one Ctrl-C on
-        # an empty Codex 0.169 composer exits; Claude and Gemini exit on the second.
-        "clear": ["C-e", "C-u", "BSpace"],
         # 2.1.197 trust question; option 1 (the default) trusts the workdir.
         # Only when the selection sits on "trust": the --add-dir question
         # ("Adding a new directory") defaults to "No, exit".
@@ -142,7 +144,6 @@ PROFILES = {
                    r"Trust this folder|Do you trust the contents", r"Sign in with"],
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
-        "clear": ["C-e", "C-u", "BSpace"],
         "answer": [(r"› 1\. Trust and continue", ["Enter"])],
     },
     "gemini": {
@@ -160,7 +161,6 @@ PROFILES = {
         "limited": [r"(?i)reached your daily .*quota", r"(?i)quota (limit|exceeded)",
                     r"(?i)usage limit reached"],
         "title_busy": r"Working",  # "✦  Working… (<dir>)"; idle "◇  Ready"; "✋  Action Required"
-        "clear": ["C-e", "C-u", "BSpace"],
         "answer": [(r"● 1\. Trust folder", ["Enter"])],
     },
     "aider": {
@@ -171,15 +171,11 @@ PROFILES = {
         # "Create new file? (Y)es/(N)o [Yes]: " is live only while it ends the screen (\Z).
         "permission": [r"\(Y\)es/\(N\)o.*\]: *\Z"],
         "limited": [r"(?i)exceeded your current quota"],
-        "clear": ["C-e", "C-u", "BSpace"],
     },
     "sim": {  # orch's built-in simulated agent (`orch.py sim`)
         "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"],
-        "clear": ["C-e", "C-u", "BSpace"],
     },
-    "generic": {  # any other command: no markers, poll() decides from screen changes
-        "clear": ["C-e", "C-u", "BSpace"],
-    },
+    "generic": {},  # any other command: no markers, poll() decides from screen changes
 }
 
 
@@ -273,7 +269,6 @@ def snapshot(fleet, panes, history=False, ansi=True):
         # A pane died between listing and capture (the batch stopped there):
         # re-list once and capture only what is alive.
         panes = [p for p in panes if p in panes_info]
-    return {}
 
 
 # --- files -----------------------------------------------------------------
@@ -606,7 +601,7 @@ def deliver(fleet, ns, text, clear=False):
         for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
             if rows[n]["live"] != "draft":
                 break
-            tmux("send-keys", "-t", panes[n], *profile["clear"])
+            tmux("send-keys", "-t", panes[n], *profile.get("clear", CLEAR_KEYS))
             time.sleep(0.1)
             rows[n] = next(r for r in poll(fleet) if r["n"] == n)
         if rows[n]["live"] in READY and rows[n]["live"] != "draft":
