@@ -689,13 +689,15 @@ def open_pane(fleet, n, beside=None):
     argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n)
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
-    if fleet["session"] in live_sessions():
-        head = ["new-window", "-t", "=%s:" % fleet["session"]]
-    else:
-        head = ["new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50"]
     # remain-on-exit in the same batch as the window's birth: a pane whose
     # agent dies at once still keeps its last screen.
-    return tmux(*head, *argv, ";", "set-option", "-w", "remain-on-exit", "on").split()[0]
+    argv += [";", "set-option", "-w", "remain-on-exit", "on"]
+    if fleet["session"] in live_sessions():
+        return tmux("new-window", "-t", "=%s:" % fleet["session"], *argv).split()[0]
+    # The session carries its ORCH_HOME: a fleet of the same name in another
+    # home must never be killed from this one.
+    return tmux("new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50", *argv,
+                ";", "set-option", "-t", "=%s:" % fleet["session"], "@orch_home", orch_home()).split()[0]
 
 
 def add_workers(fleet, count, agent):
@@ -753,8 +755,20 @@ def save_logs(fleet, why):
     return sorted(saved)
 
 
+def session_home(session):
+    """The ORCH_HOME a live session was spawned from ('' if none is recorded)."""
+    try:
+        return tmux("show-options", "-v", "-t", "=%s:" % session, "@orch_home").strip()
+    except OrchError:
+        return ""
+
+
 def end_fleet(fleet):
     """Save scrollback, then kill the tmux session; say what was saved."""
+    home = session_home(fleet["session"])
+    if home and home != orch_home():
+        raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
+                        "run orch with that ORCH_HOME" % (fleet["session"], home))
     saved = save_logs(fleet, "kill")
     try:
         tmux("kill-session", "-t", "=" + fleet["session"])
@@ -792,7 +806,8 @@ def cmd_spawn(a):
             what = "is live" if live else "has an old workspace in %s" % rd
             raise OrchError("fleet %r %s: run `orch kill %s` first (the workspace stays), or "
                             "pass --force to archive it" % (name, what, name))
-        if live and not os.path.exists(os.path.join(rd, "fleet.json")):
+        if live and (not os.path.exists(os.path.join(rd, "fleet.json"))
+                     or session_home(session_of(name)) not in ("", orch_home())):
             raise OrchError("tmux session %s is live but is no fleet of ORCH_HOME %s (another "
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
@@ -1649,11 +1664,12 @@ def cmd_doctor(a):
     agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
     word = (shlex.split(agent) or ["?"])[0]
     checks = [("python", sys.version_info >= (3, 8), sys.version.split()[0], "use Python 3.8 or newer")]
-    tmux_path = shutil.which("tmux")
-    version = subprocess.run(["tmux", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             universal_newlines=True).stdout.strip() if tmux_path else ""
+    try:
+        version = tmux("-V").strip()
+    except OrchError:
+        version = ""
     m = re.search(r"(\d+)\.(\d+)", version)          # "tmux 3.3a", "tmux next-3.4"
-    checks.append(("tmux", bool(tmux_path) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
+    checks.append(("tmux", bool(version) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
                    version or "not found", "install tmux 3.0 or newer (apt-get install tmux, "
                    "brew install tmux)"))
     if word != "sim":

@@ -420,6 +420,15 @@ class Harness(OrchCase):
         r = self.sb.orch("spawn", "fremd", "1", self.sb.workdir("wörk-fremd"), "--agent", SIM, "--force")
         self.assert_one_error_line(r, 1, "is no fleet of ORCH_HOME")
         self.assertTrue(self.sb.has_session("fremd"))
+        # Home A has an ended fleet "x"; home B's "x" is live on the same server.
+        self.spawn("x", 1)
+        self.ok("kill", "x")
+        other = dict(self.sb.env, ORCH_HOME=os.path.join(self.sb.root, "andere"))
+        self.ok("spawn", "x", "1", self.sb.workdir("wörk-x2"), "--agent", SIM, env=other)
+        for argv in (["spawn", "x", "1", self.sb.workdir("wörk-x"), "--agent", SIM, "--force"], ["kill", "x"]):
+            self.assert_one_error_line(self.sb.orch(*argv), 1, "ORCH_HOME")
+            self.assertTrue(self.sb.has_session("x"))
+        self.assertEqual(json.loads(self.ok("status", "x", "--json", env=other).out)["live"], True)
 
     def test_a_done_flag_does_not_hide_the_screen_from_delivery(self):
         """Done workers still get verification briefs: what their pane shows
@@ -561,6 +570,8 @@ class Harness(OrchCase):
         self.ok("kill", "a")
         self.assertFalse(self.sb.has_session("a"))
         self.assertTrue(self.sb.has_session("ab"))
+        self.assertIn("already gone", self.ok("kill", "a").out)  # orch-a must not prefix-match orch-ab
+        self.assertTrue(self.sb.has_session("ab"))
         st = self.status("ab")
         self.assertTrue(st["live"])
         self.assertEqual([w["state"] for w in st["workers"]], ["idle"])
@@ -576,7 +587,7 @@ class Harness(OrchCase):
         """Every pane is captured, whatever its id (%3, %10, ...)."""
         self.ok("spawn", "vier", 4, self.sb.workdir("wörk-vier"), "--agent", SIM, "--timeout", "0")
         try:
-            wait_for(lambda: self.states("vier") == ["idle"] * 4, 8, what="four idle workers")
+            wait_for(lambda: self.states("vier") == ["idle"] * 4, 20, what="four idle workers")
         except AssertionError:
             pass                                  # the assertion below shows the states
         self.assertEqual(self.states("vier"), ["idle"] * 4)
@@ -646,7 +657,7 @@ class States(OrchCase):
                 got[agent] = json.loads(r.out)["workers"] if r.code == 0 else []
             return all([w["state"] for w in got[a]] == [st for _, st in by_agent[a]] for a in by_agent)
         try:
-            wait_for(classified, 10, 0.2, "every fixture to be classified as labelled")
+            wait_for(classified, 30, 0.2, "every fixture to be classified as labelled")
         except AssertionError:
             pass                                   # the subtests below say which ones
         for agent, items in sorted(by_agent.items()):
@@ -659,7 +670,7 @@ class States(OrchCase):
                         self.assertEqual(" ".join(w.get("last", "").split()), " ".join(lines[-1].split()), fx)
 
     def test_sim_moves_idle_busy_done_in_wait_output(self):
-        self.spawn("tr", 1, self.sb.workdir("wörk-tr", {"x.py": "# FIXME: ä\n"}), "sim --delay 1")
+        self.spawn("tr", 1, self.sb.workdir("wörk-tr", {"x.py": "# FIXME: ä\n"}), "sim --delay 3")
         proc = self.sb.start("wait", "tr", "--interval", "0.2", "--timeout", "25")
         wait_for(lambda: proc.lines, 10, what="wait's first line")
         self.ok("brief", "tr", 1, "--goal", "which lines carry FIXME markers", "--send")
@@ -1614,9 +1625,8 @@ class RealClaude(OrchCase):
 # Hardening: faults, concurrency, security, the Python 3.8 floor.
 
 # Seconds the concurrency test drives one fleet from five directions at once, as
-# the issue asks: ~50 sends, ~100 posts, hundreds of polls. With it this set takes
-# ~56 s, inside its ~60 s share of the suite's 3-minute budget; ORCH_CHAOS=S
-# shortens it for a quick local run.
+# the issue asks: ~50 sends, ~100 posts, hundreds of polls. It is a quarter of
+# the suite's ~2 minutes (budget: 3); ORCH_CHAOS=S shortens it for a quick run.
 CHAOS_SECONDS = float(os.environ.get("ORCH_CHAOS") or 30)
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # what no pane may receive
 
@@ -1676,7 +1686,7 @@ class Faults(OrchCase):
         t_dead = time.monotonic()
         r = proc.finish(15)
         self.assertEqual(r.code, 4, r)
-        self.assertLess(time.monotonic() - t_dead, interval + 1.5, r)    # the next poll saw it
+        self.assertLess(time.monotonic() - t_dead, 2 * interval + 3, r)  # the next poll saw it
         self.assertTrue(re.search(r"W1 busy -> exited", r.out), r.out)
         self.assertIn("a worker exited without its done flag", r.out)
         self.assertEqual(r.err, "")
@@ -2170,10 +2180,11 @@ class Security(OrchCase):
         self.assertEqual(bad, [])
         runs = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                 and getattr(n.func.value, "id", None) == "subprocess"]
-        self.assertGreaterEqual(len(runs), 2)               # the check did look at orch's tmux calls
+        self.assertGreaterEqual(len(runs), 1)               # the check did look at orch's tmux() call
 
     def test_shell_metacharacters_in_workdir_agent_and_goal_run_nothing(self):
         self.sb.env["HOME"] = self.sb.root     # a shell started by tmux would `cd` here, not to ~
+        self.sb.home = self.sb.env["ORCH_HOME"] = os.path.join(self.sb.root, "h $(cd;touch GOTCHA-home);x")
         wd = self.sb.workdir("w $(touch GOTCHA-dollar) ;touch GOTCHA-semi; #(cd;touch GOTCHA-tmux) "
                              "#{pane_id} & x", {"a.py": "# TODO: a\n"})
         self.ok("spawn", "meta", 1, wd, "--agent", "sim --delay 0.2 --seed '$(cd;touch GOTCHA-seed)'",
