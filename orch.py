@@ -812,7 +812,10 @@ def cmd_spawn(a):
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
         if live:
-            end_fleet(load_fleet(name))
+            try:
+                end_fleet(load_fleet(name))
+            except OrchError:           # a damaged fleet.json: end the session all the same
+                tmux("kill-session", "-t", "=" + session_of(name))
         if os.path.isdir(rd):
             archive = "%s.old-%s" % (rd, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
             os.rename(rd, archive)
