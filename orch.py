@@ -666,13 +666,6 @@ def parse_agent(agent):
     return profile
 
 
-def agent_argv(w):
-    words = shlex.split(w["agent"])
-    if w["profile"] == "sim":
-        return [sys.executable, ORCH, "sim"] + words[1:]
-    return words
-
-
 def pane_command(fleet, n):
     """The start directory and command of worker n's pane; the lead's
     environment goes along in env.json (0600), never on a command line."""
@@ -851,18 +844,6 @@ def cmd_add(a):
     report_ready(fleet, range(first, first + a.K), a.timeout)
 
 
-def message_text(a):
-    if a.file and a.message:
-        raise OrchError("give the message as words or with --file, not both", 2)
-    if a.file:
-        if os.path.isdir(a.file) or not os.path.exists(a.file):
-            raise OrchError("--file %s: no such file" % a.file, 2)
-        return read_text(a.file, "")
-    if a.message == ["-"]:
-        return sys.stdin.read()
-    return " ".join(a.message)
-
-
 def report_delivery(fleet, ns, text, failed):
     text = clean_text(text)
     for n in ns:
@@ -875,7 +856,12 @@ def report_delivery(fleet, ns, text, failed):
 def cmd_send(a):
     fleet = load_fleet(a.name)
     ns = [w["n"] for w in pick_workers(fleet, a.worker)]
-    text = message_text(a)
+    if a.file and a.message:
+        raise OrchError("give the message as words or with --file, not both", 2)
+    if a.file and not os.path.isfile(a.file):
+        raise OrchError("--file %s: no such file" % a.file, 2)
+    text = read_text(a.file, "") if a.file else sys.stdin.read() if a.message == ["-"] \
+        else " ".join(a.message)
     report_delivery(fleet, ns, text, deliver(fleet, ns, text))
 
 
@@ -906,11 +892,10 @@ def cmd_status(a):
     if live:
         rows = poll(fleet, a.stall)
     else:
-        rows = [{"n": w["n"], "pane": w["pane"], "state": "done" if os.path.exists(
-                 worker_file(fleet, w["n"], "done")) else "exited", "quiet": None, "last": ""}
-                for w in fleet["workers"]]
-    for r in rows:
-        r["done"] = os.path.exists(worker_file(fleet, r["n"], "done"))
+        rows = [{"n": w["n"], "pane": w["pane"], "done": os.path.exists(worker_file(fleet, w["n"], "done")),
+                 "quiet": None, "last": ""} for w in fleet["workers"]]
+        for r in rows:
+            r["state"] = "done" if r["done"] else "exited"
     bus = bus_tail(fleet, 5)
     if a.json:
         keep = ("n", "pane", "state", "done", "quiet", "last")
@@ -930,13 +915,15 @@ def cmd_status(a):
         print("  " + line)
 
 
+def fleet_names():
+    """Fleets in ORCH_HOME; archived runs (<name>.old-<stamp>) are not fleets."""
+    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if NAME_RE.match(d)]
+
+
 def status_all(a):
-    runs = os.path.join(orch_home(), "runs")
     live = live_sessions()
     fleets = []
-    for name in sorted(os.listdir(runs)):
-        if not NAME_RE.match(name):
-            continue                    # archived runs: <name>.old-<stamp>
+    for name in fleet_names():
         try:
             f = load_fleet(name)
         except OrchError as e:
@@ -949,7 +936,7 @@ def status_all(a):
         print(json.dumps({"fleets": fleets}, ensure_ascii=False, indent=2))
         return
     if not fleets:
-        print("no fleets in %s: `orch spawn NAME N` starts one" % runs)
+        print("no fleets in %s: `orch spawn NAME N` starts one" % os.path.join(orch_home(), "runs"))
     for f in fleets:
         if "error" in f:
             print("%-32s  broken: %s" % (f["name"], f["error"]))
@@ -1099,8 +1086,7 @@ def cmd_kill(a):
     if a.name:
         return end_fleet(load_fleet(a.name))
     live = live_sessions()
-    runs = os.path.join(orch_home(), "runs")
-    names = [d for d in sorted(os.listdir(runs)) if NAME_RE.match(d) and session_of(d) in live]
+    names = [d for d in fleet_names() if session_of(d) in live]
     for name in names:
         end_fleet(load_fleet(name))
     if not names:
@@ -1127,7 +1113,9 @@ def cmd_worker(a):
     env = dict(os.environ, **read_state(os.path.join(fleet["run"], "env.json")))
     env.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
                ORCH_HOME=orch_home())
-    argv, extra = agent_argv(w), agent_setup(fleet, w)
+    argv, extra = shlex.split(w["agent"]), agent_setup(fleet, w)
+    if w["profile"] == "sim":
+        argv[:1] = [sys.executable, ORCH, "sim"]
     env.update(extra.get("env", {}))
     argv += extra.get("args", [])
     os.chdir(fleet["workdir"])
@@ -1463,18 +1451,17 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
                                     "evidence": "no verifier available", "unsupported": True})
             else:
                 jobs.setdefault(v, []).append(f)
-        flags = {}
+        stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
+        flags = {v: stem + ".done" for v, stem in stems.items()}
         for v, fs in sorted(jobs.items()):
-            stem = os.path.join(vdir, "r%d-w%d" % (k, v))
+            stem = stems[v]
             goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
                     "are true; give one verdict per finding" % len(fs))
             write_file(stem + ".task.md", make_brief(
                 fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
                 stem + ".result.md", stem + ".done", "verification round %d" % k,
                 [finding_line(f) for f in fs]))
-            flags[v] = stem + ".done"
             log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
-        stems = {v: flag[:-len(".done")] for v, flag in flags.items()}
         for v in sorted(flags):
             for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
                 problems.append("round %d: %s" % (k, why))
@@ -1979,7 +1966,9 @@ def number(kind, low=0.0, integer=False):
 def build_parser():
     p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                usage=argparse.SUPPRESS, add_help=True)
-    p.add_argument("--version", action="version", version="orch %s (%s)" % (VERSION, file_digest()))
+    with open(ORCH, "rb") as f:             # any vendored copy can be told apart
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    p.add_argument("--version", action="version", version="orch %s (%s)" % (VERSION, digest))
     sub = p.add_subparsers(dest="command", parser_class=Parser, help=argparse.SUPPRESS)
     secs = number("seconds")
 
@@ -2033,11 +2022,6 @@ def who_name(text):
     if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
         raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
     return text
-
-
-def file_digest():
-    with open(ORCH, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def main(argv=None):
