@@ -1966,9 +1966,7 @@ def number(kind, low=0.0, integer=False):
 def build_parser():
     p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                usage=argparse.SUPPRESS, add_help=True)
-    with open(ORCH, "rb") as f:             # any vendored copy can be told apart
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    p.add_argument("--version", action="version", version="orch %s (%s)" % (VERSION, digest))
+    p.add_argument("--version", action="store_true", help="show the version and the file's digest")
     sub = p.add_subparsers(dest="command", parser_class=Parser, help=argparse.SUPPRESS)
     secs = number("seconds")
 
@@ -2034,6 +2032,10 @@ def main(argv=None):
         if extra and (not hasattr(args, "message") or any(x.startswith("-") for x in extra)):
             parser.error("unrecognized arguments: %s" % " ".join(extra))
         args.message = getattr(args, "message", []) + extra
+        if args.version:
+            with open(ORCH, "rb") as f:     # any vendored copy can be told apart
+                print("orch %s (%s)" % (VERSION, hashlib.sha256(f.read()).hexdigest()[:12]))
+            return 0
         if not args.command:
             parser.print_help()
             return 2
