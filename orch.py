@@ -67,38 +67,143 @@ import subprocess
 import tempfile
 import sys
 import termios
+import threading
 import time
 import tty
 import uuid
 
-# --- constants and agent profiles -------------------------------------------
+
+# --- constants and agents ------------------------------------------------------
 
 VERSION = "0.3"
 SCHEMA = 1                      # fleet.json "version"
 ORCH = os.path.abspath(__file__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-READY = ("idle", "busy", "draft", "stalled")   # booted and past dialogs
+BOOTED = ("idle", "busy", "draft", "stalled")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
+STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 ENTER_RETRIES = 3
 
-# Keys that clear a draft, the same in every profile that has no "clear" of
-# its own: end of line, kill to line start (C-u in Claude, Codex, Gemini,
-# prompt_toolkit), join the previous line; delivery repeats them while the
-# draft lasts. Not Escape: it interrupts a busy turn in all three, answers "No"
-# in approvals, and Esc Esc opens Claude's rewind. Not C-c: one Ctrl-C on an
-# empty Codex 0.169 composer exits; Claude and Gemini exit on the second.
+# Keys that clear a draft, the same for every agent: end of line, kill to line
+# start (C-u in Claude, Codex, Gemini, prompt_toolkit), join the previous line;
+# delivery repeats them while the draft lasts. Not Escape: it interrupts a busy
+# turn in all three, answers "No" in approvals, and Esc Esc opens Claude's
+# rewind. Not C-c: one Ctrl-C on an empty Codex 0.169 composer exits; Claude
+# and Gemini exit on the second.
 CLEAR_KEYS = ["C-e", "C-u", "BSpace"]
 
-# Agent profiles: how to recognise each agent's screens. Facts from real tmux
-# 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini CLI 0.61.0,
-# plus strings users reported for other versions. Markers are regexes searched
-# (re.M) in the screen without escapes; "prompt" in the screen without dim
-# text. "above": rows over the input line that still belong to the live UI
-# (spinner, status); "below": rows allowed under it (None: any; 0: a line REPL,
-# whose older prompt lines are only history). "answer": dialogs spawn may
-# answer by itself, each once: only "trust the workdir the lead chose".
-PROFILES = {
+
+class OrchError(Exception):
+    """The one failure: a message for the user, an exit code, for tmux failures
+    a kind ("server" gone, "target" gone) callers turn into states, and the
+    lines of what did succeed before it (main prints them first)."""
+
+    def __init__(self, message, code=1, kind=None, said=()):
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.said = list(said)
+
+
+# Each agent's setup hooks. "seed" runs once per fleet in the lead, before any
+# pane starts (workers booting together must not race to write one config), so
+# workers boot past first-run dialogs and the user's own config is never
+# touched; "setup" runs in the pane and returns the worker's env and extra args.
+
+def claude_user_dir():
+    return os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
+
+
+def claude_credentials():
+    """Where a Claude worker gets its login from, or None."""
+    env = next((c for c in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN") if os.environ.get(c)), None)
+    creds = os.path.join(claude_user_dir(), ".credentials.json")
+    return env or (creds if os.path.exists(creds) else None)
+
+
+def claude_seed(fleet, agent):
+    config = os.path.join(fleet["run"], "claude")
+    if os.path.exists(os.path.join(config, ".claude.json")):
+        return
+    os.makedirs(config, exist_ok=True)
+    user_dir = claude_user_dir()
+    mine = read_state(os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR")
+                      else os.path.expanduser("~/.claude.json"))
+    keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
+    state = {k: mine[k] for k in keep if k in mine}
+    trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
+    workdir, shared = os.path.realpath(fleet["workdir"]), os.path.realpath(shared_dir(fleet))
+    state.update(hasCompletedOnboarding=True, projects={workdir: trusted, shared: trusted},
+                 # Claude Code 2.1.331: auto-mode notices that would block a worker.
+                 hasSeenAutoDefaultNotice=True, hasSeenAutoDefaultNudge=True,
+                 autoModeClassifierBillingNoticeAcknowledgedAt=4102444800000)
+    state.setdefault("lastOnboardingVersion", "2.1.331")
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    if key:                                 # else Claude asks whether to use the key
+        approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
+        approved.setdefault("approved", []).append(key[-20:])
+    write_json(os.path.join(config, ".claude.json"), state)
+    # acceptEdits lets a worker edit the workdir and shared/; these rules add
+    # the commands it needs (not find: -delete and -exec would pass as a
+    # prefix). rm is denied, not asked: a refusal does not stall a worker.
+    rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
+             "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)", "Bash(wc:*)",
+             "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)"]
+    settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
+    if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
+        settings["skipDangerousModePermissionPrompt"] = True
+    write_json(os.path.join(config, "settings.json"), settings)
+    creds = os.path.join(user_dir, ".credentials.json")
+    if os.path.exists(creds):               # a link, so token refreshes keep working
+        os.symlink(creds, os.path.join(config, ".credentials.json"))
+
+
+def claude_setup(fleet, w):
+    config = os.path.join(fleet["run"], "claude")
+    resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
+    args = ["--add-dir", os.path.realpath(shared_dir(fleet)),
+            "--resume" if resume else "--session-id", w["session_id"]]
+    if not any(x in shlex.split(w["agent"]) for x in ("--permission-mode", "--dangerously-skip-permissions")):
+        args = ["--permission-mode", "acceptEdits"] + args
+    return {"env": {"CLAUDE_CONFIG_DIR": config, "DISABLE_AUTOUPDATER": "1",
+                    # pin the inline UI the screen markers know (2.1.331 may pick fullscreen)
+                    "CLAUDE_CODE_DISABLE_ALTERNATE_SCREEN": "1"}, "args": args}
+
+
+def codex_seed(fleet, agent):
+    """Codex 0.169 keeps trust in config.toml: the fleet's own CODEX_HOME gets
+    the user's config with the workdir trusted, and a link to the login."""
+    home = os.path.join(fleet["run"], "codex")
+    user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
+    if os.path.exists(os.path.join(home, "config.toml")):
+        return
+    os.makedirs(home, exist_ok=True)
+    text = read_text(os.path.join(user, "config.toml"), "")
+    table = "[projects.%s]" % json.dumps(os.path.realpath(fleet["workdir"]))
+    if table not in text:                   # the user may have trusted it already
+        text += "\n%s\ntrust_level = \"trusted\"\n" % table
+    write_file(os.path.join(home, "config.toml"), text)
+    if os.path.exists(os.path.join(user, "auth.json")):
+        os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
+
+
+# Agents: everything orch knows about each, one entry per agent. Screen facts
+# from real tmux 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini
+# CLI 0.61.0, plus strings users reported for other versions.
+#   install, credentials, login: doctor's hint, where the login is found, and
+#     how to log in; seed, setup: the hooks above; command: argv for the agent
+#     word (else the word itself runs).
+#   Markers are regexes searched (re.M) in the screen without escapes; "prompt"
+#     in the screen without dim text. "above": rows over the input line that
+#     still belong to the live UI (spinner, status); "below": rows allowed under
+#     it (None: any; 0: a line REPL, whose older prompt lines are only history).
+#   "answer": dialogs spawn may answer by itself, each once: only "trust the
+#     workdir the lead chose".
+AGENTS = {
     "claude": {
+        "install": "npm install -g @anthropic-ai/claude-code", "credentials": claude_credentials,
+        "login": "run `claude` once and log in, or export ANTHROPIC_API_KEY",
+        "seed": claude_seed, "setup": claude_setup,
         # 2.1.197: the input line is "❯" + NBSP; past messages use "❯ " (normal space), menus "❯ 1. Yes".
         # Claude Code 1.x drew "│ > " inside a box instead.
         "prompt": r"^\s*❯\u00a0|^│ > ",
@@ -128,6 +233,8 @@ PROFILES = {
         "answer": [(r"❯ 1\. Yes, I trust this folder", ["Enter"])],
     },
     "codex": {
+        "install": "npm install -g @openai/codex", "seed": codex_seed,
+        "setup": lambda fleet, w: {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}},
         # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
         # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
         # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.
@@ -147,6 +254,9 @@ PROFILES = {
         "answer": [(r"› 1\. Trust and continue", ["Enter"])],
     },
     "gemini": {
+        "install": "npm install -g @google/gemini-cli",
+        "setup": lambda fleet, w: {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"},
+                                   "args": ["--include-directories", os.path.realpath(shared_dir(fleet))]},
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
         # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.
         "prompt": r"^[\s│]*[>!*] ",
@@ -173,23 +283,14 @@ PROFILES = {
         "limited": [r"(?i)exceeded your current quota"],
     },
     "sim": {  # orch's built-in simulated agent (`orch.py sim`)
+        "command": [sys.executable, ORCH, "sim"],
         "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"],
     },
     "generic": {},  # any other command: no markers, poll() decides from screen changes
 }
 
 
-class OrchError(Exception):
-    """The one failure: a message for the user, an exit code, and for tmux
-    failures a kind ("server" gone, "target" gone) callers turn into states."""
-
-    def __init__(self, message, code=1, kind=None):
-        super().__init__(message)
-        self.code = code
-        self.kind = kind
-
-
-# --- tmux ------------------------------------------------------------------
+# --- tmux ----------------------------------------------------------------------
 
 def tmux(*args, stdin=None):
     """Run one tmux command (or a ';' batch); return its stdout as text."""
@@ -225,6 +326,14 @@ def live_sessions():
         if e.kind in ("server", "target"):
             return set()
         raise
+
+
+def session_home(session):
+    """The ORCH_HOME a live session was spawned from ('' if none is recorded)."""
+    try:
+        return tmux("show-options", "-v", "-t", "=%s:" % session, "@orch_home").strip()
+    except OrchError:
+        return ""
 
 
 def snapshot(fleet, panes, history=False, ansi=True):
@@ -271,13 +380,20 @@ def snapshot(fleet, panes, history=False, ansi=True):
         panes = [p for p in panes if p in panes_info]
 
 
-# --- files -----------------------------------------------------------------
+# --- files ---------------------------------------------------------------------
 
-def orch_home():
+def orch_home(create=False):
+    """ORCH_HOME, checked; made (0700) only for a command about to write there."""
     home = os.path.abspath(os.path.expanduser(os.environ.get("ORCH_HOME") or "~/.orch"))
+    runs = os.path.join(home, "runs")
     try:
-        os.makedirs(os.path.join(home, "runs"), mode=0o700, exist_ok=True)
-        os.chmod(home, 0o700)
+        if create:
+            os.makedirs(runs, mode=0o700, exist_ok=True)
+            os.chmod(home, 0o700)
+        elif not os.path.isdir(runs):
+            os.listdir(runs)        # missing is no fleets yet; anything else is a problem
+    except FileNotFoundError:
+        pass
     except OSError as e:
         raise OrchError("cannot use ORCH_HOME %s: %s: set ORCH_HOME to a writable directory"
                         % (home, e.strerror))
@@ -302,6 +418,22 @@ def shared_dir(fleet):
 def worker_file(fleet, n, suffix):
     """agent-<n>.task.md, .result.md, .done: absolute, inside shared/."""
     return os.path.join(shared_dir(fleet), "agent-%d.%s" % (int(n), suffix))
+
+
+def is_done(fleet, n):
+    """Worker n has touched the done flag of its brief."""
+    return os.path.exists(worker_file(fleet, n, "done"))
+
+
+def bus_path(fleet):
+    return os.path.join(shared_dir(fleet), "bus.md")
+
+
+def archive(path):
+    """Move a run, a result or a done flag aside as <path>.old-<stamp>: archive, never truncate."""
+    old = "%s.old-%s" % (path, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
+    os.rename(path, old)
+    return old
 
 
 def write_file(path, text):
@@ -347,13 +479,16 @@ def read_state(path):
 
 
 @contextlib.contextmanager
-def state_lock(fleet):
-    """One lock for the state files orch reads, changes and writes back
-    (watch.json, bus-cursors.json): concurrent orch processes take turns."""
+def updating(fleet, name):
+    """Read, change and write back one of orch's state files (watch.json,
+    bus-cursors.json) under one lock per fleet: concurrent orch processes take
+    turns, and none loses another's change."""
     fd = os.open(fleet["run"], os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        state = read_state(os.path.join(fleet["run"], name))
+        yield state
+        write_json(os.path.join(fleet["run"], name), state)
     finally:
         os.close(fd)
 
@@ -362,15 +497,9 @@ def now_iso():
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-ECHO = {"stream": None, "t0": 0.0}      # demo's live event stream
-
-
 def log_event(fleet, event, **fields):
     rec = dict(t=now_iso(), event=event, **fields)
     append_line(os.path.join(fleet["run"], "events.jsonl"), json.dumps(rec, ensure_ascii=False))
-    if ECHO["stream"]:
-        detail = " ".join("%s=%s" % kv for kv in fields.items())
-        print("%6.1fs  %-8s %s" % (time.time() - ECHO["t0"], event, detail), file=ECHO["stream"], flush=True)
 
 
 def load_fleet(name):
@@ -397,6 +526,11 @@ def save_fleet(fleet):
     write_json(os.path.join(fleet["run"], "fleet.json"), data)
 
 
+def fleet_names():
+    """Fleets in ORCH_HOME; archived runs (<name>.old-<stamp>) are not fleets."""
+    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if NAME_RE.match(d)]
+
+
 def pick_workers(fleet, spec, allow_all=True):
     """'all' or a worker number -> list of worker dicts, checked at the door."""
     workers = fleet["workers"]
@@ -408,11 +542,20 @@ def pick_workers(fleet, spec, allow_all=True):
     return [workers[int(spec) - 1]]
 
 
-# --- screens and worker states ----------------------------------------------
+def bus_tail(fleet, count=None):
+    lines = read_text(bus_path(fleet), "").splitlines()
+    return lines if count is None else lines[len(lines) - count:]
+
+
+# --- screens and states --------------------------------------------------------
 
 BOTTOM = 25  # rows searched when no input line is on screen (dialogs fill the lower part)
 _ESC = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[()]?[^\[\]\n]"
 _ESC_RE, _TOKENS = re.compile(_ESC), re.compile("(" + _ESC + ")")
+
+
+def norm(s):
+    return " ".join(s.split())
 
 
 def strip_ansi(s):
@@ -495,15 +638,41 @@ def screen_state(profile, ansi_screen, title):
     return "idle"
 
 
-def poll(fleet, stall=120.0, flags=None):
-    """Every worker's state from one snapshot (one tmux process, whatever N).
-    A row's "state" is what status and wait report ("done" once the done flag
-    exists); its "live" state is what the pane shows, which is what delivery
-    must respect: a done worker can still sit at a permission prompt, or be
-    dead. Screen hashes, change times and last states persist in watch.json,
-    so stalls are seen across calls; every state change goes to events.jsonl."""
+def worker_row(w, info, seen, now, stall, done):
+    """Worker w's row from its pane's capture (None: the pane is gone) and
+    what was seen of it before (`seen`, updated in place). "shows" is the state
+    the pane shows, which is what delivery must respect: a done worker can
+    still sit at a permission prompt, or be dead; "state" is what status and
+    wait report ("done" once the done flag exists)."""
+    plain = strip_ansi(info["screen"]) if info else ""
+    digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
+    if (seen.get("hash"), seen.get("pane")) != (digest, w["pane"]):
+        seen.update(hash=digest, since=now, pane=w["pane"])
+    quiet = now - seen["since"]
+    if info is None or info["dead"]:
+        shows = "exited"
+    elif w["profile"] == "generic":     # no markers: only screen change tells
+        shows = ("busy" if quiet < 3 else "idle") if plain.strip() else None
+    else:
+        shows = screen_state(AGENTS[w["profile"]], info["screen"], info["title"])
+    if shows is None:
+        shows = "busy" if seen.get("booted") else "booting"
+    seen["booted"] = seen.get("booted") or shows in BOOTED
+    if shows in ("idle", "busy") and quiet >= stall:
+        shows = "stalled"
+    lines = [ln for ln in plain.split("\n") if ln.strip()]
+    return {"n": w["n"], "pane": w["pane"], "state": "done" if done else shows, "shows": shows,
+            "done": done, "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
+            "screen": plain, "digest": digest}
+
+
+def poll(fleet, stall=STALL, flags=None):
+    """Every worker's row from one snapshot (one tmux process, whatever N).
+    What was seen persists in watch.json, so stalls are seen across calls;
+    every state change goes to events.jsonl. `flags` ({n: path}) replaces
+    the done flags of workers briefed elsewhere (verification rounds)."""
     flags = flags or {}
-    done = {w["n"]: os.path.exists(flags.get(w["n"]) or worker_file(fleet, w["n"], "done"))
+    done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
             for w in fleet["workers"]}
     try:
         snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
@@ -512,52 +681,27 @@ def poll(fleet, stall=120.0, flags=None):
             raise
         snap = {}                       # the session ended after every worker finished
     now, rows = time.time(), []
-    with state_lock(fleet):
-        mem_path = os.path.join(fleet["run"], "watch.json")
-        mem = read_state(mem_path)
+    with updating(fleet, "watch.json") as mem:
         for w in fleet["workers"]:
-            n, info = w["n"], snap.get(w["pane"])
-            m = mem.get(str(n)) or {}
-            plain = strip_ansi(info["screen"]) if info else ""
-            digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
-            if (m.get("hash"), m.get("pane")) != (digest, w["pane"]):
-                m.update(hash=digest, since=now, pane=w["pane"])
-            quiet = now - m["since"]
-            if info is None or info["dead"]:
-                live = "exited"
-            elif w["profile"] == "generic":     # no markers: only screen change tells
-                live = ("busy" if quiet < 3 else "idle") if plain.strip() else None
-            else:
-                live = screen_state(PROFILES[w["profile"]], info["screen"], info["title"])
-            if live is None:
-                live = "busy" if m.get("ready") else "booting"
-            m["ready"] = m.get("ready") or live in READY
-            if live in ("idle", "busy") and quiet >= stall:
-                live = "stalled"
-            state = "done" if done[n] else live
-            if m.get("state") != state:
-                log_event(fleet, "state", worker=n, was=m.get("state"), now=state)
-                m["state"] = state
-            mem[str(n)] = m
-            lines = [ln for ln in plain.split("\n") if ln.strip()]
-            rows.append({"n": n, "pane": w["pane"], "state": state, "live": live, "done": done[n],
-                         "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
-                         "screen": plain, "digest": digest})
-        write_json(mem_path, mem)
+            seen = mem.setdefault(str(w["n"]), {})
+            if not isinstance(seen, dict):
+                seen = mem[str(w["n"])] = {}
+            row = worker_row(w, snap.get(w["pane"]), seen, now, stall, done[w["n"]])
+            if seen.get("state") != row["state"]:
+                log_event(fleet, "state", worker=w["n"], was=seen.get("state"), now=row["state"])
+                seen["state"] = row["state"]
+            rows.append(row)
     return rows
 
 
 def forget_screen(fleet, n):
     """Drop what was seen of worker n: respawn-pane keeps the pane id, and a
     worker seen ready before must not count as ready while its agent boots."""
-    with state_lock(fleet):
-        path = os.path.join(fleet["run"], "watch.json")
-        mem = read_state(path)
+    with updating(fleet, "watch.json") as mem:
         mem.pop(str(n), None)
-        write_json(path, mem)
 
 
-# --- delivery -----------------------------------------------------------------
+# --- delivery ------------------------------------------------------------------
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -583,42 +727,54 @@ def refusal(fleet, n, state):
     }[state])
 
 
-def deliver(fleet, ns, text, clear=False):
-    """Paste `text` into each worker's input box and submit it, confirmed from
-    the screen. Returns {n: error} for the workers it could not reach."""
-    text = clean_text(text)
-    if not text.strip():
-        raise OrchError("nothing to send: the message is empty", 2)
-    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
-    deadline = time.time() + BOOT_WAIT              # never type into a booting agent
-    rows = {r["n"]: r for r in poll(fleet)}
-    while any(rows[n]["live"] == "booting" for n in ns) and time.time() < deadline:
+def rows_by_n(fleet):
+    return {r["n"]: r for r in poll(fleet)}
+
+
+def ready_targets(fleet, ns, clear):
+    """Phase 1 of delivery: wait out booting (never type into a booting
+    agent), clear drafts if asked; returns (rows, targets, {n: refusal})."""
+    deadline = time.time() + BOOT_WAIT
+    rows = rows_by_n(fleet)
+    while any(rows[n]["shows"] == "booting" for n in ns) and time.time() < deadline:
         time.sleep(0.2)
-        rows = {r["n"]: r for r in poll(fleet)}
+        rows = rows_by_n(fleet)
+    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     failed, targets = {}, []
     for n in ns:
-        profile = PROFILES[next(w["profile"] for w in fleet["workers"] if w["n"] == n)]
         for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
-            if rows[n]["live"] != "draft":
+            if rows[n]["shows"] != "draft":
                 break
-            tmux("send-keys", "-t", panes[n], *profile.get("clear", CLEAR_KEYS))
+            tmux("send-keys", "-t", panes[n], *CLEAR_KEYS)
             time.sleep(0.1)
-            rows[n] = next(r for r in poll(fleet) if r["n"] == n)
-        if rows[n]["live"] in READY and rows[n]["live"] != "draft":
+            rows[n] = rows_by_n(fleet)[n]
+        if rows[n]["shows"] in BOOTED and rows[n]["shows"] != "draft":
             targets.append(n)
         else:
-            failed[n] = refusal(fleet, n, rows[n]["live"])
-    if not targets:
-        return failed
-    # Bracketed paste (-p): the agent sees one paste, not keystrokes, so a
-    # newline inside never submits. Enter goes as a separate keystroke after.
-    # Never into a pane that died since the poll: tmux 3.3a crashes on that.
+            failed[n] = refusal(fleet, n, rows[n]["shows"])
+    return rows, targets, failed
+
+
+def paste(fleet, targets, text):
+    """Phase 2: one bracketed paste (-p) into every target pane, in one tmux
+    process. The agent sees one paste, not keystrokes, so a newline inside
+    never submits; Enter goes as a separate keystroke after. Never into a pane
+    that died since the poll: tmux 3.3a crashes on that."""
+    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     buf = "orch-" + secrets.token_hex(4)
     argv = ["load-buffer", "-b", buf, "-"]
     for n in targets:
         argv += [";", "if-shell", "-F", "-t", panes[n], "#{?pane_dead,,1}",
                  "paste-buffer -p -b %s -t %s" % (buf, panes[n])]
     tmux(*(argv + [";", "delete-buffer", "-b", buf]), stdin=text.encode("utf-8"))
+
+
+def submit(fleet, rows, targets, text):
+    """Phase 3: Enter, confirmed from the screen: submitted once the input box
+    is empty again and the screen moved on; Enter again while the text still
+    sits in the box. Returns the targets it could not confirm, with rows and
+    the Enters sent."""
+    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     before = {n: rows[n]["digest"] for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
     deadline = time.time() + 8 + len(text) / 2000.0
@@ -627,50 +783,77 @@ def deliver(fleet, ns, text, clear=False):
         now = time.time()
         for n in sorted(pending):
             count, last = enters[n]
-            if count == 0 or (rows[n]["live"] == "draft" and now - last >= 1.0
+            if count == 0 or (rows[n]["shows"] == "draft" and now - last >= 1.0
                               and count <= ENTER_RETRIES):
                 tmux("send-keys", "-t", panes[n], "Enter")
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
-        rows = {r["n"]: r for r in poll(fleet)}
+        rows = rows_by_n(fleet)
         for n in list(pending):
-            # Submitted: the input box is empty again and the screen moved on.
-            if rows[n]["live"] not in ("draft", "booting", "exited") \
-                    and rows[n]["digest"] != before[n]:
+            if rows[n]["shows"] not in ("draft", "booting", "exited") and rows[n]["digest"] != before[n]:
                 pending.discard(n)
+    return pending, rows, {n: e[0] for n, e in enters.items()}
+
+
+def deliver(fleet, ns, text, clear=False):
+    """Paste `text` into each worker's input box and submit it, confirmed from
+    the screen. Returns {n: error} for the workers it could not reach."""
+    text = clean_text(text)
+    if not text.strip():
+        raise OrchError("nothing to send: the message is empty", 2)
+    rows, targets, failed = ready_targets(fleet, ns, clear)
+    if not targets:
+        return failed
+    paste(fleet, targets, text)
+    pending, rows, enters = submit(fleet, rows, targets, text)
     for n in targets:
-        ok = n not in pending
-        log_event(fleet, "send", worker=n, chars=len(text), enters=enters[n][0], confirmed=ok)
-        if not ok:
+        log_event(fleet, "send", worker=n, chars=len(text), enters=enters[n], confirmed=n not in pending)
+        if n in pending:
             failed[n] = ("W%d: could not confirm delivery (%s after %d Enter presses): look with "
-                         "`orch read %s %d`" % (n, rows[n]["live"], enters[n][0], fleet["name"], n))
+                         "`orch read %s %d`" % (n, rows[n]["shows"], enters[n], fleet["name"], n))
     return failed
 
 
-# --- fleets: panes, readiness, logs ---------------------------------------------
+def delivered(fleet, ns, text, clear=False):
+    """deliver(), then one line per worker reached; the failures raise, with
+    the lines of the workers that were reached."""
+    failed = deliver(fleet, ns, text, clear)
+    text = clean_text(text)
+    lines = ["W%d: delivered %d line(s), %d chars" % (n, text.count("\n") + 1, len(text))
+             for n in ns if n not in failed]
+    if failed:
+        raise OrchError("; ".join(failed[n] for n in sorted(failed)), said=lines)
+    return lines
+
+
+# --- fleets --------------------------------------------------------------------
 
 def parse_agent(agent):
-    """'sim --lie 2' -> ('sim', 'sim --lie 2'): a known profile name, or a
-    generic command line."""
+    """The AGENTS entry name for an --agent value ('sim --lie 2' -> 'sim'), or
+    'generic' for any other command line, which must be on PATH."""
     try:
         words = shlex.split(agent or "")
     except ValueError as e:
         raise OrchError("bad --agent %r: %s" % (agent, e), 2)
     if not words:
-        raise OrchError("empty --agent: name a profile (claude, codex, gemini, aider, sim) "
-                        "or a command", 2)
-    profile = words[0] if words[0] in PROFILES and words[0] != "generic" else "generic"
-    if profile != "sim" and not shutil.which(words[0]):
+        raise OrchError("empty --agent: name an agent (%s) or a command"
+                        % ", ".join(k for k in AGENTS if k != "generic"), 2)
+    profile = words[0] if words[0] in AGENTS and words[0] != "generic" else "generic"
+    if "command" not in AGENTS[profile] and not shutil.which(words[0]):
         raise OrchError("agent command %r not found on PATH: install it, or pass --agent sim "
                         "for a dry run" % words[0])
     return profile
 
 
-def pane_command(fleet, n):
-    """The start directory and command of worker n's pane; the lead's
-    environment goes along in env.json (0600), never on a command line."""
+def save_env(fleet):
+    """The lead's environment, for the panes: in env.json (0600), never on a
+    command line."""
     write_json(os.path.join(fleet["run"], "env.json"), {
         k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "TERM", "COLUMNS", "LINES")})
+
+
+def pane_command(fleet, n):
+    """The start directory and command of worker n's pane."""
     # -c is a tmux format: a '#' in the workdir must not expand.
     return ["-c", fleet["workdir"].replace("#", "##"), sys.executable, ORCH, "worker",
             fleet["name"], str(n), "--home", orch_home()]
@@ -693,11 +876,34 @@ def open_pane(fleet, n, beside=None):
                 ";", "set-option", "-t", "=%s:" % fleet["session"], "@orch_home", orch_home()).split()[0]
 
 
-def add_workers(fleet, count, agent):
-    """Create `count` panes running `orch.py worker`, K per tiled window."""
+def wait_ready(fleet, ns, timeout):
+    """Until workers `ns` are past booting and dialogs, answering the dialogs a
+    profile marks safe (trusting the workdir the lead chose), each once."""
+    deadline, answered = time.time() + timeout, set()
+    workers = {w["n"]: w for w in fleet["workers"]}
+    while True:
+        rows = [r for r in poll(fleet) if r["n"] in ns]
+        waiting = [r for r in rows if r["shows"] not in BOOTED]
+        for r in waiting:
+            for pattern, keys in AGENTS[workers[r["n"]]["profile"]].get("answer", []):
+                if r["shows"] == "dialog" and (r["n"], pattern) not in answered \
+                        and re.search(pattern, r["screen"]):
+                    tmux("send-keys", "-t", r["pane"], *keys)
+                    answered.add((r["n"], pattern))
+                    log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
+        if not waiting or time.time() >= deadline:
+            return waiting
+        time.sleep(0.25)
+
+
+def add_workers(fleet, count, agent, timeout):
+    """Create `count` panes running `orch.py worker`, K per tiled window, and
+    wait up to `timeout` seconds (0: not at all) until they are ready; returns
+    the rows of those that are not."""
     profile = parse_agent(agent)
     k = fleet["per_window"]
-    seed_config(fleet, profile, agent)
+    save_env(fleet)
+    AGENTS[profile].get("seed", lambda fleet, agent: None)(fleet, agent)
     for _ in range(count):
         n = len(fleet["workers"]) + 1
         w = {"n": n, "agent": agent, "profile": profile, "pane": None}
@@ -708,241 +914,19 @@ def add_workers(fleet, count, agent):
         w["pane"] = open_pane(fleet, n, fleet["workers"][(n - 1) // k * k]["pane"])
         save_fleet(fleet)
         log_event(fleet, "pane", worker=n, pane=w["pane"], agent=agent)
+    new = set(range(len(fleet["workers"]) - count + 1, len(fleet["workers"]) + 1))
+    return wait_ready(fleet, new, timeout) if timeout else []
 
 
-def wait_ready(fleet, ns, timeout):
-    """Until workers `ns` are past booting and dialogs, answering the dialogs a
-    profile marks safe (trusting the workdir the lead chose), each once."""
-    deadline, answered = time.time() + timeout, set()
-    workers = {w["n"]: w for w in fleet["workers"]}
-    while True:
-        rows = [r for r in poll(fleet) if r["n"] in ns]
-        waiting = [r for r in rows if r["live"] not in READY]
-        for r in waiting:
-            for pattern, keys in PROFILES[workers[r["n"]]["profile"]].get("answer", []):
-                if r["live"] == "dialog" and (r["n"], pattern) not in answered \
-                        and re.search(pattern, r["screen"]):
-                    tmux("send-keys", "-t", r["pane"], *keys)
-                    answered.add((r["n"], pattern))
-                    log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
-        if not waiting or time.time() >= deadline:
-            return waiting
-        time.sleep(0.25)
-
-
-def save_logs(fleet, why):
-    """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
-    panes = {w["pane"]: w["n"] for w in fleet["workers"] if w["pane"]}
-    try:
-        snap = snapshot(fleet, list(panes), history=True, ansi=False)
-    except OrchError:
-        return []                       # the session is gone: nothing left to save
-    saved = []
-    for pane, info in snap.items():
-        if pane in panes:
-            path = os.path.join(fleet["run"], "logs", "w%d.log" % panes[pane])
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, pane, info["screen"].rstrip("\n")))
-            saved.append(panes[pane])
-    return sorted(saved)
-
-
-def session_home(session):
-    """The ORCH_HOME a live session was spawned from ('' if none is recorded)."""
-    try:
-        return tmux("show-options", "-v", "-t", "=%s:" % session, "@orch_home").strip()
-    except OrchError:
-        return ""
-
-
-def end_fleet(fleet):
-    """Save scrollback, then kill the tmux session; say what was saved."""
-    home = session_home(fleet["session"])
-    if home and home != orch_home():
-        raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
-                        "run orch with that ORCH_HOME" % (fleet["session"], home))
-    saved = save_logs(fleet, "kill")
-    try:
-        tmux("kill-session", "-t", "=" + fleet["session"])
-        gone = False
-    except OrchError as e:
-        if e.kind not in ("server", "target"):
-            raise
-        gone = True
-    log_event(fleet, "kill", saved=saved, already_gone=gone)
-    logs = os.path.join(fleet["run"], "logs")
-    if gone:
-        print("%s: tmux session %s was already gone; saved %d pane log(s) in %s"
-              % (fleet["name"], fleet["session"], len(saved), logs))
-    else:
-        print("%s: killed %s; scrollback of W%s in %s" % (fleet["name"], fleet["session"],
-              ",W".join(map(str, saved)) or "-", logs))
-
-
-# --- commands ---------------------------------------------------------------
-
-def cmd_spawn(a):
-    name = check_name(a.name)
-    workdir = os.path.abspath(a.workdir or os.getcwd())
-    if not os.path.isdir(workdir):
-        raise OrchError("workdir %s is not a directory: create it or pass another" % workdir, 2)
-    if re.search(r"[`\x00-\x1f\x7f]|;$", workdir):     # briefs quote it in backticks
-        raise OrchError("workdir %r has a backtick, control character or trailing ';' that "
-                        "briefs and tmux cannot carry: rename it or use a symlink" % workdir, 2)
-    agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
-    parse_agent(agent)
-    rd = run_dir(name)
-    live = session_of(name) in live_sessions()
-    if live or (os.path.isdir(rd) and os.listdir(rd)):
-        if not a.force:
-            what = "is live" if live else "has an old workspace in %s" % rd
-            raise OrchError("fleet %r %s: run `orch kill %s` first (the workspace stays), or "
-                            "pass --force to archive it" % (name, what, name))
-        if live and (not os.path.exists(os.path.join(rd, "fleet.json"))
-                     or session_home(session_of(name)) not in ("", orch_home())):
-            raise OrchError("tmux session %s is live but is no fleet of ORCH_HOME %s (another "
-                            "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
-                            "-t %s`" % (session_of(name), orch_home(), session_of(name)))
-        if live:
-            try:
-                end_fleet(load_fleet(name))
-            except OrchError:           # a damaged fleet.json: end the session all the same
-                tmux("kill-session", "-t", "=" + session_of(name))
-        if os.path.isdir(rd):
-            archive = "%s.old-%s" % (rd, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
-            os.rename(rd, archive)
-            print("%s: archived the old run to %s" % (name, archive))
-    for sub in ("shared/verify", "logs"):
-        os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
-    fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
-             "agent": agent, "per_window": a.per_window, "created": now_iso(), "workers": [],
-             "run": rd}
-    append_line(os.path.join(rd, "shared", "bus.md"), "[orch] fleet %s: %d workers in %s"
-                % (name, a.N, workdir))
-    log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
-    add_workers(fleet, a.N, agent)
-    report_ready(fleet, range(1, a.N + 1), a.timeout)
-
-
-def report_ready(fleet, ns, timeout):
-    waiting = wait_ready(fleet, set(ns), timeout) if timeout else []
-    print("%s: %d worker(s) in tmux session %s; shared workspace %s"
-          % (fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet)))
+def started(fleet, waiting, timeout):
+    """What spawn and add say; not-ready workers raise, after it."""
+    line = "%s: %d worker(s) in tmux session %s; shared workspace %s" % (
+        fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet))
     if waiting:
         raise OrchError("not ready after %gs: %s: look with `orch read %s all`" % (
-            timeout, ", ".join("W%d %s" % (r["n"], r["live"]) for r in waiting), fleet["name"]))
-
-
-def cmd_add(a):
-    fleet = load_fleet(a.name)
-    if fleet["session"] not in live_sessions():
-        raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
-                        % (a.name, a.name))
-    first = len(fleet["workers"]) + 1
-    add_workers(fleet, a.K, fleet["agent"] if a.agent is None else a.agent)
-    report_ready(fleet, range(first, first + a.K), a.timeout)
-
-
-def report_delivery(fleet, ns, text, failed):
-    text = clean_text(text)
-    for n in ns:
-        if n not in failed:
-            print("W%d: delivered %d line(s), %d chars" % (n, text.count("\n") + 1, len(text)))
-    if failed:
-        raise OrchError("; ".join(failed[n] for n in sorted(failed)))
-
-
-def cmd_send(a):
-    fleet = load_fleet(a.name)
-    ns = [w["n"] for w in pick_workers(fleet, a.worker)]
-    if a.file and a.message:
-        raise OrchError("give the message as words or with --file, not both", 2)
-    if a.file and not os.path.isfile(a.file):
-        raise OrchError("--file %s: no such file" % a.file, 2)
-    text = read_text(a.file, "") if a.file else sys.stdin.read() if a.message == ["-"] \
-        else " ".join(a.message)
-    report_delivery(fleet, ns, text, deliver(fleet, ns, text))
-
-
-def cmd_read(a):
-    fleet = load_fleet(a.name)
-    ws = pick_workers(fleet, a.worker)
-    snap = snapshot(fleet, [w["pane"] for w in ws], ansi=False)
-    for w in ws:
-        info = snap.get(w["pane"])
-        lines = info["screen"].rstrip("\n").split("\n") if info else []
-        while lines and not lines[-1].strip():
-            lines.pop()
-        if len(ws) > 1:
-            print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
-        print("\n".join(line.rstrip() for line in lines[-a.lines:]))
-
-
-def bus_tail(fleet, count=None):
-    lines = read_text(os.path.join(shared_dir(fleet), "bus.md"), "").splitlines()
-    return lines if count is None else lines[len(lines) - count:]
-
-
-def cmd_status(a):
-    if not a.name:
-        return status_all(a)
-    fleet = load_fleet(a.name)
-    live = fleet["session"] in live_sessions()
-    if live:
-        rows = poll(fleet, a.stall)
-    else:
-        rows = [{"n": w["n"], "pane": w["pane"], "done": os.path.exists(worker_file(fleet, w["n"], "done")),
-                 "quiet": None, "last": ""} for w in fleet["workers"]]
-        for r in rows:
-            r["state"] = "done" if r["done"] else "exited"
-    bus = bus_tail(fleet, 5)
-    if a.json:
-        keep = ("n", "pane", "state", "done", "quiet", "last")
-        print(json.dumps({"fleet": fleet["name"], "session": fleet["session"], "live": live,
-                          "workdir": fleet["workdir"], "shared": shared_dir(fleet),
-                          "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus},
-                         ensure_ascii=False, indent=2))
-        return
-    print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
-          "live" if live else "not live", fleet["workdir"]))
-    for r in rows:
-        quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
-        print("  W%-3d %-5s %-10s %-4s %6s  %s" % (r["n"], r["pane"] or "-", r["state"],
-              "done" if r["done"] else "-", quiet, r["last"][:100]))
-    print("bus (last %d):" % len(bus))
-    for line in bus:
-        print("  " + line)
-
-
-def fleet_names():
-    """Fleets in ORCH_HOME; archived runs (<name>.old-<stamp>) are not fleets."""
-    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if NAME_RE.match(d)]
-
-
-def status_all(a):
-    live = live_sessions()
-    fleets = []
-    for name in fleet_names():
-        try:
-            f = load_fleet(name)
-        except OrchError as e:
-            fleets.append({"name": name, "live": False, "error": str(e)})
-            continue
-        done = sum(os.path.exists(worker_file(f, w["n"], "done")) for w in f["workers"])
-        fleets.append({"name": name, "live": f["session"] in live, "workers": len(f["workers"]),
-                       "done": done, "agent": f["agent"], "workdir": f["workdir"]})
-    if a.json:
-        print(json.dumps({"fleets": fleets}, ensure_ascii=False, indent=2))
-        return
-    if not fleets:
-        print("no fleets in %s: `orch spawn NAME N` starts one" % os.path.join(orch_home(), "runs"))
-    for f in fleets:
-        if "error" in f:
-            print("%-32s  broken: %s" % (f["name"], f["error"]))
-        else:
-            print("%-32s  %-8s %d/%d done  %s  %s" % (f["name"], "live" if f["live"] else "ended",
-                  f["done"], f["workers"], f["agent"], f["workdir"]))
+            timeout, ", ".join("W%d %s" % (r["n"], r["shows"]) for r in waiting), fleet["name"]),
+            said=[line])
+    return line
 
 
 def watch(fleet, flags, timeout, interval, stall, nudge, emit):
@@ -971,33 +955,13 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
         time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
 
 
-def print_change(json_mode):
-    def emit(r, was):
-        if json_mode:
-            print(json.dumps({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
-                              "last": r["last"]}, ensure_ascii=False), flush=True)
-        else:
-            print("%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
-                  "  | " + r["last"][:80] if r["last"] else ""), flush=True)
-    return emit
-
-
-def cmd_wait(a):
-    fleet = load_fleet(a.name)
-    ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
-        or [w["n"] for w in fleet["workers"]]
-    flags = {n: worker_file(fleet, n, "done") for n in ns}
-    code = watch(fleet, flags, a.timeout, a.interval, a.stall,
-                 a.nudge and (lambda n: default_nudge(fleet, n)), print_change(a.json))
-    result = {0: "done", 3: "timeout", 4: "exited"}[code]
-    if a.json:
-        print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
-    else:
-        print("%s %s: %s" % (time.strftime("%H:%M:%S"), fleet["name"], {
-            0: "all done", 3: "timed out after %gs" % (a.timeout or 0),
-            4: "a worker exited without its done flag: `orch read %s all`, `orch respawn %s N`"
-               % (fleet["name"], fleet["name"])}[code]))
-    return code
+def change_line(r, was, json_mode=False):
+    """wait's line for a worker whose state changed."""
+    if json_mode:
+        return json.dumps({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
+                           "last": r["last"]}, ensure_ascii=False)
+    return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
+                                  "  | " + r["last"][:80] if r["last"] else "")
 
 
 def default_nudge(fleet, n, stem=None):
@@ -1007,195 +971,63 @@ def default_nudge(fleet, n, stem=None):
             "not wait for confirmation." % (n, len(fleet["workers"]), stem, stem, stem))
 
 
-def cmd_nudge(a):
-    fleet = load_fleet(a.name)
-    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
-    text = " ".join(a.message) or default_nudge(fleet, n)
-    failed = deliver(fleet, [n], text, clear=True)
-    log_event(fleet, "nudge", worker=n, why="lead")
-    report_delivery(fleet, [n], text, failed)
+def fleet_summaries():
+    """One record per fleet in ORCH_HOME, a broken one included with its error."""
+    live, fleets = live_sessions(), []
+    for name in fleet_names():
+        try:
+            f = load_fleet(name)
+        except OrchError as e:
+            fleets.append({"name": name, "live": False, "error": str(e)})
+            continue
+        fleets.append({"name": name, "live": f["session"] in live, "workers": len(f["workers"]),
+                       "done": sum(is_done(f, w["n"]) for w in f["workers"]), "agent": f["agent"],
+                       "workdir": f["workdir"]})
+    return fleets
 
 
-def cmd_bus(a):
-    fleet = load_fleet(a.name)
-    bus = os.path.join(shared_dir(fleet), "bus.md")
-    if a.message[:1] == ["post"]:
-        text = clean_text(" ".join(a.message[1:])).replace("\n", " ").replace("\t", " ").strip()
-        if not text:
-            raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
-        append_line(bus, "[%s] %s" % (a.who, text))
-        log_event(fleet, "bus", who=a.who, chars=len(text))
-        return
-    if a.message:
-        raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
-                        "posts" % (a.message[0], a.name, a.name), 2)
-    cursors_path = os.path.join(fleet["run"], "bus-cursors.json")
-    cursors = read_state(cursors_path)
-    start = cursors.get(a.who, 0) if a.new else 0
-    while True:
-        with open(bus, "rb") as f:
-            f.seek(start)
-            chunk = f.read()
-        whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
-        lines = whole.decode("utf-8", "replace").splitlines()
-        if not a.follow and not a.new:
-            lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
-        for line in lines:
-            print(line, flush=True)
-        start += len(whole)
-        if a.new:
-            with state_lock(fleet):     # readers of other names update the same file
-                cursors = read_state(cursors_path)
-                cursors[a.who] = start
-                write_json(cursors_path, cursors)
-        if not a.follow or fleet["session"] not in live_sessions():
-            return
-        time.sleep(0.5)
-
-
-def cmd_respawn(a):
-    fleet = load_fleet(a.name)
-    w = pick_workers(fleet, a.worker, allow_all=False)[0]
-    n = w["n"]
-    save_logs(dict(fleet, workers=[w]), "respawn")
+def save_logs(fleet, why):
+    """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
+    panes = {w["pane"]: w["n"] for w in fleet["workers"] if w["pane"]}
     try:
-        alive = snapshot(fleet, [w["pane"]], ansi=False)
+        snap = snapshot(fleet, list(panes), history=True, ansi=False)
     except OrchError:
-        alive = {}
-    if w["pane"] in alive:
-        tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
-    else:                               # pane closed by hand, or the session is gone
-        old, w["pane"] = w["pane"], open_pane(fleet, n)
-        save_fleet(fleet)
-        print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
-    forget_screen(fleet, n)
-    log_event(fleet, "respawn", worker=n, pane=w["pane"])
-    waiting = wait_ready(fleet, {n}, BOOT_WAIT)
-    if waiting:
-        raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
-                        % (n, waiting[0]["live"], a.name, n))
-    brief = worker_file(fleet, n, "task.md")
-    if os.path.exists(brief) and not os.path.exists(worker_file(fleet, n, "done")):
-        report_delivery(fleet, [n], brief_message(brief), deliver(fleet, [n], brief_message(brief)))
-    print("W%d: restarted in pane %s" % (n, w["pane"]))
+        return []                       # the session is gone: nothing left to save
+    saved = []
+    for pane, info in snap.items():
+        if pane in panes:
+            path = os.path.join(fleet["run"], "logs", "w%d.log" % panes[pane])
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, pane, info["screen"].rstrip("\n")))
+            saved.append(panes[pane])
+    return sorted(saved)
 
 
-def cmd_kill(a):
-    if a.all == bool(a.name):
-        raise OrchError("name one fleet, or pass --all: `orch kill NAME`", 2)
-    if a.name:
-        return end_fleet(load_fleet(a.name))
-    live = live_sessions()
-    names = [d for d in fleet_names() if session_of(d) in live]
-    for name in names:
-        end_fleet(load_fleet(name))
-    if not names:
-        print("no live fleets")
-
-
-def cmd_attach(a):
-    fleet = load_fleet(a.name)
-    if fleet["session"] not in live_sessions():
-        raise OrchError("fleet %r is not live: `orch status %s` shows its last state" % (a.name, a.name))
-    if os.environ.get("TMUX"):
-        raise OrchError("already inside tmux: in another terminal run `tmux attach -r -t %s`"
-                        % fleet["session"])
-    os.execvp("tmux", ["tmux", "attach-session", "-r", "-t", "=" + fleet["session"]])
-
-
-def cmd_worker(a):
-    """The pane command: set the worker's environment, then exec the agent.
-    A pane inherits the tmux server's environment, not the lead's: the lead's
-    comes from env.json, where add and respawn saved it."""
-    os.environ["ORCH_HOME"] = a.home or orch_home()
-    fleet = load_fleet(a.name)
-    w = pick_workers(fleet, a.n, allow_all=False)[0]
-    env = dict(os.environ, **read_state(os.path.join(fleet["run"], "env.json")))
-    env.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
-               ORCH_HOME=orch_home())
-    argv, extra = shlex.split(w["agent"]), agent_setup(fleet, w)
-    if w["profile"] == "sim":
-        argv[:1] = [sys.executable, ORCH, "sim"]
-    env.update(extra.get("env", {}))
-    argv += extra.get("args", [])
-    os.chdir(fleet["workdir"])
+def end_fleet(fleet):
+    """Save scrollback, then kill the tmux session; returns what was saved."""
+    home = session_home(fleet["session"])
+    if home and home != orch_home():
+        raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
+                        "run orch with that ORCH_HOME" % (fleet["session"], home))
+    saved = save_logs(fleet, "kill")
     try:
-        os.execvpe(argv[0], argv, env)
-    except OSError as e:
-        raise OrchError("cannot start %s: %s" % (argv[0], e.strerror))
+        tmux("kill-session", "-t", "=" + fleet["session"])
+        gone = False
+    except OrchError as e:
+        if e.kind not in ("server", "target"):
+            raise
+        gone = True
+    log_event(fleet, "kill", saved=saved, already_gone=gone)
+    logs = os.path.join(fleet["run"], "logs")
+    if gone:
+        return "%s: tmux session %s was already gone; saved %d pane log(s) in %s" % (
+            fleet["name"], fleet["session"], len(saved), logs)
+    return "%s: killed %s; scrollback of W%s in %s" % (
+        fleet["name"], fleet["session"], ",W".join(map(str, saved)) or "-", logs)
 
 
-def seed_config(fleet, profile, agent):
-    """The fleet's own agent config, written once by the lead before a pane
-    starts (workers booting together must not race to write it), so workers
-    boot past first-run dialogs and the user's own config is never touched."""
-    workdir, shared = os.path.realpath(fleet["workdir"]), os.path.realpath(shared_dir(fleet))
-    if profile == "codex":                  # Codex 0.169: trust lives in config.toml
-        home, user = os.path.join(fleet["run"], "codex"), os.environ.get("CODEX_HOME") or \
-            os.path.expanduser("~/.codex")
-        if not os.path.exists(os.path.join(home, "config.toml")):
-            os.makedirs(home, exist_ok=True)
-            text, table = read_text(os.path.join(user, "config.toml"), ""), "[projects.%s]" % json.dumps(workdir)
-            if table not in text:           # the user may have trusted it already
-                text += "\n%s\ntrust_level = \"trusted\"\n" % table
-            write_file(os.path.join(home, "config.toml"), text)
-            if os.path.exists(os.path.join(user, "auth.json")):
-                os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
-    config = os.path.join(fleet["run"], "claude")
-    if profile != "claude" or os.path.exists(os.path.join(config, ".claude.json")):
-        return
-    os.makedirs(config, exist_ok=True)
-    user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
-    mine = read_state(os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR")
-                      else os.path.expanduser("~/.claude.json"))
-    keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
-    state = {k: mine[k] for k in keep if k in mine}
-    trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
-    state.update(hasCompletedOnboarding=True, projects={workdir: trusted, shared: trusted},
-                 # Claude Code 2.1.331: auto-mode notices that would block a worker.
-                 hasSeenAutoDefaultNotice=True, hasSeenAutoDefaultNudge=True,
-                 autoModeClassifierBillingNoticeAcknowledgedAt=4102444800000)
-    state.setdefault("lastOnboardingVersion", "2.1.331")
-    key = os.environ.get("ANTHROPIC_API_KEY")
-    if key:                                 # else Claude asks whether to use the key
-        approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
-        approved.setdefault("approved", []).append(key[-20:])
-    write_json(os.path.join(config, ".claude.json"), state)
-    # acceptEdits lets a worker edit the workdir and shared/; these rules add
-    # the commands it needs (not find: -delete and -exec would pass as a
-    # prefix). rm is denied, not asked: a refusal does not stall a worker.
-    rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
-             "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)", "Bash(wc:*)",
-             "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)"]
-    settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
-    if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
-        settings["skipDangerousModePermissionPrompt"] = True
-    write_json(os.path.join(config, "settings.json"), settings)
-    creds = os.path.join(user_dir, ".credentials.json")
-    if os.path.exists(creds):               # a link, so token refreshes keep working
-        os.symlink(creds, os.path.join(config, ".credentials.json"))
-
-
-def agent_setup(fleet, w):
-    """The worker's own environment and arguments, set in its pane."""
-    shared = os.path.realpath(shared_dir(fleet))
-    if w["profile"] == "codex":
-        return {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}}
-    if w["profile"] == "gemini":
-        return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"}, "args": ["--include-directories", shared]}
-    if w["profile"] != "claude":
-        return {}
-    config = os.path.join(fleet["run"], "claude")
-    resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
-    args = ["--add-dir", shared, "--resume" if resume else "--session-id", w["session_id"]]
-    if not any(x in shlex.split(w["agent"]) for x in ("--permission-mode", "--dangerously-skip-permissions")):
-        args = ["--permission-mode", "acceptEdits"] + args
-    return {"env": {"CLAUDE_CONFIG_DIR": config, "DISABLE_AUTOUPDATER": "1",
-                    # pin the inline UI the screen profile knows (2.1.331 may pick fullscreen)
-                    "CLAUDE_CODE_DISABLE_ALTERNATE_SCREEN": "1"}, "args": args}
-
-
-# --- briefs, findings, verdicts ---------------------------------------------------
+# --- briefs and grammar --------------------------------------------------------
 
 ROLES = {
     "finder": "Determine whether the following holds, and report every instance you can "
@@ -1209,6 +1041,8 @@ ROLES = {
     "scribe": "Summarise, from the bus and the result files only: {goal}. Quote, do not "
               "embellish; mark anything you could not check as unchecked.",
 }
+
+
 FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no table, no bullets):
     F<k> | <path>:<line>[-<end>] | <one-line claim> | <exact text quoted from those lines>
 - <path> is relative to the workdir; <line> and <end> are 1-based line numbers.
@@ -1217,12 +1051,16 @@ FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no tabl
 - Use `-` as the location for a finding that is not about one place; leave out the quote then.
 - Example:  F1 | src/app.py:42 | TODO marker: input is not validated | # TODO: validate input
 - Found nothing? Write one plain sentence saying what you checked."""
+
+
 VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
     W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence: path:line and why>
 - Evidence names the path:line you read and what it says. A verdict without a path:line
   counts as no verdict; never confirm what you did not check yourself.
 - CONFIRMED only if the cited lines say what the claim says; REFUTED if they do not;
   UNVERIFIABLE if the evidence cannot settle it."""
+
+
 LEADING_RE = re.compile(r"\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)", re.I)
 
 
@@ -1264,28 +1102,6 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
 
 def brief_message(path):
     return "Read and follow the brief in `%s` - work autonomously, do not wait for confirmation." % path
-
-
-def cmd_brief(a):
-    fleet = load_fleet(a.name)
-    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
-    if not a.goal.strip():
-        raise OrchError("--goal is empty: say what the worker should determine", 2)
-    if LEADING_RE.search(a.goal):
-        print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
-              "so the worker does not invent a bug to fix", file=sys.stderr)
-    path = worker_file(fleet, n, "task.md")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    for old in (worker_file(fleet, n, "done"), worker_file(fleet, n, "result.md")):
-        if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
-            os.rename(old, "%s.old-%s" % (old, stamp))
-    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal),
-                                [clean_text(c) for c in a.constraint],
-                                worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
-    log_event(fleet, "brief", worker=n, role=a.role)
-    print("W%d: brief written to %s" % (n, path))
-    if a.send:
-        report_delivery(fleet, [n], brief_message(path), deliver(fleet, [n], brief_message(path)))
 
 
 def clean_field(s):
@@ -1366,8 +1182,7 @@ def finding_line(f):
     return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), loc, f["claim"], f["quote"]) if x)
 
 
-
-# --- verification ---------------------------------------------------------------
+# --- verification --------------------------------------------------------------
 
 def check_citation(workdir, f):
     """Mechanical check of a finding's location: 'ok', 'n/a', or what is wrong."""
@@ -1431,6 +1246,47 @@ def final_verdict(f, rounds):
     return "UNVERIFIABLE"
 
 
+def run_round(fleet, k, jobs, timeout, emit, problems):
+    """One verification round: a brief per verifier ({v: findings}), sent,
+    waited for; returns {v: {finding id: verdict}} read from the round files.
+    A verifier that cannot be reached, dies or runs out of time costs only
+    its own verdicts."""
+    vdir = os.path.join(shared_dir(fleet), "verify")
+    stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
+    flags = {v: stem + ".done" for v, stem in stems.items()}
+    for v, fs in sorted(jobs.items()):
+        stem = stems[v]
+        goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
+                "are true; give one verdict per finding" % len(fs))
+        write_file(stem + ".task.md", make_brief(
+            fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
+            stem + ".result.md", stem + ".done", "verification round %d" % k,
+            [finding_line(f) for f in fs]))
+        log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
+    for v in sorted(flags):
+        for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
+            problems.append("round %d: %s" % (k, why))
+            del flags[v]                # unreachable: its verdicts are MISSING
+    deadline = time.time() + timeout
+    while flags:
+        code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.5, STALL,
+                     lambda v: default_nudge(fleet, v, stems[v]), emit)
+        if code != 4:
+            if code == 3:
+                problems.append("round %d: timed out after %gs" % (k, timeout))
+            break
+        for r in poll(fleet, flags=flags):      # a verifier died: the rest go on
+            if r["n"] in flags and r["state"] == "exited":
+                problems.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
+                del flags[r["n"]]
+    verdicts = {}
+    for v in jobs:
+        path = stems[v] + ".result.md"
+        verdicts[v], bad = parse_verdicts(read_text(path, ""), path)
+        problems += bad
+    return verdicts
+
+
 def verify_fleet(fleet, rounds, pool, timeout, emit):
     """Citation check, then round-robin rounds; returns the matrix."""
     findings, problems = collect_findings(fleet)
@@ -1438,7 +1294,7 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
         f["citation"] = check_citation(fleet["workdir"], f)
     vdir = os.path.join(shared_dir(fleet), "verify")
     if os.path.isdir(vdir) and os.listdir(vdir):          # a re-run: keep the old round files
-        os.rename(vdir, "%s.old-%s" % (vdir, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")))
+        archive(vdir)
     os.makedirs(vdir, mode=0o700, exist_ok=True)
     count = len(fleet["workers"])
     alive = [f for f in findings if f["citation"] in ("ok", "n/a")]
@@ -1451,40 +1307,10 @@ def verify_fleet(fleet, rounds, pool, timeout, emit):
                                     "evidence": "no verifier available", "unsupported": True})
             else:
                 jobs.setdefault(v, []).append(f)
-        stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
-        flags = {v: stem + ".done" for v, stem in stems.items()}
-        for v, fs in sorted(jobs.items()):
-            stem = stems[v]
-            goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
-                    "are true; give one verdict per finding" % len(fs))
-            write_file(stem + ".task.md", make_brief(
-                fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
-                stem + ".result.md", stem + ".done", "verification round %d" % k,
-                [finding_line(f) for f in fs]))
-            log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
-        for v in sorted(flags):
-            for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
-                problems.append("round %d: %s" % (k, why))
-                del flags[v]                # unreachable: its verdicts are MISSING
-        deadline = time.time() + timeout
-        while flags:
-            code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.5, 120.0,
-                         lambda v: default_nudge(fleet, v, stems[v]), emit)
-            if code != 4:
-                if code == 3:
-                    problems.append("round %d: timed out after %gs" % (k, timeout))
-                break
-            for r in poll(fleet, flags=flags):      # a verifier died: the rest go on
-                if r["n"] in flags and r["state"] == "exited":
-                    problems.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
-                    del flags[r["n"]]
+        verdicts = run_round(fleet, k, jobs, timeout, emit, problems)
         for v, fs in jobs.items():
-            path = stems[v] + ".result.md"
-            verdicts, bad = parse_verdicts(read_text(path, ""), path)
-            problems += bad
             for f in fs:
-                cell = verdicts.get(f["id"], {"verdict": "MISSING", "evidence": "",
-                                              "unsupported": True})
+                cell = verdicts[v].get(f["id"], {"verdict": "MISSING", "evidence": "", "unsupported": True})
                 f["rounds"].append(dict(cell, round=k, verifier=v))
         alive = [f for f in alive if f["rounds"][-1]["verdict"] != "REFUTED"]
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
@@ -1522,36 +1348,6 @@ def matrix_markdown(matrix):
     return "\n".join(lines) + "\n"
 
 
-def cmd_verify(a):
-    fleet = load_fleet(a.name)
-    count = len(fleet["workers"])
-    if count < 2:
-        raise OrchError("verification needs at least 2 workers, so that no worker checks its own "
-                        "findings: `orch add %s` adds one" % a.name)
-    pool = list(range(1, count + 1))
-    if a.by:
-        try:
-            pool = sorted({int(v) for v in a.by.split(",")})
-        except ValueError:
-            pool = [0]
-        if not all(1 <= v <= count for v in pool):
-            raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
-    rounds = a.rounds or max(1, min(2, len(pool) - 1))
-    if rounds > max(1, len(pool) - 1):
-        raise OrchError("--rounds %d: %d verifiers allow at most %d rounds in which no finding "
-                        "meets the same verifier twice" % (rounds, len(pool), max(1, len(pool) - 1)), 2)
-    if not any(os.path.exists(worker_file(fleet, w["n"], "done")) for w in fleet["workers"]):
-        raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
-    matrix = verify_fleet(fleet, rounds, pool, a.timeout, print_change(False))
-    write_json(os.path.join(shared_dir(fleet), "matrix.json"), matrix)
-    write_file(os.path.join(shared_dir(fleet), "matrix.md"), matrix_markdown(matrix))
-    log_event(fleet, "verify", rounds=rounds, **{k.lower(): v for k, v in matrix["tally"].items()})
-    for p in matrix["problems"]:
-        print("orch: warning: %s" % p, file=sys.stderr)
-    print(tally_line(matrix))
-    print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
-
-
 def write_report(fleet):
     shared = shared_dir(fleet)
     out = ["# Report: fleet %s" % fleet["name"], "",
@@ -1573,14 +1369,292 @@ def write_report(fleet):
     return "\n".join(out), path
 
 
+# --- commands, in --help order -------------------------------------------------
+
+def cmd_spawn(a):
+    name = check_name(a.name)
+    workdir = os.path.abspath(a.workdir or os.getcwd())
+    if not os.path.isdir(workdir):
+        raise OrchError("workdir %s is not a directory: create it or pass another" % workdir, 2)
+    if re.search(r"[`\x00-\x1f\x7f]|;$", workdir):     # briefs quote it in backticks
+        raise OrchError("workdir %r has a backtick, control character or trailing ';' that "
+                        "briefs and tmux cannot carry: rename it or use a symlink" % workdir, 2)
+    agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
+    parse_agent(agent)
+    orch_home(create=True)
+    rd = run_dir(name)
+    live = session_of(name) in live_sessions()
+    if live or (os.path.isdir(rd) and os.listdir(rd)):
+        if not a.force:
+            what = "is live" if live else "has an old workspace in %s" % rd
+            raise OrchError("fleet %r %s: run `orch kill %s` first (the workspace stays), or "
+                            "pass --force to archive it" % (name, what, name))
+        if live and (not os.path.exists(os.path.join(rd, "fleet.json"))
+                     or session_home(session_of(name)) not in ("", orch_home())):
+            raise OrchError("tmux session %s is live but is no fleet of ORCH_HOME %s (another "
+                            "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
+                            "-t %s`" % (session_of(name), orch_home(), session_of(name)))
+        if live:
+            try:
+                print(end_fleet(load_fleet(name)))
+            except OrchError:           # a damaged fleet.json: end the session all the same
+                tmux("kill-session", "-t", "=" + session_of(name))
+        if os.path.isdir(rd):
+            print("%s: archived the old run to %s" % (name, archive(rd)))
+    for sub in ("shared/verify", "logs"):
+        os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
+    fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
+             "agent": agent, "per_window": a.per_window, "created": now_iso(), "workers": [],
+             "run": rd}
+    append_line(bus_path(fleet), "[orch] fleet %s: %d workers in %s" % (name, a.N, workdir))
+    log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
+    print(started(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
+
+
+def cmd_add(a):
+    fleet = load_fleet(a.name)
+    if fleet["session"] not in live_sessions():
+        raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
+                        % (a.name, a.name))
+    waiting = add_workers(fleet, a.K, fleet["agent"] if a.agent is None else a.agent, a.timeout)
+    print(started(fleet, waiting, a.timeout))
+
+
+def cmd_send(a):
+    fleet = load_fleet(a.name)
+    ns = [w["n"] for w in pick_workers(fleet, a.worker)]
+    if a.file and a.message:
+        raise OrchError("give the message as words or with --file, not both", 2)
+    if a.file and not os.path.isfile(a.file):
+        raise OrchError("--file %s: no such file" % a.file, 2)
+    text = read_text(a.file, "") if a.file else sys.stdin.read() if a.message == ["-"] \
+        else " ".join(a.message)
+    print("\n".join(delivered(fleet, ns, text)))
+
+
+def cmd_brief(a):
+    fleet = load_fleet(a.name)
+    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
+    if not a.goal.strip():
+        raise OrchError("--goal is empty: say what the worker should determine", 2)
+    if LEADING_RE.search(a.goal):
+        print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
+              "so the worker does not invent a bug to fix", file=sys.stderr)
+    path = worker_file(fleet, n, "task.md")
+    for old in (worker_file(fleet, n, "done"), worker_file(fleet, n, "result.md")):
+        if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
+            archive(old)
+    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal),
+                                [clean_text(c) for c in a.constraint],
+                                worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
+    log_event(fleet, "brief", worker=n, role=a.role)
+    print("W%d: brief written to %s" % (n, path))
+    if a.send:
+        print("\n".join(delivered(fleet, [n], brief_message(path))))
+
+
+def cmd_read(a):
+    fleet = load_fleet(a.name)
+    ws = pick_workers(fleet, a.worker)
+    snap = snapshot(fleet, [w["pane"] for w in ws], ansi=False)
+    for w in ws:
+        info = snap.get(w["pane"])
+        lines = info["screen"].rstrip("\n").split("\n") if info else []
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if len(ws) > 1:
+            print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
+        print("\n".join(line.rstrip() for line in lines[-a.lines:]))
+
+
+def cmd_status(a):
+    if not a.name:
+        fleets = fleet_summaries()
+        if a.json:
+            print(json.dumps({"fleets": fleets}, ensure_ascii=False, indent=2))
+            return
+        if not fleets:
+            print("no fleets in %s: `orch spawn NAME N` starts one" % os.path.join(orch_home(), "runs"))
+        for f in fleets:
+            if "error" in f:
+                print("%-32s  broken: %s" % (f["name"], f["error"]))
+            else:
+                print("%-32s  %-8s %d/%d done  %s  %s" % (f["name"], "live" if f["live"] else "ended",
+                      f["done"], f["workers"], f["agent"], f["workdir"]))
+        return
+    fleet = load_fleet(a.name)
+    live = fleet["session"] in live_sessions()
+    if live:
+        rows = poll(fleet, a.stall)
+    else:
+        rows = [{"n": w["n"], "pane": w["pane"], "done": is_done(fleet, w["n"]), "quiet": None,
+                 "last": "", "state": "done" if is_done(fleet, w["n"]) else "exited"}
+                for w in fleet["workers"]]
+    bus = bus_tail(fleet, 5)
+    if a.json:
+        keep = ("n", "pane", "state", "done", "quiet", "last")
+        print(json.dumps({"fleet": fleet["name"], "session": fleet["session"], "live": live,
+                          "workdir": fleet["workdir"], "shared": shared_dir(fleet),
+                          "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus},
+                         ensure_ascii=False, indent=2))
+        return
+    print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
+          "live" if live else "not live", fleet["workdir"]))
+    for r in rows:
+        quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
+        print("  W%-3d %-5s %-10s %-4s %6s  %s" % (r["n"], r["pane"] or "-", r["state"],
+              "done" if r["done"] else "-", quiet, r["last"][:100]))
+    print("bus (last %d):" % len(bus))
+    for line in bus:
+        print("  " + line)
+
+
+def cmd_wait(a):
+    fleet = load_fleet(a.name)
+    ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
+        or [w["n"] for w in fleet["workers"]]
+    flags = {n: worker_file(fleet, n, "done") for n in ns}
+    code = watch(fleet, flags, a.timeout, a.interval, a.stall,
+                 a.nudge and (lambda n: default_nudge(fleet, n)),
+                 lambda r, was: print(change_line(r, was, a.json), flush=True))
+    result = {0: "done", 3: "timeout", 4: "exited"}[code]
+    if a.json:
+        print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
+    else:
+        print("%s %s: %s" % (time.strftime("%H:%M:%S"), fleet["name"], {
+            0: "all done", 3: "timed out after %gs" % (a.timeout or 0),
+            4: "a worker exited without its done flag: `orch read %s all`, `orch respawn %s N`"
+               % (fleet["name"], fleet["name"])}[code]))
+    return code
+
+
+def cmd_nudge(a):
+    fleet = load_fleet(a.name)
+    n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
+    text = " ".join(a.message) or default_nudge(fleet, n)
+    try:
+        print("\n".join(delivered(fleet, [n], text, clear=True)))
+    finally:
+        log_event(fleet, "nudge", worker=n, why="lead")
+
+
+def cmd_bus(a):
+    fleet = load_fleet(a.name)
+    bus = bus_path(fleet)
+    if a.message[:1] == ["post"]:
+        text = clean_text(" ".join(a.message[1:])).replace("\n", " ").replace("\t", " ").strip()
+        if not text:
+            raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
+        append_line(bus, "[%s] %s" % (a.who, text))
+        log_event(fleet, "bus", who=a.who, chars=len(text))
+        return
+    if a.message:
+        raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
+                        "posts" % (a.message[0], a.name, a.name), 2)
+    start = read_state(os.path.join(fleet["run"], "bus-cursors.json")).get(a.who, 0) if a.new else 0
+    while True:
+        with open(bus, "rb") as f:
+            f.seek(start)
+            chunk = f.read()
+        whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
+        lines = whole.decode("utf-8", "replace").splitlines()
+        if not a.follow and not a.new:
+            lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
+        for line in lines:
+            print(line, flush=True)
+        start += len(whole)
+        if a.new:
+            with updating(fleet, "bus-cursors.json") as cursors:    # readers of other names too
+                cursors[a.who] = start
+        if not a.follow or fleet["session"] not in live_sessions():
+            return
+        time.sleep(0.5)
+
+
+def cmd_verify(a):
+    fleet = load_fleet(a.name)
+    count = len(fleet["workers"])
+    if count < 2:
+        raise OrchError("verification needs at least 2 workers, so that no worker checks its own "
+                        "findings: `orch add %s` adds one" % a.name)
+    pool = list(range(1, count + 1))
+    if a.by:
+        try:
+            pool = sorted({int(v) for v in a.by.split(",")})
+        except ValueError:
+            pool = [0]
+        if not all(1 <= v <= count for v in pool):
+            raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
+    rounds = a.rounds or max(1, min(2, len(pool) - 1))
+    if rounds > max(1, len(pool) - 1):
+        raise OrchError("--rounds %d: %d verifiers allow at most %d rounds in which no finding "
+                        "meets the same verifier twice" % (rounds, len(pool), max(1, len(pool) - 1)), 2)
+    if not any(is_done(fleet, w["n"]) for w in fleet["workers"]):
+        raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
+    matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True))
+    write_json(os.path.join(shared_dir(fleet), "matrix.json"), matrix)
+    write_file(os.path.join(shared_dir(fleet), "matrix.md"), matrix_markdown(matrix))
+    log_event(fleet, "verify", rounds=rounds, **{k.lower(): v for k, v in matrix["tally"].items()})
+    for p in matrix["problems"]:
+        print("orch: warning: %s" % p, file=sys.stderr)
+    print(tally_line(matrix))
+    print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
+
+
 def cmd_report(a):
     text, path = write_report(load_fleet(a.name))
     print(text)
     print("report: %s" % path)
 
 
+def cmd_respawn(a):
+    fleet = load_fleet(a.name)
+    w = pick_workers(fleet, a.worker, allow_all=False)[0]
+    n = w["n"]
+    save_logs(dict(fleet, workers=[w]), "respawn")
+    try:
+        alive = snapshot(fleet, [w["pane"]], ansi=False)
+    except OrchError:
+        alive = {}
+    save_env(fleet)
+    if w["pane"] in alive:
+        tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
+    else:                               # pane closed by hand, or the session is gone
+        old, w["pane"] = w["pane"], open_pane(fleet, n)
+        save_fleet(fleet)
+        print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
+    forget_screen(fleet, n)
+    log_event(fleet, "respawn", worker=n, pane=w["pane"])
+    waiting = wait_ready(fleet, {n}, BOOT_WAIT)
+    if waiting:
+        raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
+                        % (n, waiting[0]["shows"], a.name, n))
+    brief = worker_file(fleet, n, "task.md")
+    if os.path.exists(brief) and not is_done(fleet, n):
+        print("\n".join(delivered(fleet, [n], brief_message(brief))))
+    print("W%d: restarted in pane %s" % (n, w["pane"]))
 
-# --- demo --------------------------------------------------------------------------
+
+def cmd_kill(a):
+    if a.all == bool(a.name):
+        raise OrchError("name one fleet, or pass --all: `orch kill NAME`", 2)
+    live = live_sessions()
+    names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
+    for name in names:
+        print(end_fleet(load_fleet(name)))
+    if a.all and not names:
+        print("no live fleets")
+
+
+def cmd_attach(a):
+    fleet = load_fleet(a.name)
+    if fleet["session"] not in live_sessions():
+        raise OrchError("fleet %r is not live: `orch status %s` shows its last state" % (a.name, a.name))
+    if os.environ.get("TMUX"):
+        raise OrchError("already inside tmux: in another terminal run `tmux attach -r -t %s`"
+                        % fleet["session"])
+    os.execvp("tmux", ["tmux", "attach-session", "-r", "-t", "=" + fleet["session"]])
+
 
 DEMO_FILES = {
     "api/handlers.py": "import json\n\n\ndef get_user(request):\n    # TODO: check the caller owns this user id\n"
@@ -1602,7 +1676,8 @@ DEMO_FILES = {
 
 def cmd_demo(a):
     """The whole idea in one command: spawn 3 workers, brief them, wait, have
-    them verify each other in two rounds, report, kill. With sim, W3 lies."""
+    them verify each other in two rounds, report, kill. With sim, W3 lies.
+    Each step is the real command; the live stream is the fleet's event log."""
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
     if not os.listdir(workdir):
@@ -1612,42 +1687,61 @@ def cmd_demo(a):
     agents = [a.agent] * 3
     if a.agent == "sim":
         agents = ["sim --delay 0.3 --seed %s" % a.seed] * 2 + ["sim --lie 2 --delay 0.3 --seed %s" % a.seed]
-    ns = argparse.Namespace
     if session_of("demo") in live_sessions():
         raise OrchError("fleet 'demo' is live: `orch kill demo` first")
-    ECHO.update(stream=sys.stdout, t0=time.time())
     print("orch demo: 3 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (
         a.agent, workdir, "; W3 is a liar (--lie 2)" if a.agent == "sim" else ""), flush=True)
-    quiet = contextlib.redirect_stdout(io.StringIO())
+    events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
+    last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
+    stop, t0, out = threading.Event(), time.time(), sys.stdout    # steps mute sys.stdout, not this
+
+    def echo():
+        f, rest = None, ""
+        while True:
+            stopping = stop.is_set()
+            if f is None and os.path.exists(events):
+                f = open(events, encoding="utf-8", errors="replace")
+                if os.fstat(f.fileno()).st_ino == last_run:
+                    f.close()
+                    f = None
+            lines, rest = (rest + (f.read() if f else "")).split("\n"), ""
+            rest = lines.pop()
+            for line in lines:
+                e = json.loads(line)
+                detail = " ".join("%s=%s" % kv for kv in e.items() if kv[0] not in ("t", "event"))
+                print("%6.1fs  %-8s %s" % (time.time() - t0, e["event"], detail), file=out, flush=True)
+            if stopping:
+                return f and f.close()
+            time.sleep(0.05)
+
+    def step(*argv):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return dispatch([str(x) for x in argv])
+    follower = threading.Thread(target=echo, daemon=True)
+    follower.start()
     try:
-        with quiet:
-            cmd_spawn(ns(name="demo", N=2, workdir=workdir, agent=agents[0], per_window=4,
-                         timeout=BOOT_WAIT, force=True))
-            cmd_add(ns(name="demo", K=1, agent=agents[2], timeout=BOOT_WAIT))
-            for n, part in enumerate(("api", "core", "jobs"), 1):
-                cmd_brief(ns(name="demo", worker=str(n), role="finder", send=True,
-                             goal="the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
-                             constraint=["Look only at the files under `%s/`." % part]))
-            fleet = load_fleet("demo")
-            flags = {w["n"]: worker_file(fleet, w["n"], "done") for w in fleet["workers"]}
-            code = watch(fleet, flags, 180, 0.3, 60, lambda n: default_nudge(fleet, n),
-                         lambda r, was: None)
-            if code:
-                raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
-                                % ("timeout" if code == 3 else "a worker exited"))
-            cmd_verify(ns(name="demo", rounds=2, by=None, timeout=180))
-            write_report(fleet)
+        step("spawn", "demo", 2, workdir, "--agent", agents[0], "--force")
+        step("add", "demo", 1, "--agent", agents[2])
+        for n, part in enumerate(("api", "core", "jobs"), 1):
+            step("brief", "demo", n, "--role", "finder", "--send",
+                 "--goal", "the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
+                 "--constraint", "Look only at the files under `%s/`." % part)
+        code = step("wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge")
+        if code:
+            raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
+                            % ("timeout" if code == 3 else "a worker exited"))
+        step("verify", "demo", "--rounds", 2, "--timeout", 180)
+        step("report", "demo")
     finally:
         if session_of("demo") in live_sessions():
-            with quiet:
-                end_fleet(load_fleet("demo"))
-        ECHO["stream"] = None
+            step("kill", "demo")
+        stop.set()
+        follower.join()
+    shared = os.path.join(os.path.dirname(events), "shared")
     print()
-    print(read_text(os.path.join(shared_dir(fleet), "matrix.md")))
-    print("report: %s" % os.path.join(shared_dir(fleet), "report.md"))
+    print(read_text(os.path.join(shared, "matrix.md")))
+    print("report: %s" % os.path.join(shared, "report.md"))
 
-
-# --- doctor and install --------------------------------------------------------------
 
 def cmd_doctor(a):
     """One line per check, with the fix; exit 1 if something required is missing."""
@@ -1662,22 +1756,16 @@ def cmd_doctor(a):
     checks.append(("tmux", bool(version) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
                    version or "not found", "install tmux 3.0 or newer (apt-get install tmux, "
                    "brew install tmux)"))
-    if word != "sim":
+    entry = AGENTS.get(word, {})
+    if "command" not in entry:
         found = shutil.which(word)
         checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
-                       {"claude": "npm install -g @anthropic-ai/claude-code",
-                        "codex": "npm install -g @openai/codex",
-                        "gemini": "npm install -g @google/gemini-cli"}.get(word, "install %s" % word)
-                       + ", or use --agent sim for a dry run"))
-    if word == "claude":
-        user_dir = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
-        creds = next((c for c in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN") if os.environ.get(c)),
-                     None) or (os.path.join(user_dir, ".credentials.json") if os.path.exists(
-                         os.path.join(user_dir, ".credentials.json")) else None)
-        checks.append(("credentials", bool(creds), creds or "none found",
-                       "run `claude` once and log in, or export ANTHROPIC_API_KEY"))
+                       entry.get("install", "install %s" % word) + ", or use --agent sim for a dry run"))
+    if "credentials" in entry:
+        creds = entry["credentials"]()
+        checks.append(("credentials", bool(creds), creds or "none found", entry["login"]))
     try:
-        home = orch_home()
+        home = orch_home(create=True)
         probe = os.path.join(home, ".doctor-%d" % os.getpid())
         write_file(probe, "")
         os.remove(probe)
@@ -1714,15 +1802,36 @@ def cmd_install(a):
                         "not on PATH: add it (export PATH=\"%s:$PATH\") or run %s" % (bin_dir, target)))
 
 
-# --- sim: the built-in simulated agent ---------------------------------------------
+def cmd_worker(a):
+    """The pane command: set the worker's environment, then exec the agent.
+    A pane inherits the tmux server's environment, not the lead's: the lead's
+    comes from env.json, where add and respawn saved it."""
+    os.environ["ORCH_HOME"] = a.home or orch_home()
+    fleet = load_fleet(a.name)
+    w = pick_workers(fleet, a.n, allow_all=False)[0]
+    env = dict(os.environ, **read_state(os.path.join(fleet["run"], "env.json")))
+    env.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
+               ORCH_HOME=orch_home())
+    entry = AGENTS[w["profile"]]
+    argv = shlex.split(w["agent"])
+    argv[:1] = entry.get("command", argv[:1])
+    extra = entry.get("setup", lambda fleet, w: {})(fleet, w)
+    env.update(extra.get("env", {}))
+    argv += extra.get("args", [])
+    os.chdir(fleet["workdir"])
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        raise OrchError("cannot start %s: %s" % (argv[0], e.strerror))
+
+
+# --- sim: the built-in simulated agent -----------------------------------------
 
 MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
+
+
 FABRICATED = ["remove the hardcoded admin password", "this leaks the session token",
               "race condition when two requests arrive", "unchecked SQL string concatenation"]
-
-
-def norm(s):
-    return " ".join(s.split())
 
 
 def sim_files(workdir):
@@ -1963,6 +2072,12 @@ def number(kind, low=0.0, integer=False):
     return parse
 
 
+def who_name(text):
+    if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
+        raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
+    return text
+
+
 def build_parser():
     p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                usage=argparse.SUPPRESS, add_help=True)
@@ -1978,73 +2093,95 @@ def build_parser():
     arg = lambda *names, **kw: (names, kw)
     name, worker = arg("name"), arg("worker", metavar="n")
     command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
-            arg("--agent"), arg("--per-window", type=number("--per-window", 1, True), default=4),
-            arg("--timeout", type=secs, default=BOOT_WAIT), arg("--force", action="store_true"))
+            arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
+            arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
+                help="panes per tmux window (default 4)"),
+            arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
+                help="seconds to wait until every worker is ready (default 60, 0: do not wait)"),
+            arg("--force", action="store_true", help="end a live fleet, archive its old run dir"))
     command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
-            arg("--agent"), arg("--timeout", type=secs, default=BOOT_WAIT))
-    command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"), arg("--file"))
-    command("brief", name, worker, arg("--goal", required=True),
-            arg("--role", choices=sorted(ROLES), default="finder"),
-            arg("--constraint", action="append", default=[]), arg("--send", action="store_true"))
+            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"),
+            arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
+                help="seconds to wait until they are ready (default 60, 0: do not wait)"))
+    command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"),
+            arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"))
+    command("brief", name, worker, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
+            arg("--role", choices=sorted(ROLES), default="finder", help="the role template"),
+            arg("--constraint", metavar="TEXT", action="append", default=[], help="a hard constraint (repeatable)"),
+            arg("--send", action="store_true", help="tell the worker to read and follow it"))
     command("read", name, arg("worker", metavar="n|all"),
             arg("lines", nargs="?", type=number("lines", 1, True), default=20))
-    command("status", arg("name", nargs="?"), arg("--json", action="store_true"),
-            arg("--stall", type=secs, default=120.0))
-    command("wait", name, arg("workers", nargs="*", metavar="n"), arg("--timeout", type=secs, default=0),
-            arg("--interval", type=number("--interval", 0.05), default=2.0),
-            arg("--stall", type=secs, default=120.0), arg("--nudge", action="store_true"),
-            arg("--json", action="store_true"))
+    command("status", arg("name", nargs="?"), arg("--json", action="store_true", help="JSON output"),
+            arg("--stall", metavar="S", type=secs, default=STALL,
+                help="seconds without a screen change that make a worker stalled (default 120)"))
+    command("wait", name, arg("workers", nargs="*", metavar="n"),
+            arg("--timeout", metavar="S", type=secs, default=0, help="give up after S seconds, exit 3 (default: never)"),
+            arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
+                help="seconds between polls (default 2)"),
+            arg("--stall", metavar="S", type=secs, default=STALL,
+                help="seconds without a screen change that make a worker stalled (default 120)"),
+            arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"),
+            arg("--json", action="store_true", help="one JSON object per line"))
     command("nudge", name, worker, arg("message", nargs="*"))
     command("bus", name, arg("message", nargs="*", metavar="post MESSAGE"),
-            arg("-n", type=number("-n", 0, True), default=20), arg("--new", action="store_true"),
-            arg("--follow", action="store_true"),
-            arg("--as", dest="who", default="lead", type=who_name))
-    command("verify", name, arg("--rounds", type=number("--rounds", 1, True)), arg("--by"),
-            arg("--timeout", type=secs, default=900.0))
+            arg("-n", metavar="N", type=number("-n", 0, True), default=20, help="how many last lines (default 20)"),
+            arg("--new", action="store_true", help="only lines this reader has not seen"),
+            arg("--follow", action="store_true", help="keep printing new lines until the fleet ends"),
+            arg("--as", metavar="WHO", dest="who", default="lead", type=who_name,
+                help="who reads or posts (default lead)"))
+    command("verify", name, arg("--rounds", metavar="R", type=number("--rounds", 1, True),
+                                help="verdicts each finding needs (default 2)"),
+            arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
+            arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"))
     command("report", name)
     command("respawn", name, worker)
-    command("demo", arg("workdir", nargs="?"), arg("--agent", default="sim", choices=("sim", "claude")),
-            arg("--seed", default="1"))
-    command("kill", arg("name", nargs="?"), arg("--all", action="store_true"))
+    command("demo", arg("workdir", nargs="?"),
+            arg("--agent", default="sim", choices=("sim", "claude"), help="the workers' agent (default sim)"),
+            arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)"))
+    command("kill", arg("name", nargs="?"), arg("--all", action="store_true", help="every live fleet"))
     command("attach", name)
-    command("doctor", arg("--agent"))
-    command("install", arg("--bin-dir"))
-    command("worker", name, arg("n"), arg("--home"))
-    command("sim", arg("--lie", type=number("--lie", 0, True), default=0),
-            arg("--seed", default="1"), arg("--delay", type=secs, default=0.5),
-            arg("--no-bracketed-paste", action="store_true"))
+    command("doctor", arg("--agent", metavar="A", help="the agent to check (default $ORCH_AGENT or claude)"))
+    command("install", arg("--bin-dir", metavar="D", help="where orch goes (default ~/.local/bin)"))
+    command("worker", name, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME"))
+    command("sim", arg("--lie", metavar="N", type=number("--lie", 0, True), default=0,
+                       help="plant N false findings as a finder"),
+            arg("--seed", metavar="S", default="1", help="random seed"),
+            arg("--delay", metavar="S", type=secs, default=0.5, help="seconds per job (default 0.5)"),
+            arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste"))
     return p
 
 
-def who_name(text):
-    if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
-        raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
-    return text
+def dispatch(argv):
+    """Parse one command line and run its command; returns the exit code.
+    main and demo's steps come through here."""
+    parser = build_parser()
+    # argparse fills a '*' positional before the options that follow it
+    # (`bus f post --as W2 hi`): the leftover words belong to the message.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "message") or any(x.startswith("-") for x in extra)):
+        parser.error("unrecognized arguments: %s" % " ".join(extra))
+    args.message = getattr(args, "message", []) + extra
+    if args.version:
+        with open(ORCH, "rb") as f:     # any vendored copy can be told apart
+            print("orch %s (%s)" % (VERSION, hashlib.sha256(f.read()).hexdigest()[:12]))
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "name", None) is not None:
+        check_name(args.name)
+    return globals()["cmd_" + args.command](args) or 0
 
 
 def main(argv=None):
     os.umask(0o077)                 # every file and directory orch makes is private
     try:
-        parser = build_parser()
-        # argparse fills a '*' positional before the options that follow it
-        # (`bus f post --as W2 hi`): the leftover words belong to the message.
-        args, extra = parser.parse_known_args(argv)
-        if extra and (not hasattr(args, "message") or any(x.startswith("-") for x in extra)):
-            parser.error("unrecognized arguments: %s" % " ".join(extra))
-        args.message = getattr(args, "message", []) + extra
-        if args.version:
-            with open(ORCH, "rb") as f:     # any vendored copy can be told apart
-                print("orch %s (%s)" % (VERSION, hashlib.sha256(f.read()).hexdigest()[:12]))
-            return 0
-        if not args.command:
-            parser.print_help()
-            return 2
-        if getattr(args, "name", None) is not None:
-            check_name(args.name)
-        return globals()["cmd_" + args.command](args) or 0
+        return dispatch(argv)
     except OrchError as e:
         if os.environ.get("ORCH_DEBUG"):
             raise
+        for line in e.said:         # what did succeed before the failure
+            print(line)
         print("orch: %s" % e, file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
