@@ -24,18 +24,18 @@ commands:
   nudge <name> <n> [MESSAGE]      clear the input box, remind a worker of its brief
   bus <name> [-n N] [--new] [--follow] [--as WHO]   read the message bus
   bus <name> post [--as WHO] MESSAGE                 append one line to it
-  verify <name>                   round-robin adversarial verification
+  verify <name>                   adversarial verification: checked evidence, majority
                                   [--rounds R] [--by v,...] [--timeout S]
   report <name>                   write and print report.md
   respawn <name> <n>              restart a worker, re-send its brief
   kill <name> | --all             save scrollback to logs/, end the tmux session
   attach <name>                   watch a fleet, read-only
-  demo [workdir] [--agent A]      a 3-worker self-verifying audit, end to end
+  demo [workdir] [--agent A]      a 4-worker self-verifying audit, end to end
                                   [--seed S]
   doctor [--agent A]              check python, tmux, agent, credentials, ORCH_HOME
   install [--bin-dir D]           copy orch to ~/.local/bin, SKILL.md to ~/.claude
   worker <name> <n> [--home H]    internal: the pane command that starts the agent
-  sim [--lie N] [--seed S] [--delay S] [--no-bracketed-paste]
+  sim [--lie N] [--verifier KIND] [--seed S] [--delay S] [--no-bracketed-paste]
                                   internal: the built-in simulated agent
 
 agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
@@ -63,6 +63,7 @@ import secrets
 import select
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import sys
@@ -83,6 +84,7 @@ BOOTED = ("idle", "busy", "draft", "stalled")   # past booting and dialogs (a dr
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 ENTER_RETRIES = 3
+READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 
 # Keys that clear a draft, the same for every agent: end of line, kill to line
 # start (C-u in Claude, Codex, Gemini, prompt_toolkit), join the previous line;
@@ -112,6 +114,12 @@ class OrchError(Exception):
 
 def claude_user_dir():
     return os.environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude")
+
+
+def skill_dir():
+    """Where the lead's Claude Code reads the orch skill: $CLAUDE_CONFIG_DIR/skills
+    when that is set (then ~/.claude/skills is not read), else ~/.claude/skills."""
+    return os.path.join(claude_user_dir(), "skills", "orch")
 
 
 def claude_credentials():
@@ -441,19 +449,43 @@ def write_file(path, text):
     symlink planted at `path` is replaced, never followed."""
     tmp = "%s.%s.tmp" % (path, secrets.token_hex(4))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:               # a full disk leaves no *.tmp behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+UNSAFE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def defang(text):
+    """Worker text made safe for a terminal and for the files a person reads:
+    C0 controls but newline and tab, DEL, C1 and bidi controls are shown as
+    \\uXXXX, never passed raw (no OSC 52 clipboard write, no ESC[2J)."""
+    return UNSAFE_RE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+
+
+def json_text(obj, indent=None):
+    """JSON with non-ASCII kept readable and every unsafe character escaped
+    (inside JSON strings \\uXXXX is the same character, so values do not change)."""
+    return defang(json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
 def write_json(path, obj):
-    write_file(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_file(path, json_text(obj, 2) + "\n")
 
 
 def append_line(path, line):
-    """Append one whole line under an exclusive lock (bus.md, events.jsonl)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    """Append one whole line under an exclusive lock (bus.md, events.jsonl);
+    never to a planted link or FIFO."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
     finally:
@@ -468,14 +500,47 @@ def read_text(path, default=None):
         return default
 
 
-def read_state(path):
-    """A JSON object orch keeps for itself (watch.json, cursors): missing or
-    damaged means start afresh, never a crash."""
+def read_untrusted(path, start=0, raw=False):
+    """A file a worker can write (results, verdicts, cited files, the bus),
+    read without trusting it: a regular file only, checked on the opened
+    descriptor (a FIFO never blocks, a planted link is not followed), from
+    byte `start`, at most READ_CAP bytes. Returns (text, or bytes if `raw`,
+    or None; what was wrong or cut, or None)."""
     try:
-        state = json.loads(read_text(path, "{}"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError as e:
+        return None, "not read: %s" % ("a symbolic link" if os.path.islink(path) else e.strerror)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not read: not a regular file"
+        f.seek(start)
+        data = f.read(READ_CAP + 1)
+    why = "cut at %d MB" % (READ_CAP >> 20) if len(data) > READ_CAP else None
+    return data[:READ_CAP] if raw else data[:READ_CAP].decode("utf-8", "replace"), why
+
+
+def file_digest(path):
+    """What a worker-writable file holds now (None: nothing readable), to tell later whether it changed."""
+    data, why = read_untrusted(path, raw=True)
+    return None if data is None else hashlib.sha1(data).hexdigest() + (why or "")
+
+
+def read_state(path, fleet=None):
+    """A JSON object orch keeps for itself (watch.json, cursors, env.json):
+    missing or damaged means start afresh, never a crash; a damaged one is
+    noted in fleet["notes"], which the command shows in one line."""
+    text, _ = read_untrusted(path)
+    try:
+        state = json.loads(text or "{}")
     except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        if fleet is not None:
+            fleet.setdefault("notes", []).append("%s was damaged: started afresh" % path)
         return {}
-    return state if isinstance(state, dict) else {}
+    return state
 
 
 @contextlib.contextmanager
@@ -486,9 +551,12 @@ def updating(fleet, name):
     fd = os.open(fleet["run"], os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        state = read_state(os.path.join(fleet["run"], name))
+        state = read_state(os.path.join(fleet["run"], name), fleet)
         yield state
-        write_json(os.path.join(fleet["run"], name), state)
+        try:
+            write_json(os.path.join(fleet["run"], name), state)
+        except OSError as e:            # a full disk must not stop status or wait
+            fleet.setdefault("notes", []).append("%s not saved: %s" % (name, e.strerror))
     finally:
         os.close(fd)
 
@@ -498,8 +566,13 @@ def now_iso():
 
 
 def log_event(fleet, event, **fields):
+    """One record in events.jsonl, the fleet's trail; a full or read-only disk
+    costs the record (noted), never the command."""
     rec = dict(t=now_iso(), event=event, **fields)
-    append_line(os.path.join(fleet["run"], "events.jsonl"), json.dumps(rec, ensure_ascii=False))
+    try:
+        append_line(os.path.join(fleet["run"], "events.jsonl"), json_text(rec))
+    except OSError as e:
+        fleet.setdefault("notes", []).append("events.jsonl not written: %s" % e.strerror)
 
 
 def load_fleet(name):
@@ -512,17 +585,22 @@ def load_fleet(name):
         fleet = json.loads(text)
     except ValueError:
         fleet = None
-    if not (isinstance(fleet, dict) and fleet.get("version") == SCHEMA
-            and isinstance(fleet.get("workers"), list) and fleet.get("session")):
+    workers = fleet.get("workers") if isinstance(fleet, dict) else None
+    if not (isinstance(fleet, dict) and fleet.get("version") == SCHEMA and isinstance(workers, list)
+            and isinstance(fleet.get("workdir"), str) and isinstance(fleet.get("agent"), str)
+            and all(isinstance(w, dict) and w.get("n") == i and w.get("profile") in AGENTS
+                    and isinstance(w.get("agent"), str) and isinstance(w.get("pane"), (str, type(None)))
+                    for i, w in enumerate(workers, 1))):
         raise OrchError("%s/fleet.json is corrupt or from another orch version: inspect it, or "
                         "`orch spawn %s N --force` to archive it and start over" % (rd, name))
-    fleet["run"] = rd            # never trust a path stored in the file
+    fleet.update(run=rd, name=name, session=session_of(name))   # never trust a stored path or name
     return fleet
 
 
 def save_fleet(fleet):
     data = dict(fleet)
     data.pop("run", None)
+    data.pop("notes", None)
     write_json(os.path.join(fleet["run"], "fleet.json"), data)
 
 
@@ -536,14 +614,35 @@ def pick_workers(fleet, spec, allow_all=True):
     workers = fleet["workers"]
     if spec == "all" and allow_all:
         return list(workers)
-    if not re.match(r"[0-9]+\Z", str(spec)) or not 1 <= int(spec) <= len(workers):
+    if not re.match(r"[0-9]{1,9}\Z", str(spec)) or not 1 <= int(spec) <= len(workers):
         raise OrchError("no worker %r in fleet %r: it has workers 1-%d%s"
-                        % (spec, fleet["name"], len(workers), " (or 'all')" if allow_all else ""), 2)
+                        % (str(spec)[:20], fleet["name"], len(workers), " (or 'all')" if allow_all else ""), 2)
     return [workers[int(spec) - 1]]
 
 
+def bus_lines(fleet, data):
+    """Bus bytes as lines to show: split on newline only, defanged, and a line
+    that claims to be orch's or the lead's but was not posted by orch marked."""
+    posted = set((read_text(os.path.join(fleet["run"], "bus-posted"), "")).split())
+    out = []
+    for line in data.decode("utf-8", "replace").split("\n"):
+        if re.match(r"\[(lead|orch)\]", line) and hashlib.sha1(line.encode()).hexdigest() not in posted:
+            line = "(not posted by orch) " + line
+        out.append(defang(line))
+    return out
+
+
+def post(fleet, who, text):
+    """Append one bus line under the lock, and remember it as orch's."""
+    line = "[%s] %s" % (who, text)
+    append_line(bus_path(fleet), line)
+    append_line(os.path.join(fleet["run"], "bus-posted"), hashlib.sha1(line.encode()).hexdigest())
+
+
 def bus_tail(fleet, count=None):
-    lines = read_text(bus_path(fleet), "").splitlines()
+    text, _ = read_untrusted(bus_path(fleet))
+    lines = bus_lines(fleet, (text or "").rstrip("\n").encode())
+    lines = [] if lines == [""] else lines
     return lines if count is None else lines[len(lines) - count:]
 
 
@@ -684,7 +783,8 @@ def poll(fleet, stall=STALL, flags=None):
     with updating(fleet, "watch.json") as mem:
         for w in fleet["workers"]:
             seen = mem.setdefault(str(w["n"]), {})
-            if not isinstance(seen, dict):
+            if not (isinstance(seen, dict) and isinstance(seen.get("since", 0), (int, float))):
+                fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
                 seen = mem[str(w["n"])] = {}
             row = worker_row(w, snap.get(w["pane"]), seen, now, stall, done[w["n"]])
             if seen.get("state") != row["state"]:
@@ -958,10 +1058,10 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
 def change_line(r, was, json_mode=False):
     """wait's line for a worker whose state changed."""
     if json_mode:
-        return json.dumps({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
-                           "last": r["last"]}, ensure_ascii=False)
+        return json_text({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
+                          "last": r["last"]})
     return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
-                                  "  | " + r["last"][:80] if r["last"] else "")
+                                  "  | " + defang(r["last"][:80]) if r["last"] else "")
 
 
 def default_nudge(fleet, n, stem=None):
@@ -1010,7 +1110,10 @@ def end_fleet(fleet):
     if home and home != orch_home():
         raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
                         "run orch with that ORCH_HOME" % (fleet["session"], home))
-    saved = save_logs(fleet, "kill")
+    try:                                # a full or read-only ORCH_HOME must not keep agents running
+        saved, lost = save_logs(fleet, "kill"), ""
+    except OSError as e:
+        saved, lost = [], "; could not save the scrollback: %s" % e.strerror
     try:
         tmux("kill-session", "-t", "=" + fleet["session"])
         gone = False
@@ -1018,13 +1121,14 @@ def end_fleet(fleet):
         if e.kind not in ("server", "target"):
             raise
         gone = True
-    log_event(fleet, "kill", saved=saved, already_gone=gone)
+    with contextlib.suppress(OSError):
+        log_event(fleet, "kill", saved=saved, already_gone=gone)
     logs = os.path.join(fleet["run"], "logs")
     if gone:
-        return "%s: tmux session %s was already gone; saved %d pane log(s) in %s" % (
-            fleet["name"], fleet["session"], len(saved), logs)
-    return "%s: killed %s; scrollback of W%s in %s" % (
-        fleet["name"], fleet["session"], ",W".join(map(str, saved)) or "-", logs)
+        return "%s: tmux session %s was already gone; saved %d pane log(s) in %s%s" % (
+            fleet["name"], fleet["session"], len(saved), logs, lost)
+    return "%s: killed %s; scrollback of W%s in %s%s" % (
+        fleet["name"], fleet["session"], ",W".join(map(str, saved)) or "-", logs, lost)
 
 
 # --- briefs and grammar --------------------------------------------------------
@@ -1049,18 +1153,21 @@ FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no tabl
 - The quote is copied from the file, never paraphrased: a finding whose quote is not on
   the cited lines is thrown out by a mechanical check before anyone reads it.
 - Use `-` as the location for a finding that is not about one place; leave out the quote then.
+- The quote is the rest of the line and may contain `|`; write a `|` inside the claim as `\\|`.
 - Example:  F1 | src/app.py:42 | TODO marker: input is not validated | # TODO: validate input
 - Found nothing? Write one plain sentence saying what you checked."""
 
 
 VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
-    W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence: path:line and why>
-- Evidence names the path:line you read and what it says. A verdict without a path:line
-  counts as no verdict; never confirm what you did not check yourself.
+    W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <path>:<line> | <why, one line> | <exact text of that line>
+- <path>:<line> is the place you read to decide; the last field is copied from that line, never
+  paraphrased: orch checks it against the file. A verdict without a location and quote, or
+  whose quote is not there, counts as no verdict, and a verifier caught inventing a quote is
+  not asked again and none of its verdicts count.
 - CONFIRMED only if the cited lines say what the claim says; REFUTED if they do not;
-  UNVERIFIABLE if the evidence cannot settle it."""
-
-
+  UNVERIFIABLE if you cannot settle it. Never confirm what you did not read yourself.
+- The quote is the rest of the line and may contain `|`; write a `|` inside the why as `\\|`.
+- Example:  W2.F1 | CONFIRMED | src/app.py:42 | the TODO is there | # TODO: validate input"""
 LEADING_RE = re.compile(r"\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)", re.I)
 
 
@@ -1100,8 +1207,14 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
     return "\n".join(parts)
 
 
-def brief_message(path):
-    return "Read and follow the brief in `%s` - work autonomously, do not wait for confirmation." % path
+def brief_message(path, key=None):
+    """The line that sends a worker to its brief; a verifier's also carries
+    its round key, which exists only in its pane and in orch's memory."""
+    return "Read and follow the brief in `%s` - work autonomously, do not wait for confirmation.%s" % (
+        path, " Write this line first in your result file, exactly: orch-key: %s" % key if key else "")
+
+
+LOC_RE = re.compile(r"(.+):(\d{1,9})(?:-(\d{1,9}))?$")     # path:line[-end]; no 5,000-digit lines
 
 
 def clean_field(s):
@@ -1131,7 +1244,7 @@ def parse_findings(text, source):
     the grammar is a problem naming its file and line, never dropped silently."""
     found, problems = [], []
     for i, line in grammar_lines(text):
-        m = re.match(r"(?:W(\d+)\.)?F(\d+)\s*\|(.*)$", line)
+        m = re.match(r"(?:W(\d{1,9})\.)?F(\d{1,9})\s*\|(.*)$", line)
         if not m:
             # Real workers like tables: a row that cites path:line without an id
             # is a finding the grammar cannot take, so say so.
@@ -1140,39 +1253,66 @@ def parse_findings(text, source):
                                 "path:line | claim | quote`): %s" % (source, i, line[:80]))
             continue
         fields = split_fields(m.group(3), 2)
-        loc = re.match(r"(.+):(\d+)(?:-(\d+))?$", fields[0])
+        loc = LOC_RE.match(fields[0])
         if len(fields) < 2 or not fields[1] or not (fields[0] == "-" or loc) \
                 or (loc and int(loc.group(3) or loc.group(2)) < int(loc.group(2))):
             problems.append("%s:%d: not a finding (want `F<k> | path:line | claim | quote`): %s"
                             % (source, i, line[:80]))
             continue
-        quote = fields[2] if len(fields) > 2 else ""
-        if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
-            quote = quote[1:-1]
-        found.append({"worker": int(m.group(1)) if m.group(1) else None, "k": int(m.group(2)),
-                      "path": loc.group(1) if loc else None,
-                      "line": int(loc.group(2)) if loc else None,
-                      "end": int(loc.group(3) or loc.group(2)) if loc else None,
-                      "claim": fields[1], "quote": quote})
+        found.append(dict(location(loc), worker=int(m.group(1)) if m.group(1) else None,
+                          k=int(m.group(2)), claim=fields[1],
+                          quote=unquote(fields[2] if len(fields) > 2 else ""), tail=after(m.group(3), 1)))
     return found, problems
 
 
+def after(rest, cells):
+    """The raw text after the first `cells` cells of a grammar line: the claim
+    (or why) and the quote, which settle() may split again."""
+    parts = rest.replace("\\|", "\0").split("|", cells)
+    return parts[cells].replace("\0", "\\|") if len(parts) > cells else ""
+
+
+def location(loc):
+    """A LOC_RE match (or None) as the path, line and end of a finding or verdict."""
+    return {"path": loc.group(1) if loc else None, "line": int(loc.group(2)) if loc else None,
+            "end": int(loc.group(3) or loc.group(2)) if loc else None}
+
+
+def unquote(quote):
+    if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
+        return quote[1:-1]
+    return quote
+
+
 def parse_verdicts(text, source):
-    """W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <evidence> -> ({id: verdict}, problems)."""
+    """W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <path>:<line> | <why> | <quote>
+    -> ({id: verdict}, problems). The why may be left out; a verdict in the old
+    grammar (free evidence, no location and quote) is kept with empty ones and
+    reported, never dropped; a second verdict for one finding is reported and
+    the first one stands."""
     verdicts, problems = {}, []
     for i, line in grammar_lines(text):
-        m = re.match(r"(W\d+\.F\d+)\s*\|(.*)$", line)
+        m = re.match(r"(W\d{1,9}\.F\d{1,9})\s*\|(.*)$", line)
         if not m:
             continue
-        fields = split_fields(m.group(2), 1)
+        fields = split_fields(m.group(2), 3)
         word = fields[0].upper()
         if word not in ("CONFIRMED", "REFUTED", "UNVERIFIABLE"):
             problems.append("%s:%d: not a verdict (want `W<n>.F<k> | CONFIRMED|REFUTED|"
-                            "UNVERIFIABLE | evidence`): %s" % (source, i, line[:80]))
+                            "UNVERIFIABLE | path:line | why | quote`): %s" % (source, i, line[:80]))
             continue
-        evidence = fields[1] if len(fields) > 1 else ""
-        verdicts[m.group(1)] = {"verdict": word, "evidence": evidence,
-                                "unsupported": not re.search(r"[^\s:|]+:\d+", evidence)}
+        if m.group(1) in verdicts:
+            problems.append("%s:%d: a second verdict for %s: the first one stands" % (source, i, m.group(1)))
+            continue
+        loc = LOC_RE.match(fields[1]) if len(fields) > 2 else None
+        v = dict(location(loc), verdict=word, why="", quote="", at="%s:%d" % (source, i),
+                 evidence=" | ".join(fields[1:]))
+        if loc:
+            v.update(why=fields[2] if len(fields) > 3 else "", quote=unquote(fields[-1]), tail=after(m.group(2), 2))
+        elif word != "UNVERIFIABLE":
+            problems.append("%s:%d: %s gives no `path:line | why | quote` evidence: it counts as "
+                            "no verdict" % (source, i, m.group(1)))
+        verdicts[m.group(1)] = v
     return verdicts, problems
 
 
@@ -1184,42 +1324,93 @@ def finding_line(f):
 
 # --- verification --------------------------------------------------------------
 
-def check_citation(workdir, f):
-    """Mechanical check of a finding's location: 'ok', 'n/a', or what is wrong."""
-    if f["path"] is None:
-        return "n/a"
+def file_lines(workdir, rel, cache):
+    """The lines of a file a finding or verdict cites, read once per verify
+    (`cache`), as a worker may have planted it: inside the workdir, a regular
+    file, at most READ_CAP bytes. Returns a list, or what is wrong."""
     root = os.path.realpath(workdir)
-    path = os.path.realpath(os.path.join(root, f["path"]))
+    path = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, path]) != root:
         return "path escapes the workdir"
-    if not os.path.isfile(path):
-        return "no such file"
-    lines = read_text(path, "").splitlines()
-    if f["line"] < 1 or f["end"] > len(lines):
-        return "line %d is past the end (%d lines)" % (f["end"], len(lines))
-    window = lines[max(0, f["line"] - 3):f["end"] + 2]        # two lines either side
-    if f["quote"] and norm(f["quote"]) not in norm(" ".join(window)):
-        return "quote not within 2 lines of line %d" % f["line"]
+    if path not in cache:
+        text, why = read_untrusted(path)
+        cache[path] = (why or "no such file") if text is None else text.splitlines()
+    return cache[path]
+
+
+def check_quote(workdir, at, cache, least=0):
+    """The mechanical check of a location and quote (a finding's citation, a
+    verdict's evidence): 'ok' or what is wrong. The quote, whitespace-
+    normalised, must lie within two lines of the cited range, and be `least`
+    characters long or a whole line (evidence: one letter is in any file)."""
+    lines = file_lines(workdir, at["path"], cache)
+    if isinstance(lines, str):
+        return lines
+    if at["line"] < 1 or at["end"] > len(lines):
+        return "line %d is past the end (%d lines)" % (at["end"], len(lines))
+    window = lines[max(0, at["line"] - 3):at["end"] + 2]        # two lines either side
+    if at["quote"] and norm(at["quote"]) not in norm(" ".join(window)):
+        return "quote not within 2 lines of line %d" % at["line"]
+    if len(norm(at["quote"])) < least and norm(at["quote"]) not in [norm(x) for x in window]:
+        return "quote too short to check: give the whole line"
     return "ok"
 
 
-def verifier_for(finder, k, pool, count):
-    """Round k's verifier of worker `finder`'s findings: the k-th worker after
-    it in cyclic order among `pool`, never itself."""
-    others = sorted((v for v in pool if v != finder), key=lambda v: (v - finder) % count)
-    return others[k - 1] if k <= len(others) else None
+def settle(workdir, at, head, cache, least=0):
+    """check_quote; when it fails and the claim (or a verdict's why) may have
+    held a '|' (code is full of them), the other splits of the same text are
+    tried in order and the first whose quote is in the file is kept."""
+    why = check_quote(workdir, at, cache, least)
+    pieces = at.pop("tail", "").replace("\\|", "\0").split("|")
+    text = lambda ps: clean_field("|".join(ps)).replace("\0", "|")
+    for i in range(0 if head == "why" else 1, len(pieces)):      # a why may be left out
+        alt = dict(at, **{head: text(pieces[:i]), "quote": unquote(text(pieces[i:]))})
+        if why != "ok" and check_quote(workdir, alt, cache, least) == "ok":
+            at.update(alt)
+            why = "ok"
+    return why
+
+
+def check_citation(workdir, f, cache=None):
+    """A finding's location: 'ok', 'n/a' (not about one place), or what is wrong."""
+    if f["path"] is None:
+        f.pop("tail", None)
+        return "n/a"
+    return settle(workdir, f, "claim", {} if cache is None else cache)
+
+
+def check_evidence(workdir, v, cache):
+    """A verdict's evidence: 'checked', 'unsupported' (no location and quote),
+    'missing' (no verdict), or 'fabricated: <what is wrong>'."""
+    if v["verdict"] == "MISSING" or v["path"] is None or not v["quote"]:
+        v.pop("tail", None)
+        return "missing" if v["verdict"] == "MISSING" else "unsupported"
+    why = settle(workdir, v, "why", cache, least=8)
+    return "checked" if why == "ok" else ("unsupported: " if "too short" in why else "fabricated: ") + why
+
+
+def next_verifier(f, pool, count, dropped, profiles):
+    """The verifier to ask next about finding f: the first worker after its
+    finder in cyclic order among `pool` that has not seen f and is not
+    dropped, preferring one of another agent than the finder's; or None."""
+    seen = {c["verifier"] for c in f["rounds"]} | {f["worker"]} | set(dropped)
+    order = sorted((v for v in pool if v not in seen), key=lambda v: (v - f["worker"]) % count)
+    other = [v for v in order if profiles[v] != profiles[f["worker"]]]
+    return (other or order or [None])[0]
 
 
 def collect_findings(fleet):
     findings, problems = [], []
     for w in fleet["workers"]:
         n = w["n"]
-        if not os.path.exists(worker_file(fleet, n, "done")):
+        if not is_done(fleet, n):
             continue
         path = worker_file(fleet, n, "result.md")
-        text = read_text(path)
+        text, why = read_untrusted(path)
+        if why:
+            problems.append("%s: %s" % (path, why))
         if text is None:
-            problems.append("W%d touched its done flag but wrote no %s" % (n, path))
+            problems.append("W%d touched its done flag but wrote no usable %s" % (n, path))
             continue
         found, bad = parse_findings(text, path)
         problems += bad
@@ -1234,26 +1425,44 @@ def collect_findings(fleet):
     return findings, problems
 
 
-def final_verdict(f, rounds):
+def counts(c, dropped):
+    """A verdict counts: decisive, with checked evidence, by a verifier not dropped."""
+    return c["verdict"] in ("CONFIRMED", "REFUTED") and c["check"] == "checked" \
+        and c["verifier"] not in dropped
+
+
+def final_verdict(f, need, dropped):
+    """BAD-CITATION; else the side with a strict majority once `need` verdicts
+    count; DISPUTED on a tie; else UNVERIFIABLE (too few verdicts count)."""
     if f["citation"] not in ("ok", "n/a"):
         return "BAD-CITATION"
-    verdicts = [c["verdict"] for c in f["rounds"]]
-    if "REFUTED" in verdicts:
-        return "REFUTED"
-    if len(f["rounds"]) == rounds and all(c["verdict"] == "CONFIRMED" and not c["unsupported"]
-                                          for c in f["rounds"]):
-        return "CONFIRMED"
-    return "UNVERIFIABLE"
+    votes = [c["verdict"] for c in f["rounds"] if counts(c, dropped)]
+    yes, no = votes.count("CONFIRMED"), votes.count("REFUTED")
+    if yes + no >= need and yes != no:
+        return "CONFIRMED" if yes > no else "REFUTED"
+    return "DISPUTED" if yes == no > 0 else "UNVERIFIABLE"
 
 
-def run_round(fleet, k, jobs, timeout, emit, problems):
-    """One verification round: a brief per verifier ({v: findings}), sent,
-    waited for; returns {v: {finding id: verdict}} read from the round files.
-    A verifier that cannot be reached, dies or runs out of time costs only
-    its own verdicts."""
+def adjudication(f, dropped):
+    """For a brief: both sides' evidence of a finding whose verdicts disagree."""
+    sides = [c for c in f["rounds"] if counts(c, dropped)]
+    if len({c["verdict"] for c in sides}) < 2:
+        return []
+    return ["      disputed: W%d says %s, reading %s:%d %s (%s)" % (
+        c["verifier"], c["verdict"], c["path"], c["line"], json.dumps(c["quote"], ensure_ascii=False),
+        c["why"] or "no reason given") for c in sides] + [
+        "      decide which side the file supports, from the lines themselves"]
+
+
+def run_round(fleet, k, jobs, timeout, emit, problems, extra):
+    """One verification round: a brief per verifier ({v: findings}, with
+    `extra` lines under a finding), sent, waited for; returns ({v: {finding
+    id: verdict}}, [why the round is incomplete]). A verifier that cannot be
+    reached, dies or runs out of time costs only its own verdicts."""
     vdir = os.path.join(shared_dir(fleet), "verify")
     stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
     flags = {v: stem + ".done" for v, stem in stems.items()}
+    incomplete = []
     for v, fs in sorted(jobs.items()):
         stem = stems[v]
         goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
@@ -1261,11 +1470,12 @@ def run_round(fleet, k, jobs, timeout, emit, problems):
         write_file(stem + ".task.md", make_brief(
             fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
             stem + ".result.md", stem + ".done", "verification round %d" % k,
-            [finding_line(f) for f in fs]))
+            [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])]))
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
+    keys = {v: secrets.token_hex(8) for v in jobs}
     for v in sorted(flags):
-        for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md")).values():
-            problems.append("round %d: %s" % (k, why))
+        for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md", keys[v])).values():
+            incomplete.append("round %d: %s" % (k, why))
             del flags[v]                # unreachable: its verdicts are MISSING
     deadline = time.time() + timeout
     while flags:
@@ -1273,100 +1483,210 @@ def run_round(fleet, k, jobs, timeout, emit, problems):
                      lambda v: default_nudge(fleet, v, stems[v]), emit)
         if code != 4:
             if code == 3:
-                problems.append("round %d: timed out after %gs" % (k, timeout))
+                incomplete.append("round %d: W%s timed out after %gs" % (
+                    k, ",W".join(str(v) for v in sorted(flags) if not os.path.exists(flags[v])), timeout))
             break
         for r in poll(fleet, flags=flags):      # a verifier died: the rest go on
             if r["n"] in flags and r["state"] == "exited":
-                problems.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
+                incomplete.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
                 del flags[r["n"]]
-    verdicts = {}
-    for v in jobs:
+    verdicts, seen = {v: {} for v in jobs}, {}
+    for v in [v for v in jobs if v in flags or os.path.exists(stems[v] + ".done")]:   # reached
         path = stems[v] + ".result.md"
-        verdicts[v], bad = parse_verdicts(read_text(path, ""), path)
-        problems += bad
-    return verdicts
+        text, why = read_untrusted(path)
+        verdicts[v], bad = parse_verdicts(text or "", path)
+        problems += bad + (["%s: %s" % (path, why)] if why else [])
+        forged = None if text is None else "" if re.match(r"\s*orch-key: %s\s*$" % keys[v], text.split(
+            "\n", 1)[0]) else "its first line is not W%d's round key: not written by W%d" % (v, v)
+        if not os.path.exists(flags[v] if v in flags else stems[v] + ".done"):
+            forged = "no done flag: W%d did not finish it" % v
+        if forged:
+            problems.append("%s: %s; its verdicts do not count" % (path, forged))
+            verdicts[v] = {i: dict(c, forged=forged) for i, c in verdicts[v].items()}
+        seen[v] = file_digest(path), file_digest(stems[v] + ".done")
+    problems += incomplete
+    return verdicts, incomplete, seen
 
 
-def verify_fleet(fleet, rounds, pool, timeout, emit):
-    """Citation check, then round-robin rounds; returns the matrix."""
+def verify_fleet(fleet, need, pool, timeout, emit):
+    """Citation check, then rounds until every finding has `need` counted
+    verdicts that agree, or a strict majority, or no verifier is left to ask;
+    returns the matrix."""
     findings, problems = collect_findings(fleet)
+    cache, dropped, incomplete, digests = {}, {}, [], {}
     for f in findings:
-        f["citation"] = check_citation(fleet["workdir"], f)
+        f["citation"] = check_citation(fleet["workdir"], f, cache)
     vdir = os.path.join(shared_dir(fleet), "verify")
-    if os.path.isdir(vdir) and os.listdir(vdir):          # a re-run: keep the old round files
+    if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
     os.makedirs(vdir, mode=0o700, exist_ok=True)
     count = len(fleet["workers"])
-    alive = [f for f in findings if f["citation"] in ("ok", "n/a")]
-    for k in range(1, rounds + 1):
-        jobs = {}
-        for f in alive:
-            v = verifier_for(f["worker"], k, pool, count)
-            if v is None:
-                f["rounds"].append({"round": k, "verifier": None, "verdict": "MISSING",
-                                    "evidence": "no verifier available", "unsupported": True})
-            else:
-                jobs.setdefault(v, []).append(f)
-        verdicts = run_round(fleet, k, jobs, timeout, emit, problems)
+    profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
+    k = 0
+    while True:
+        jobs, extra = {}, {}
+        for f in findings:
+            if f["citation"] in ("ok", "n/a") and final_verdict(f, need, dropped) in ("UNVERIFIABLE", "DISPUTED"):
+                v = next_verifier(f, pool, count, dropped, profiles)
+                if v is not None:
+                    jobs.setdefault(v, []).append(f)
+                    extra[f["id"]] = adjudication(f, dropped)
+        if not jobs:
+            break
+        k += 1
+        verdicts, gaps, seen = run_round(fleet, k, jobs, timeout, emit, problems, extra)
+        incomplete += gaps
+        digests.update({(k, v): d for v, d in seen.items()})
         for v, fs in jobs.items():
             for f in fs:
-                cell = verdicts[v].get(f["id"], {"verdict": "MISSING", "evidence": "", "unsupported": True})
-                f["rounds"].append(dict(cell, round=k, verifier=v))
-        alive = [f for f in alive if f["rounds"][-1]["verdict"] != "REFUTED"]
+                cell = verdicts[v].get(f["id"]) or {"verdict": "MISSING", "path": None, "line": None,
+                                                   "end": None, "why": "", "quote": "", "evidence": ""}
+                cell = dict(cell, round=k, verifier=v, check=check_evidence(fleet["workdir"], cell, cache)
+                            if not cell.get("forged") else "not W%d's: %s" % (v, cell["forged"]))
+                f["rounds"].append(cell)
+                if cell["check"].startswith("fabricated") and v not in dropped:
+                    dropped[v] = "round %d: %s %s" % (k, f["id"], cell["check"])
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
-                  survivors=len(alive))
+                  dropped=sorted(dropped))
+    changed = {kv for kv, d in digests.items()
+               if d != (file_digest(os.path.join(vdir, "r%d-w%d.result.md" % kv)),
+                        file_digest(os.path.join(vdir, "r%d-w%d.done" % kv)))}
+    for k_v in sorted(changed):
+        problems.append("verify/r%d-w%d: the round file or done flag changed after orch read it: its "
+                        "verdicts do not count" % k_v)
     for f in findings:
-        f["final"] = final_verdict(f, rounds)
-    tally = {v: sum(f["final"] == v for f in findings)
-             for v in ("CONFIRMED", "REFUTED", "BAD-CITATION", "UNVERIFIABLE")}
-    return {"fleet": fleet["name"], "rounds": rounds, "pool": pool, "findings": findings,
-            "tally": tally, "problems": problems, "written": now_iso()}
+        for c in f["rounds"]:
+            if (c["round"], c["verifier"]) in changed:
+                c["check"] = "not W%d's: changed after orch read it" % c["verifier"]
+        f["final"] = final_verdict(f, need, dropped)
+        for c in f["rounds"]:
+            c["unsupported"] = c["check"] != "checked"
+            c["counts"] = counts(c, dropped)
+            c["why_not"] = "" if c["counts"] else c["check"] if c["check"] != "checked" else (
+                "not decisive" if c["verdict"] == "UNVERIFIABLE" else "dropped: " + dropped[c["verifier"]])
+    tally = {v: sum(f["final"] == v for f in findings) for v in FINALS}
+    undecided = [f["id"] for f in findings if f["final"] == "UNVERIFIABLE"] if incomplete else []
+    return {"fleet": fleet["name"], "rounds": k, "need": need, "pool": pool, "findings": findings,
+            "tally": tally, "dropped": dropped, "reliability": reliability(fleet, findings, dropped),
+            "incomplete": incomplete, "undecided": undecided, "problems": problems, "written": now_iso()}
+
+
+FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
+
+
+def reliability(fleet, findings, dropped):
+    """Per worker, as finder and as verifier: how far its word held."""
+    table = {w["n"]: {"findings": 0, "bad_citations": 0, "refuted": 0, "confirmed": 0, "disputed": 0,
+                      "verdicts": 0, "decisive": 0, "unsupported": 0, "missing": 0, "fabricated": 0,
+                      "outvoted": 0, "dropped": w["n"] in dropped} for w in fleet["workers"]}
+    for f in findings:
+        mine = table[f["worker"]]
+        mine["findings"] += 1
+        key = {"BAD-CITATION": "bad_citations", "REFUTED": "refuted", "CONFIRMED": "confirmed",
+               "DISPUTED": "disputed"}.get(f["final"])
+        if key:
+            mine[key] += 1
+        for c in f["rounds"]:
+            t = table[c["verifier"]]
+            t["verdicts"] += 1
+            kind = c["check"].split(":")[0]
+            if kind in ("unsupported", "missing", "fabricated"):     # not "not W<v>'s": another wrote it
+                t[kind] += 1
+            elif c["counts"]:
+                t["decisive"] += 1
+                t["outvoted"] += f["final"] in ("CONFIRMED", "REFUTED") and c["verdict"] != f["final"]
+    return table
+
+
+def unreliable(matrix):
+    """One line per worker whose word did not hold."""
+    out = []
+    for n, t in sorted(matrix["reliability"].items(), key=lambda kv: int(kv[0])):
+        if t["bad_citations"] or t["refuted"]:
+            out.append("W%s as finder: %d of %d findings refuted, %d with bad citations"
+                       % (n, t["refuted"], t["findings"], t["bad_citations"]))
+        if t["fabricated"] or t["outvoted"] or t["unsupported"] or t["missing"]:
+            out.append("W%s as verifier: of %d verdicts %d fabricated evidence%s, %d outvoted, %d "
+                       "unsupported, %d missing" % (n, t["verdicts"], t["fabricated"],
+                                                    " (dropped)" if t["dropped"] else "",
+                                                    t["outvoted"], t["unsupported"], t["missing"]))
+    return out
 
 
 def tally_line(matrix):
     t = matrix["tally"]
-    return "%d findings: %d confirmed, %d refuted, %d bad citation, %d unverifiable" % (
-        len(matrix["findings"]), t["CONFIRMED"], t["REFUTED"], t["BAD-CITATION"], t["UNVERIFIABLE"])
+    return "%d findings: %d confirmed, %d refuted, %d disputed, %d bad citation, %d unverifiable" % (
+        len(matrix["findings"]), t["CONFIRMED"], t["REFUTED"], t["DISPUTED"], t["BAD-CITATION"],
+        t["UNVERIFIABLE"])
 
 
 def matrix_markdown(matrix):
-    """The Verification Matrix: finding x round (verifier) x verdict."""
-    head = ["finding", "location", "claim", "citation"] + \
-        ["round %d" % k for k in range(1, matrix["rounds"] + 1)] + ["final"]
+    """The Verification Matrix: finding x verdicts (round, verifier, and why a
+    verdict did not count) x final; both sides of each DISPUTED finding; the
+    reliability table."""
+    head = ["finding", "location", "claim", "citation", "verdicts", "final"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in matrix["findings"]:
-        cells = ["-"] * matrix["rounds"]
-        for c in f["rounds"]:
-            cells[c["round"] - 1] = "%s by W%s%s" % (c["verdict"], c["verifier"] or "-",
-                                                    " (unsupported)" if c["unsupported"] else "")
+        cells = ["r%d W%s %s%s" % (c["round"], c["verifier"], c["verdict"], " (%s)" % c["why_not"].split(":")[0]
+                                   if c["why_not"] and c["why_not"] != "not decisive" else "") for c in f["rounds"]]
         loc = "-" if f["path"] is None else "%s:%d" % (f["path"], f["line"])
-        row = [f["id"], loc, f["claim"][:60], f["citation"]] + cells + ["**%s**" % f["final"]]
+        row = [f["id"], loc, f["claim"][:60], f["citation"], "; ".join(cells) or "-", "**%s**" % f["final"]]
         rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
     lines = ["# Verification Matrix: fleet %s" % matrix["fleet"], "", tally_line(matrix), ""] + rows
+    disputed = [f for f in matrix["findings"] if f["final"] == "DISPUTED"]
+    if disputed:
+        lines += ["", "## Disputed: the lead must look", ""]
+        for f in disputed:
+            lines += ["- %s %s:%d %s" % (f["id"], f["path"], f["line"], f["claim"])] + [
+                "  - W%d %s: %s:%d %s (%s)" % (c["verifier"], c["verdict"], c["path"], c["line"],
+                                              json.dumps(c["quote"], ensure_ascii=False), c["why"] or "-")
+                for c in f["rounds"] if c["counts"]]
+    head = ["worker", "findings", "bad citations", "refuted", "confirmed", "disputed", "verdicts",
+            "decisive", "unsupported", "missing", "fabricated", "outvoted"]
+    lines += ["", "## Reliability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, t in sorted(matrix["reliability"].items(), key=lambda kv: int(kv[0])):
+        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t["dropped"] else "", " | ".join(str(t[k]) for k in (
+            "findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
+            "unsupported", "missing", "fabricated", "outvoted"))))
+    lines += [""] + ["Unreliable: " + u for u in unreliable(matrix)]
     if matrix["problems"]:
         lines += ["", "Problems:"] + ["- " + p for p in matrix["problems"]]
-    return "\n".join(lines) + "\n"
+    return defang("\n".join(lines) + "\n")
+
+
+def write_matrix(fleet, matrix):
+    """The matrix goes to the run dir, which no brief sends a worker to (the
+    record report reads), and a copy to shared/ for the workers and the lead."""
+    text = matrix_markdown(matrix)
+    for where in (fleet["run"], shared_dir(fleet)):
+        write_json(os.path.join(where, "matrix.json"), matrix)
+        write_file(os.path.join(where, "matrix.md"), text)
 
 
 def write_report(fleet):
+    """report.md from orch's own record of the matrix, each worker's result
+    (read as untrusted) and the bus; says when shared/matrix.md was changed."""
     shared = shared_dir(fleet)
     out = ["# Report: fleet %s" % fleet["name"], "",
            "%s; workdir %s; %d workers (%s)" % (now_iso(), fleet["workdir"], len(fleet["workers"]),
                                                 fleet["agent"]), "", "## Verification", ""]
-    matrix = read_text(os.path.join(shared, "matrix.md"))
+    matrix = read_text(os.path.join(fleet["run"], "matrix.md"))
+    if matrix and read_untrusted(os.path.join(shared, "matrix.md"))[0] != matrix:
+        out += ["Note: shared/matrix.md is not what verify wrote (a worker changed it); this "
+                "report shows orch's own record.", ""]
     out += [matrix.split("\n", 1)[1].strip() if matrix else
             "Not verified: nothing below has been checked by a second worker. Run `orch verify %s`."
             % fleet["name"], "", "## Worker results", ""]
     for w in fleet["workers"]:
         n = w["n"]
-        done = os.path.exists(worker_file(fleet, n, "done"))
-        out += ["### W%d (%s)" % (n, "done" if done else "NOT done"), "",
-                (read_text(worker_file(fleet, n, "result.md")) or "(no result file)").strip(), ""]
+        text, why = read_untrusted(worker_file(fleet, n, "result.md"))
+        out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), "",
+                (text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
     out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
-    path = os.path.join(shared, "report.md")
-    write_file(path, "\n".join(out))
+    text, path = defang("\n".join(out)), os.path.join(shared, "report.md")
+    write_file(path, text)
     log_event(fleet, "report", path=path)
-    return "\n".join(out), path
+    return text, path
 
 
 # --- commands, in --help order -------------------------------------------------
@@ -1406,7 +1726,7 @@ def cmd_spawn(a):
     fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
              "agent": agent, "per_window": a.per_window, "created": now_iso(), "workers": [],
              "run": rd}
-    append_line(bus_path(fleet), "[orch] fleet %s: %d workers in %s" % (name, a.N, workdir))
+    post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
     log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
     print(started(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
 
@@ -1464,14 +1784,14 @@ def cmd_read(a):
             lines.pop()
         if len(ws) > 1:
             print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
-        print("\n".join(line.rstrip() for line in lines[-a.lines:]))
+        print(defang("\n".join(line.rstrip() for line in lines[-a.lines:])))
 
 
 def cmd_status(a):
     if not a.name:
         fleets = fleet_summaries()
         if a.json:
-            print(json.dumps({"fleets": fleets}, ensure_ascii=False, indent=2))
+            print(json_text({"fleets": fleets}, 2))
             return
         if not fleets:
             print("no fleets in %s: `orch spawn NAME N` starts one" % os.path.join(orch_home(), "runs"))
@@ -1491,19 +1811,20 @@ def cmd_status(a):
                  "last": "", "state": "done" if is_done(fleet, w["n"]) else "exited"}
                 for w in fleet["workers"]]
     bus = bus_tail(fleet, 5)
+    for note in fleet.pop("notes", []):
+        print("orch: note: %s" % note, file=sys.stderr)
     if a.json:
         keep = ("n", "pane", "state", "done", "quiet", "last")
-        print(json.dumps({"fleet": fleet["name"], "session": fleet["session"], "live": live,
-                          "workdir": fleet["workdir"], "shared": shared_dir(fleet),
-                          "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus},
-                         ensure_ascii=False, indent=2))
+        print(json_text({"fleet": fleet["name"], "session": fleet["session"], "live": live,
+                         "workdir": fleet["workdir"], "shared": shared_dir(fleet),
+                         "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
     for r in rows:
         quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
         print("  W%-3d %-5s %-10s %-4s %6s  %s" % (r["n"], r["pane"] or "-", r["state"],
-              "done" if r["done"] else "-", quiet, r["last"][:100]))
+              "done" if r["done"] else "-", quiet, defang(r["last"][:100])))
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)
@@ -1545,19 +1866,27 @@ def cmd_bus(a):
         text = clean_text(" ".join(a.message[1:])).replace("\n", " ").replace("\t", " ").strip()
         if not text:
             raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
-        append_line(bus, "[%s] %s" % (a.who, text))
+        post(fleet, a.who, text)
         log_event(fleet, "bus", who=a.who, chars=len(text))
         return
     if a.message:
         raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
                         "posts" % (a.message[0], a.name, a.name), 2)
-    start = read_state(os.path.join(fleet["run"], "bus-cursors.json")).get(a.who, 0) if a.new else 0
+    start = read_state(os.path.join(fleet["run"], "bus-cursors.json"), fleet).get(a.who, 0) if a.new else 0
+    if not isinstance(start, int) or start < 0:
+        start = 0
     while True:
-        with open(bus, "rb") as f:
-            f.seek(start)
-            chunk = f.read()
+        if start and start > os.lstat(bus).st_size:   # rewritten with > instead of >>
+            fleet.setdefault("notes", []).append("bus.md shrank or was replaced since %s last read it: "
+                                                 "here is all of it" % a.who)
+            start = 0
+        for note in fleet.pop("notes", []):
+            print("orch: note: %s" % note, file=sys.stderr)
+        chunk, why = read_untrusted(bus, start, raw=True)
+        if chunk is None:
+            raise OrchError("cannot read %s: %s" % (bus, why or "no such file"))
         whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
-        lines = whole.decode("utf-8", "replace").splitlines()
+        lines = bus_lines(fleet, whole[:-1]) if whole else []
         if not a.follow and not a.new:
             lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
         for line in lines:
@@ -1587,18 +1916,31 @@ def cmd_verify(a):
             raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
     rounds = a.rounds or max(1, min(2, len(pool) - 1))
     if rounds > max(1, len(pool) - 1):
-        raise OrchError("--rounds %d: %d verifiers allow at most %d rounds in which no finding "
-                        "meets the same verifier twice" % (rounds, len(pool), max(1, len(pool) - 1)), 2)
+        raise OrchError("--rounds %d: a finding needs that many verdicts from distinct verifiers "
+                        "other than its finder, and %d verifiers allow at most %d rounds"
+                        % (rounds, len(pool), max(1, len(pool) - 1)), 2)
     if not any(is_done(fleet, w["n"]) for w in fleet["workers"]):
         raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
-    matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True))
-    write_json(os.path.join(shared_dir(fleet), "matrix.json"), matrix)
-    write_file(os.path.join(shared_dir(fleet), "matrix.md"), matrix_markdown(matrix))
+    lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True))
+        write_matrix(fleet, matrix)
+    except BlockingIOError:
+        raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
+                        "shows it), then run this one again" % (a.name, a.name))
+    finally:
+        os.close(lock)
     log_event(fleet, "verify", rounds=rounds, **{k.lower(): v for k, v in matrix["tally"].items()})
     for p in matrix["problems"]:
-        print("orch: warning: %s" % p, file=sys.stderr)
+        if not (matrix["undecided"] and p in matrix["incomplete"]):      # said once, below
+            print("orch: warning: %s" % defang(p), file=sys.stderr)
     print(tally_line(matrix))
     print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
+    if matrix["undecided"]:
+        raise OrchError("verification incomplete: %s left undecided because %s: look with `orch "
+                        "status %s`, then `orch verify %s` again" % (
+                            ", ".join(matrix["undecided"]), "; ".join(matrix["incomplete"]), a.name, a.name))
 
 
 def cmd_report(a):
@@ -1641,7 +1983,16 @@ def cmd_kill(a):
     live = live_sessions()
     names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
     for name in names:
-        print(end_fleet(load_fleet(name)))
+        try:
+            fleet = load_fleet(name)
+        except OrchError:               # a damaged fleet.json must not keep its agents running
+            if session_of(name) not in live or session_home(session_of(name)) != orch_home():
+                raise
+            tmux("kill-session", "-t", "=" + session_of(name))
+            print("%s: killed %s; its fleet.json is damaged, so no scrollback was saved"
+                  % (name, session_of(name)))
+            continue
+        print(end_fleet(fleet))
     if a.all and not names:
         print("no live fleets")
 
@@ -1675,8 +2026,9 @@ DEMO_FILES = {
 
 
 def cmd_demo(a):
-    """The whole idea in one command: spawn 3 workers, brief them, wait, have
-    them verify each other in two rounds, report, kill. With sim, W3 lies.
+    """The whole idea in one command: spawn 4 workers, brief them, wait, have
+    them verify each other, report, kill. With sim, W4 lies as a finder and as
+    a verifier.
     Each step is the real command; the live stream is the fleet's event log."""
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
@@ -1684,13 +2036,15 @@ def cmd_demo(a):
         for rel, text in DEMO_FILES.items():
             os.makedirs(os.path.join(workdir, os.path.dirname(rel)), exist_ok=True)
             write_file(os.path.join(workdir, rel), text)
-    agents = [a.agent] * 3
+    honest, liar = a.agent, a.agent
     if a.agent == "sim":
-        agents = ["sim --delay 0.3 --seed %s" % a.seed] * 2 + ["sim --lie 2 --delay 0.3 --seed %s" % a.seed]
+        honest = "sim --delay 0.3 --seed %s" % a.seed
+        liar = "sim --lie 2 --verifier rubber-stamp --delay 0.3 --seed %s" % a.seed
     if session_of("demo") in live_sessions():
         raise OrchError("fleet 'demo' is live: `orch kill demo` first")
-    print("orch demo: 3 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (
-        a.agent, workdir, "; W3 is a liar (--lie 2)" if a.agent == "sim" else ""), flush=True)
+    print("orch demo: 4 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (
+        a.agent, workdir, "; W4 lies as a finder (--lie 2) and a verifier (rubber-stamp)"
+        if a.agent == "sim" else ""), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
     stop, t0, out = threading.Event(), time.time(), sys.stdout    # steps mute sys.stdout, not this
@@ -1720,9 +2074,9 @@ def cmd_demo(a):
     follower = threading.Thread(target=echo, daemon=True)
     follower.start()
     try:
-        step("spawn", "demo", 2, workdir, "--agent", agents[0], "--force")
-        step("add", "demo", 1, "--agent", agents[2])
-        for n, part in enumerate(("api", "core", "jobs"), 1):
+        step("spawn", "demo", 3, workdir, "--agent", honest, "--force")
+        step("add", "demo", 1, "--agent", liar)
+        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1):
             step("brief", "demo", n, "--role", "finder", "--send",
                  "--goal", "the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
                  "--constraint", "Look only at the files under `%s/`." % part)
@@ -1775,11 +2129,22 @@ def cmd_doctor(a):
         checks.append(("ORCH_HOME", False, str(e), "set ORCH_HOME to a writable directory"))
     for what, ok, detail, fix in checks:
         print("%-4s %-12s %s%s" % ("ok" if ok else "FAIL", what, detail, "" if ok else "  -> " + fix))
-    me = "orch" if os.path.basename(ORCH) == "orch" else "python3 %s" % os.path.relpath(ORCH)
+    skill = os.path.join(skill_dir(), "SKILL.md")
+    print("%-4s %-12s %s" % ("ok" if os.path.exists(skill) else "note", "skill", skill + (
+        "" if os.path.exists(skill) else " missing: `python3 orch.py install` puts it where Claude Code reads it")))
     print("\nallow rules for the lead's .claude/settings.json (permissions.allow):")
-    for rule in sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)"}):
+    for rule in allow_rules():
         print("  %s" % json.dumps(rule))
     return 0 if all(c[1] for c in checks) else 1
+
+
+def allow_rules():
+    """What the lead's Claude Code needs to run the playbook with no prompt: orch
+    as it is called (prefix rules match the literal command), and reading the
+    fleets' files (briefs, matrix), which lie outside the project."""
+    me = "orch" if os.path.basename(ORCH) == "orch" else "python3 %s" % ORCH
+    runs = os.path.join(orch_home(), "runs")
+    return sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)"}) + ["Read(/%s/**)" % runs]
 
 
 def cmd_install(a):
@@ -1792,7 +2157,7 @@ def cmd_install(a):
     print("installed %s" % target)
     skill = os.path.join(os.path.dirname(ORCH), "SKILL.md")
     if os.path.exists(skill):
-        dest = os.path.join(os.path.expanduser("~"), ".claude", "skills", "orch")
+        dest = skill_dir()
         os.makedirs(dest, exist_ok=True)
         shutil.copyfile(skill, os.path.join(dest, "SKILL.md"))
         os.chmod(os.path.join(dest, "SKILL.md"), 0o644)
@@ -1889,39 +2254,48 @@ def sim_find(workdir, n, count, scope, lies, rng):
     return ["F%d | %s:%d | %s | %s" % ((k,) + f) for k, f in enumerate(found, 1)]
 
 
-def sim_verify(workdir, findings, rubber_stamp):
+SIM_VERIFIERS = ("honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")
+
+
+def sim_verify(workdir, findings, kind):
+    """Verdicts as a verifier of personality `kind` gives them: honest checks
+    the cited lines; rubber-stamp confirms everything, quoting what it did
+    not read; contrarian refutes everything with invented quotes,
+    contrarian-real with the real line; lazy cannot settle anything; silent
+    writes no verdict at all."""
     out = []
-    for f in findings:
+    for f in findings if kind != "silent" else []:
         fid = "W%s.F%d" % (f["worker"], f["k"])
-        if rubber_stamp:
-            out.append("%s | CONFIRMED | looks right to me" % fid)
-            continue
         word = re.match(r"(TODO|FIXME|HACK|XXX)\b", f["claim"])
-        if f["path"] is None or not word:
-            out.append("%s | UNVERIFIABLE | the claim names no marker at a place I can read" % fid)
+        if kind == "lazy" or f["path"] is None or not word:
+            out.append("%s | UNVERIFIABLE | - | the claim names no marker at a place I can read" % fid)
             continue
         lines = sim_lines(workdir, f["path"])
         where = "%s:%d" % (f["path"], f["line"])
-        if f["end"] > len(lines):
-            out.append("%s | REFUTED | %s does not exist: the file has %d lines" % (fid, where, len(lines)))
+        cited = lines[f["line"] - 1:f["end"]] or [""]
+        if kind == "rubber-stamp":
+            out.append("%s | CONFIRMED | %s | looks right to me | %s, as the finder says" % (fid, where, f["claim"]))
             continue
-        cited = lines[f["line"] - 1:f["end"]]
+        if kind == "contrarian":
+            out.append("%s | REFUTED | %s | the line says something else | nothing to see here" % (fid, where))
+            continue
         has = any(re.search(r"\b%s\b" % word.group(1), c) for c in cited)
-        quoted = not f["quote"] or norm(f["quote"]) in norm(" ".join(cited))
-        verdict = "CONFIRMED" if has and quoted else "REFUTED"
-        why = "the marker is there" if verdict == "CONFIRMED" else (
+        quoted = check_citation(workdir, f) == "ok"        # a claim may hold a '|' too
+        verdict = "CONFIRMED" if has and quoted and kind == "honest" else "REFUTED"
+        why = "the marker is there" if has and quoted else (
             "no %s marker on the cited line" % word.group(1) if not has else "the quote is not on it")
-        out.append("%s | %s | %s reads %r: %s" % (fid, verdict, where, norm(" ".join(cited))[:80], why))
+        out.append("%s | %s | %s | %s | %s" % (fid, verdict, where, why if kind == "honest" else
+                                               "not a real problem", norm(cited[0])))
     return out
 
 
-def sim_job(brief_path, lie, seed):
+def sim_job(brief_path, key, lie, seed, kind):
     """Do what a brief asks, mechanically; return lines for the screen."""
     text = read_text(brief_path, "")
     head = re.search(r"^# Worker (\d+) of (\d+) .*\((\w+)\)\s*$", text, re.M)
     paths = {}
-    for key, path in re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M):
-        paths.setdefault(key, path)             # orch's header comes first; a goal cannot override it
+    for what, path in re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M):
+        paths.setdefault(what, path)             # orch's header comes first; a goal cannot override it
     if not head or len(paths) < 4:
         return ["sim: %s is not a brief I understand" % brief_path]
     n, count, role = int(head.group(1)), int(head.group(2)), head.group(3).lower()
@@ -1930,17 +2304,19 @@ def sim_job(brief_path, lie, seed):
     if role == "verifier":
         section = text.split("## Findings to check", 1)[-1].split("\n## ", 1)[0]
         findings, _ = parse_findings(section, brief_path)
-        result = sim_verify(paths["Workdir"], findings, rubber_stamp=lie > 0)
+        result = sim_verify(paths["Workdir"], findings, kind)
         summary = "%d verdicts" % len(result)
     elif role == "finder":
-        scope = re.search(r"files under `([^`]+)`", text)
+        # "files under `api/`", "files under api/." : with or without backticks and slash
+        scope = re.search(r"files under `?([^`\s]+?)/?`?(?:[.,;:]?\s|[.,;:]?$)", text, re.M)
         result = sim_find(paths["Workdir"], n, count, scope and scope.group(1), lie,
                           random.Random("%s-%d" % (seed, n)))
         summary = "%d findings" % len(result)
     else:
         result = ["The sim agent does not simulate the %s role; it changed nothing." % role]
         summary = "nothing to do"
-    write_file(paths["Result file"], "# Result of worker %d\n\n%s\n" % (n, "\n".join(result)))
+    write_file(paths["Result file"], "%s# Result of worker %d\n\n%s\n" % (
+        "orch-key: %s\n" % key if key else "", n, "\n".join(result)))
     post("done: %s in %s" % (summary, paths["Result file"]))
     os.close(os.open(paths["Done flag"], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # last
     return ["sim: %s written, done flag touched" % summary]
@@ -1969,7 +2345,7 @@ def cmd_sim(a):
         cols, rows = shutil.get_terminal_size((80, 24))
         first, *rest = st["draft"].split("\n")
         box = ("sim> " + first + (" [+%d lines]" % len(rest) if rest else ""))[:cols - 1]
-        busy = ["sim: working on %s" % os.path.basename(st["jobs"][0])] if st["jobs"] else []
+        busy = ["sim: working on %s" % os.path.basename(st["jobs"][0][0])] if st["jobs"] else []
         body = [ln[:cols - 1] for ln in st["lines"]][-(rows - 2 - len(busy)):]
         out.write("\x1b[H\x1b[2J" + "\r\n".join(body + busy + ["-" * min(cols - 1, 40), box]))
         out.flush()
@@ -1986,7 +2362,8 @@ def cmd_sim(a):
         if brief:
             if not st["jobs"]:
                 st["until"] = time.time() + a.delay
-            st["jobs"].append(brief.group(1) or brief.group(2))
+            key = re.search(r"orch-key: (\w+)", msg)
+            st["jobs"].append((brief.group(1) or brief.group(2), key and key.group(1)))
         else:
             st["lines"].append("sim: noted")
 
@@ -2046,7 +2423,7 @@ def cmd_sim(a):
                 log("in", json.dumps(text, ensure_ascii=False))
                 feed(text)
             if st["jobs"] and time.time() >= st["until"]:
-                st["lines"] += sim_job(st["jobs"].pop(0), a.lie, a.seed)
+                st["lines"] += sim_job(*st["jobs"].pop(0), lie=a.lie, seed=a.seed, kind=a.verifier)
                 st["until"] = time.time() + a.delay
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -2067,7 +2444,7 @@ def number(kind, low=0.0, integer=False):
         except ValueError:
             value = None
         if value is None or value < low or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError("%s must be a number >= %g, not %r" % (kind, low, text))
+            raise argparse.ArgumentTypeError("%s must be a number >= %g, not %r" % (kind, low, text[:20]))
         return value
     return parse
 
@@ -2145,6 +2522,7 @@ def build_parser():
     command("worker", name, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME"))
     command("sim", arg("--lie", metavar="N", type=number("--lie", 0, True), default=0,
                        help="plant N false findings as a finder"),
+            arg("--verifier", default="honest", choices=SIM_VERIFIERS, help="how it verifies"),
             arg("--seed", metavar="S", default="1", help="random seed"),
             arg("--delay", metavar="S", type=secs, default=0.5, help="seconds per job (default 0.5)"),
             arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste"))
