@@ -895,19 +895,21 @@ def submit(fleet, rows, targets, text):
     return pending, rows, {n: e[0] for n, e in enters.items()}
 
 
-def deliver(fleet, ns, text, clear=False):
-    """Paste `text` into each worker's input box and submit it, confirmed from
-    the screen. Returns {n: error} for the workers it could not reach."""
-    text = clean_text(text)
-    if not text.strip():
+def deliver(fleet, messages, clear=False):
+    """Paste each worker's message ({n: text}) into its input box and submit
+    them all at once, confirmed from the screen. Returns {n: error} for the
+    workers it could not reach."""
+    messages = {n: clean_text(text) for n, text in messages.items()}
+    if not all(text.strip() for text in messages.values()):
         raise OrchError("nothing to send: the message is empty", 2)
-    rows, targets, failed = ready_targets(fleet, ns, clear)
+    rows, targets, failed = ready_targets(fleet, sorted(messages), clear)
     if not targets:
         return failed
-    paste(fleet, targets, text)
-    pending, rows, enters = submit(fleet, rows, targets, text)
+    for text in sorted({messages[n] for n in targets}):       # one paste per distinct text
+        paste(fleet, [n for n in targets if messages[n] == text], text)
+    pending, rows, enters = submit(fleet, rows, targets, max(messages.values(), key=len))
     for n in targets:
-        log_event(fleet, "send", worker=n, chars=len(text), enters=enters[n], confirmed=n not in pending)
+        log_event(fleet, "send", worker=n, chars=len(messages[n]), enters=enters[n], confirmed=n not in pending)
         if n in pending:
             failed[n] = ("W%d: could not confirm delivery (%s after %d Enter presses): look with "
                          "`orch read %s %d`" % (n, rows[n]["shows"], enters[n], fleet["name"], n))
@@ -917,7 +919,7 @@ def deliver(fleet, ns, text, clear=False):
 def delivered(fleet, ns, text, clear=False):
     """deliver(), then one line per worker reached; the failures raise, with
     the lines of the workers that were reached."""
-    failed = deliver(fleet, ns, text, clear)
+    failed = deliver(fleet, dict.fromkeys(ns, text), clear)
     text = clean_text(text)
     lines = ["W%d: delivered %d line(s), %d chars" % (n, text.count("\n") + 1, len(text))
              for n in ns if n not in failed]
@@ -1044,7 +1046,7 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
                 nudged.discard(r["n"])
             elif nudge and r["n"] not in nudged:     # at most once per stall
                 nudged.add(r["n"])
-                deliver(fleet, [r["n"]], nudge(r["n"]), clear=True)
+                deliver(fleet, {r["n"]: nudge(r["n"])}, clear=True)
                 log_event(fleet, "nudge", worker=r["n"], why="stalled")
         if all(r["state"] == "done" for r in rows):
             return 0
@@ -1473,13 +1475,12 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
             [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])]))
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
     keys = {v: secrets.token_hex(8) for v in jobs}
-    for v in sorted(flags):
-        for why in deliver(fleet, [v], brief_message(stems[v] + ".task.md", keys[v])).values():
-            incomplete.append("round %d: %s" % (k, why))
-            del flags[v]                # unreachable: its verdicts are MISSING
+    for v, why in deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in flags}).items():
+        incomplete.append("round %d: %s" % (k, why))
+        del flags[v]                    # unreachable: its verdicts are MISSING
     deadline = time.time() + timeout
     while flags:
-        code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.5, STALL,
+        code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.25, STALL,
                      lambda v: default_nudge(fleet, v, stems[v]), emit)
         if code != 4:
             if code == 3:

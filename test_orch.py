@@ -3032,7 +3032,7 @@ class Hostile(OrchCase):
 
     def test_one_verify_at_a_time(self):
         self.spawn("zwei", 1, None, "sim --delay 0.1")
-        self.ok("add", "zwei", "1", "--agent", "sim --delay 3")
+        self.ok("add", "zwei", "1", "--agent", "sim --delay 1.5")
         for n in (1, 2):
             self.ok("brief", "zwei", n, "--goal", "the files carry TODO markers", "--send")
         self.ok("wait", "zwei", "--timeout", "20", "--interval", "0.2")
@@ -3107,5 +3107,36 @@ class AgentEntry(OrchCase):
         self.assertIn("pip install fakecli", run("doctor", "--agent", "fakecli").out)
         run("kill", "fake")
 
+# Seconds each class takes here, to split the suite in two even halves that
+# run side by side (the tests mostly wait on tmux and the agents, so two
+# processes on 2 cores take about half the time). The classes that read the
+# shared demo runs stay in one half, so the demos run once.
+COST = {"Harness": 17, "States": 17, "Security": 14, "Verification": 13, "Python38": 7, "Hostile": 16,
+        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3}
+TOGETHER = ("Verification", "Security", "Python38")
+
+
+def run_in_two_halves():
+    classes = [name for name, obj in globals().items() if isinstance(obj, type)
+               and issubclass(obj, OrchCase) and obj is not OrchCase]
+    halves = [list(TOGETHER), []]
+    for name in sorted((c for c in classes if c not in TOGETHER), key=lambda c: -COST.get(c, 2)):
+        weight = [sum(COST.get(c, 2) for c in half) for half in halves]
+        halves[weight.index(min(weight))].append(name)
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__)] + half, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for half in halves]
+    outs = [p.communicate()[0].decode("utf-8", "replace") for p in procs]
+    for half, out in zip(halves, outs):
+        sys.stdout.write("=== %s\n%s\n" % (" ".join(half), out))
+    failed = [p.returncode for p in procs if p.returncode]
+    ran = sum(int(m) for out in outs for m in re.findall(r"^Ran (\d+) tests?", out, re.M))
+    print("all: %d tests in two halves side by side, %.1fs: %s" % (
+        ran, time.monotonic() - t0, "FAILED" if failed else "OK"))
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        sys.exit(run_in_two_halves())
     unittest.main()
