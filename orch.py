@@ -1433,16 +1433,27 @@ def counts(c, dropped):
         and c["verifier"] not in dropped
 
 
-def final_verdict(f, need, dropped):
-    """BAD-CITATION; else the side with a strict majority once `need` verdicts
-    count; DISPUTED on a tie; else UNVERIFIABLE (too few verdicts count)."""
+def votes(f, dropped):
+    said = [c["verdict"] for c in f["rounds"] if counts(c, dropped)]
+    return said.count("CONFIRMED"), said.count("REFUTED")
+
+
+def decided(f, need, dropped):
+    """Asked enough: `need` verdicts count and one side has a strict majority."""
+    yes, no = votes(f, dropped)
+    return yes + no >= need and yes != no
+
+
+def final_verdict(f, dropped):
+    """Once nobody is left to ask: BAD-CITATION; else the side with a strict
+    majority of the verdicts that count; DISPUTED on a tie; UNVERIFIABLE when
+    none counts."""
     if f["citation"] not in ("ok", "n/a"):
         return "BAD-CITATION"
-    votes = [c["verdict"] for c in f["rounds"] if counts(c, dropped)]
-    yes, no = votes.count("CONFIRMED"), votes.count("REFUTED")
-    if yes + no >= need and yes != no:
+    yes, no = votes(f, dropped)
+    if yes != no:
         return "CONFIRMED" if yes > no else "REFUTED"
-    return "DISPUTED" if yes == no > 0 else "UNVERIFIABLE"
+    return "DISPUTED" if yes else "UNVERIFIABLE"
 
 
 def adjudication(f, dropped):
@@ -1527,7 +1538,7 @@ def verify_fleet(fleet, need, pool, timeout, emit):
     while True:
         jobs, extra = {}, {}
         for f in findings:
-            if f["citation"] in ("ok", "n/a") and final_verdict(f, need, dropped) in ("UNVERIFIABLE", "DISPUTED"):
+            if f["citation"] in ("ok", "n/a") and not decided(f, need, dropped):
                 v = next_verifier(f, pool, count, dropped, profiles)
                 if v is not None:
                     jobs.setdefault(v, []).append(f)
@@ -1559,7 +1570,7 @@ def verify_fleet(fleet, need, pool, timeout, emit):
         for c in f["rounds"]:
             if (c["round"], c["verifier"]) in changed:
                 c["check"] = "not W%d's: changed after orch read it" % c["verifier"]
-        f["final"] = final_verdict(f, need, dropped)
+        f["final"] = final_verdict(f, dropped)
         for c in f["rounds"]:
             c["unsupported"] = c["check"] != "checked"
             c["counts"] = counts(c, dropped)

@@ -23,6 +23,7 @@ import http.server
 import importlib
 import json
 import os
+import random
 import re
 import resource
 import shlex
@@ -1474,8 +1475,9 @@ class Verification(OrchCase):
         self.assertIn("1 confirmed, 1 refuted", r.out)                     # the truth, checked by W3
         self.ok("verify", "rs", "--rounds", "2", "--timeout", "30")
         two = json.loads(self.sb.text(self.sb.shared("rs", "matrix.json")))
-        for f in two["findings"]:                  # one honest verifier left: too few to decide
-            self.assertEqual(f["final"], "UNVERIFIABLE", f)
+        for f in two["findings"]:                  # one honest verifier left: it alone decides
+            self.assertEqual(f["final"], "CONFIRMED" if finding_is_true(wd, f) else "REFUTED", f)
+            self.assertEqual([c["verifier"] for c in f["rounds"] if c["counts"]], [3], f)
         self.assertTrue(glob.glob(self.sb.shared("rs", "verify.old-*", "r1-w2.result.md")))  # kept
 
     def test_a_verifier_that_dies_costs_its_verdicts_and_the_finding_moves_on(self):
@@ -1745,6 +1747,21 @@ class Setup(OrchCase):
         again = subprocess.run([sys.executable, target, "install", "--bin-dir", bin_dir], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, env=dict(self.sb.env, HOME=home))
         self.assertEqual(again.returncode, 0, again.stderr)   # an installed copy installs itself again
+
+    def test_install_and_doctor_follow_claude_config_dir(self):
+        config = os.path.join(self.sb.root, "claude-config")
+        env = dict(self.sb.env, HOME=os.path.join(self.sb.root, "user"), CLAUDE_CONFIG_DIR=config)
+        r = self.ok("doctor", "--agent", "sim", env=env)
+        skill = os.path.join(config, "skills", "orch", "SKILL.md")
+        self.assertIn("note skill        %s missing" % skill, r.out)
+        self.ok("install", "--bin-dir", os.path.join(self.sb.root, "bin"), env=env)
+        self.assertEqual(read_bytes(skill), read_bytes(os.path.join(HERE, "SKILL.md")))
+        self.assertFalse(os.path.exists(os.path.join(env["HOME"], ".claude", "skills")))
+        r = self.ok("doctor", "--agent", "sim", env=env)
+        self.assertIn("ok   skill        %s" % skill, r.out)
+        rules = [json.loads(line) for line in r.out.split("permissions.allow):\n", 1)[1].splitlines()]
+        self.assertIn("Read(/%s/**)" % os.path.join(self.sb.home, "runs"), rules)      # the fleets' files
+        self.assertIn("Bash(python3 %s:*)" % ORCH_PY, rules)                         # absolute
 
 
 # =============================================================================
@@ -2616,6 +2633,45 @@ class Python38(OrchCase):
 @unittest.skipUnless(os.environ.get("ORCH_BENCH") == "1", "set ORCH_BENCH=1 to run the benchmark")
 class Bench(OrchCase):
 
+    def test_verification_against_lying_workers(self):
+        """Seeds 1-20, fleets of 4-5 sim workers: W1 plants 2 false findings, one or two
+        others verify as liars (each kind at least 4 times). Prints a table; asserts
+        every lie caught, no true finding REFUTED, >= 90 % CONFIRMED where two honest
+        verifiers besides the finder exist."""
+        kinds = ("rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")
+        wd = self.sb.workdir("wörk-vbench", AUDIT_FILES)
+        rows, total = [], collections.Counter()
+        for seed in range(1, 21):
+            size = 4 + seed % 2
+            liars = [kinds[seed % 5]] + ([kinds[(seed // 2) % 5]] if seed % 3 == 0 else [])
+            specs = ["honest --lie 2"] + ["honest"] * (size - 1)
+            rng = random.Random(seed)
+            for kind, at in zip(liars, rng.sample(range(2, size + 1), len(liars))):
+                specs[at - 1] = kind
+            t0 = time.monotonic()
+            r, matrix, spec = sim_fleet(self, "v%d" % seed, specs, wd, seed=str(seed))
+            wall = time.monotonic() - t0
+            got = score(matrix, wd, spec)
+            total.update(got)
+            total.update({"kind " + k: 1 for k in liars})
+            rows.append((seed, size, "+".join(liars), "%d/%d" % (got["caught"], got["lies"]), got["rejected"],
+                         "%d/%d" % (got["confirmed"], got["fair"]), got["disputed"], matrix["rounds"], wall))
+            self.ok("kill", "v%d" % seed)
+        print("\n\nverification benchmark: seeds 1-20, W1 plants 2 lies, liars verify")
+        print("| seed | workers | lying verifiers | lies caught | true REFUTED | true CONFIRMED | DISPUTED "
+              "| rounds | wall s |\n|---|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            print("| %d | %d | %s | %s | %d | %s | %d | %d | %.1f |" % row)
+        print("| all | | %s | %d/%d | %d | %d/%d (%.0f %%) | %d | | |" % (
+            ", ".join("%s x%d" % (k, total["kind " + k]) for k in kinds), total["caught"], total["lies"],
+            total["rejected"], total["confirmed"], total["fair"], 100.0 * total["confirmed"] / max(1, total["fair"]),
+            total["disputed"]))
+        for k in kinds:
+            self.assertGreaterEqual(total["kind " + k], 4, total)
+        self.assertEqual(total["caught"], total["lies"], total)
+        self.assertEqual(total["rejected"], 0, total)
+        self.assertGreaterEqual(total["confirmed"], 0.9 * total["fair"], total)
+
     def test_status_and_poll_cost(self):
         orch = load_orch()
         saved = dict(os.environ)
@@ -2793,6 +2849,16 @@ class Adversaries(OrchCase):
         self.assertIn("W2 has exited", last)
         self.assertIn("1 confirmed", r.out)                    # W2's finding, checked by W1
         self.assertTrue(os.path.exists(self.sb.run("halb", "matrix.json")))
+
+    def test_sim_reads_the_scope_as_the_docs_write_it(self):
+        wd = self.sb.workdir("wörk-scope", {"auth/login.py": "# TODO: eins\n", "orch.py": "# TODO: nicht\n",
+                                            "other/x.py": "# FIXME: nicht\n"})
+        self.spawn("scope", 1, wd)
+        self.ok("brief", "scope", 1, "--goal", "the files under auth/ validate every redirect target",
+                "--constraint", "Look only at the files under auth/.", "--send")
+        self.ok("wait", "scope", "--timeout", "20", "--interval", "0.2")
+        found = re.findall(r"^F\d+ \| (\S+):", self.sb.text(self.sb.shared("scope", "agent-1.result.md")), re.M)
+        self.assertEqual(found, ["auth/login.py"])
 
     def test_old_grammar_and_pipes(self):
         orch = load_orch()
