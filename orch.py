@@ -1480,10 +1480,10 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
         stem = stems[v]
         goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
                 "are true; give one verdict per finding" % len(fs))
-        write_file(stem + ".task.md", make_brief(
+        write_file(stem + ".task.md", defang(make_brief(       # it quotes workers; the lead may read it
             fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
             stem + ".result.md", stem + ".done", "verification round %d" % k,
-            [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])]))
+            [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])])))
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
     keys = {v: secrets.token_hex(8) for v in jobs}
     for v, why in deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in flags}).items():
