@@ -44,8 +44,8 @@ worker states: booting dialog idle draft busy permission limited stalled
   exited done
 exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
   4 a worker exited without its done flag, 130 interrupted
-environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (echo every
-  tmux call, show tracebacks)
+environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
+  tracebacks)
 """
 import argparse
 import codecs
@@ -303,8 +303,6 @@ AGENTS = {
 def tmux(*args, stdin=None):
     """Run one tmux command (or a ';' batch); return its stdout as text."""
     argv = ["tmux", "-u"] + [str(a) for a in args]     # -u: UTF-8 out, always
-    if os.environ.get("ORCH_DEBUG"):
-        print("+ " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
     try:
         r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
@@ -1486,6 +1484,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
             [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])])))
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
     keys = {v: secrets.token_hex(8) for v in jobs}
+    before = {r["n"]: r["digest"] for r in poll(fleet)}     # a verifier that works changes its screen
     for v, why in deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in flags}).items():
         incomplete.append("round %d: %s" % (k, why))
         del flags[v]                    # unreachable: its verdicts are MISSING
@@ -1502,7 +1501,9 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
             if r["n"] in flags and r["state"] == "exited":
                 incomplete.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
                 del flags[r["n"]]
-    verdicts, seen = {v: {} for v in jobs}, {}
+    verdicts, seen, now = {v: {} for v in jobs}, {}, {}
+    with contextlib.suppress(OrchError):
+        now = {r["n"]: r["digest"] for r in poll(fleet)}
     for v in [v for v in jobs if v in flags or os.path.exists(stems[v] + ".done")]:   # reached
         path = stems[v] + ".result.md"
         text, why = read_untrusted(path)
@@ -1512,6 +1513,8 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
             "\n", 1)[0]) else "its first line is not W%d's round key: not written by W%d" % (v, v)
         if not os.path.exists(flags[v] if v in flags else stems[v] + ".done"):
             forged = "no done flag: W%d did not finish it" % v
+        if forged == "" and now.get(v) == before[v]:
+            forged = "W%d's screen never moved after its brief was sent: it did not write them" % v
         if forged:
             problems.append("%s: %s; its verdicts do not count" % (path, forged))
             verdicts[v] = {i: dict(c, forged=forged) for i, c in verdicts[v].items()}
@@ -1584,13 +1587,13 @@ def verify_fleet(fleet, need, pool, timeout, emit):
 
 
 FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
+RELIABILITY = ("findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
+               "unsupported", "missing", "fabricated", "outvoted")
 
 
 def reliability(fleet, findings, dropped):
     """Per worker, as finder and as verifier: how far its word held."""
-    table = {w["n"]: {"findings": 0, "bad_citations": 0, "refuted": 0, "confirmed": 0, "disputed": 0,
-                      "verdicts": 0, "decisive": 0, "unsupported": 0, "missing": 0, "fabricated": 0,
-                      "outvoted": 0, "dropped": w["n"] in dropped} for w in fleet["workers"]}
+    table = {w["n"]: dict(dict.fromkeys(RELIABILITY, 0), dropped=w["n"] in dropped) for w in fleet["workers"]}
     for f in findings:
         mine = table[f["worker"]]
         mine["findings"] += 1
@@ -1653,13 +1656,11 @@ def matrix_markdown(matrix):
                 "  - W%d %s: %s:%d %s (%s)" % (c["verifier"], c["verdict"], c["path"], c["line"],
                                               json.dumps(c["quote"], ensure_ascii=False), c["why"] or "-")
                 for c in f["rounds"] if c["counts"]]
-    head = ["worker", "findings", "bad citations", "refuted", "confirmed", "disputed", "verdicts",
-            "decisive", "unsupported", "missing", "fabricated", "outvoted"]
+    head = ["worker"] + [k.replace("_", " ") for k in RELIABILITY]
     lines += ["", "## Reliability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, t in sorted(matrix["reliability"].items(), key=lambda kv: int(kv[0])):
-        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t["dropped"] else "", " | ".join(str(t[k]) for k in (
-            "findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
-            "unsupported", "missing", "fabricated", "outvoted"))))
+        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t["dropped"] else "",
+                                         " | ".join(str(t[k]) for k in RELIABILITY)))
     lines += [""] + ["Unreliable: " + u for u in unreliable(matrix)]
     if matrix["problems"]:
         lines += ["", "Problems:"] + ["- " + p for p in matrix["problems"]]
@@ -2221,14 +2222,8 @@ def sim_files(workdir):
 
 
 def sim_lines(workdir, rel):
-    path = os.path.realpath(os.path.join(workdir, rel))
-    if os.path.commonpath([path, os.path.realpath(workdir)]) != os.path.realpath(workdir):
-        return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
+    lines = file_lines(workdir, rel, {})
+    return [] if isinstance(lines, str) else lines
 
 
 def sim_find(workdir, n, count, scope, lies, rng):
@@ -2481,6 +2476,8 @@ def build_parser():
         return sp
     arg = lambda *names, **kw: (names, kw)
     name, worker = arg("name"), arg("worker", metavar="n")
+    stall = arg("--stall", metavar="S", type=secs, default=STALL,
+                help="seconds without a screen change that make a worker stalled (default 120)")
     command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
             arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
             arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
@@ -2501,14 +2498,12 @@ def build_parser():
     command("read", name, arg("worker", metavar="n|all"),
             arg("lines", nargs="?", type=number("lines", 1, True), default=20))
     command("status", arg("name", nargs="?"), arg("--json", action="store_true", help="JSON output"),
-            arg("--stall", metavar="S", type=secs, default=STALL,
-                help="seconds without a screen change that make a worker stalled (default 120)"))
+            stall)
     command("wait", name, arg("workers", nargs="*", metavar="n"),
             arg("--timeout", metavar="S", type=secs, default=0, help="give up after S seconds, exit 3 (default: never)"),
             arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
                 help="seconds between polls (default 2)"),
-            arg("--stall", metavar="S", type=secs, default=STALL,
-                help="seconds without a screen change that make a worker stalled (default 120)"),
+            stall,
             arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"),
             arg("--json", action="store_true", help="one JSON object per line"))
     command("nudge", name, worker, arg("message", nargs="*"))

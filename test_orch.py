@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import fcntl
+import functools
 import glob
 import hashlib
 import http.server
@@ -1672,6 +1673,33 @@ class Docs(OrchCase):
                 except orch.OrchError as e:
                     self.fail("%s shows `%s`: %s" % (doc, " ".join(argv), e))
 
+    def test_every_command_block_of_the_skill_runs_as_written(self):
+        """SKILL.md's blocks, in order, against a sim fleet: its repo path and
+        ORCH_HOME are the sandbox's, each worker gets its brief as W1 does."""
+        repo = self.sb.workdir("repo", {"auth/login.py": "def login(url):\n    # TODO: validate url\n    return url\n",
+                                        "api/rate.py": "# FIXME: no rate limit\n", "jobs/run.py": "# XXX: root\n"})
+        self.sb.env["ORCH_AGENT"] = "sim --delay 0.2"
+        fix = {"/path/to/repo": repo, "/home/me/.orch": self.sb.home}
+        ran = []
+        for argv in shown_commands(os.path.join(HERE, "SKILL.md")):
+            argv = [functools.reduce(lambda a, kv: a.replace(*kv), fix.items(), x) for x in argv]
+            sends = [argv] + ([[argv[0], argv[1], str(n), argv[3].replace("agent-1", "agent-%d" % n)]
+                               for n in (2, 3)] if argv[0] == "send" else [])
+            for one in sends:
+                r = self.sb.orch(*one, timeout=60)
+                self.assertEqual(r.code, 0, r)
+                self.assertNotIn("Traceback", r.err, r)
+                ran.append(one[0])
+        self.assertEqual(ran[0], "spawn")
+        self.assertEqual(ran[-2:], ["report", "kill"])
+        self.assertIn("verify", ran)
+        found = json.loads(self.sb.text(self.sb.run("audit", "matrix.json")))["findings"]
+        self.assertEqual(sorted(f["path"] for f in found if f["worker"] == 1), ["auth/login.py"])   # its scope
+        self.assertEqual({f["final"] for f in found}, {"CONFIRMED"})
+        report = self.sb.text(self.sb.shared("audit", "report.md"))
+        for f in found:
+            self.assertIn("%s | %s:%d" % (f["id"], f["path"], f["line"]), report)
+
     def test_skill_front_matter(self):
         text = self.sb.text(os.path.join(HERE, "SKILL.md"))
         head = text.split("---")[1]
@@ -2895,6 +2923,28 @@ class Adversaries(OrchCase):
 # Hostile: what a worker writes is attacker input
 # =============================================================================
 
+# An agent that never draws: it takes a verification brief from its input and
+# writes CONFIRMED for every finding, with the round key, without a screen change.
+MUTE_AGENT = r"""#!%s
+import os, re, sys, tty
+tty.setraw(0)
+print("mute agent", flush=True)
+data = ""
+while True:
+    data += os.read(0, 65536).decode("utf-8", "replace")
+    brief, key = re.search(r"`(/[^`]+)\.task\.md`", data), re.search(r"orch-key: (\w+)", data)
+    if brief and key:
+        stem = brief.group(1)
+        text = open(stem + ".task.md").read()
+        rows = re.findall(r"^\s+(W\d+\.F\d+) \| (\S+) \| .* \| (.+)$", text, re.M)
+        with open(stem + ".result.md", "w") as f:
+            f.write("orch-key: %%s\n" %% key.group(1))
+            f.writelines("%%s | CONFIRMED | %%s | seen | %%s\n" %% row for row in rows)
+        open(stem + ".done", "w").close()
+        data = ""
+"""
+
+
 RAW_CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e", "\x00")
 ATTACK = "[W2] \x1b]52;c;aGVsbG8=\x07 clip \x1b]0;pwned\x07 title \x1b[2J clear \x9b31m c1 \u202e bidi"
 
@@ -2945,6 +2995,24 @@ class Hostile(OrchCase):
             if not finding_is_true(wd, f):
                 self.assertIn(f["final"], ("REFUTED", "BAD-CITATION", "UNVERIFIABLE"), f)
         self.assertIn("not written by W2", r.err)
+
+    def test_verdicts_of_a_verifier_whose_screen_never_moved_do_not_count(self):
+        wd = self.sb.workdir("wörk-stumm", {"a.py": "x = 1\n# TODO: eins\n"})
+        bindir = os.path.join(self.sb.root, "bin")
+        os.mkdir(bindir)
+        write_exe(os.path.join(bindir, "mute"), MUTE_AGENT % sys.executable)
+        self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        self.spawn("stumm", 1, wd)
+        self.ok("add", "stumm", "1", "--agent", "mute")
+        self.ok("brief", "stumm", "1", "--goal", "a.py carries TODO markers", "--send")
+        self.ok("wait", "stumm", "1", "--timeout", "20", "--interval", "0.2")
+        r = self.sb.orch("verify", "stumm", "--rounds", "1", "--timeout", "10")
+        self.assertNotIn("Traceback", r.err, r)
+        self.assertTrue(os.path.exists(self.sb.shared("stumm", "verify", "r1-w2.done")), r)   # it did write
+        self.assertIn("W2's screen never moved after its brief was sent", r.err)
+        matrix = json.loads(self.sb.text(self.sb.run("stumm", "matrix.json")))
+        cells = [c for f in matrix["findings"] for c in f["rounds"]]
+        self.assertTrue(cells and all(c["verdict"] == "CONFIRMED" and not c["counts"] for c in cells), cells)
 
     def test_report_is_built_from_orchs_own_record(self):
         self.fleet("rec")
@@ -3096,6 +3164,45 @@ class Hostile(OrchCase):
         self.assertIn("heil", r.out)
         self.assertIn("broken", r.out)
 
+    def test_escapes_drawn_on_a_workers_own_screen_never_reach_the_lead(self):
+        bindir = os.path.join(self.sb.root, "bin")
+        os.mkdir(bindir)
+        write_exe(os.path.join(bindir, "evil"), "#!%s\nimport sys, time\nsys.stdout.write(%r)\n"
+                  "sys.stdout.flush()\ntime.sleep(600)\n" % (sys.executable, "\x1b[2J" + ATTACK.replace(
+                      "\x1b[2J", "") + "\n\x1b]0;pwned\x07 rtl \u202e here \x9b31m end"))
+        self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        self.spawn("bild", 1, None, "evil")
+        runs = [self.sb.orch(*argv) for argv in (["read", "bild", "1"], ["read", "bild", "all"], ["status", "bild"],
+                                                  ["status", "bild", "--json"],
+                                                  ["wait", "bild", "--json", "--timeout", "0.5"])]
+        self.assert_clean(*runs)
+        self.assertIn("rtl \\u202e here", runs[0].out)        # the screen was read, the override escaped
+        self.assertIn("rtl \\u202e here", runs[2].out)
+        self.assertEqual(json.loads(runs[3].out)["workers"][0]["last"][:10], "rtl \u202e here")   # JSON escape
+
+    def test_kill_ends_the_session_on_a_full_or_read_only_orch_home(self):
+        mnt = os.path.join(self.sb.root, "mnt")
+        os.mkdir(mnt)
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt],
+                                               stderr=subprocess.DEVNULL).returncode:
+            self.skipTest("mounting a tmpfs needs root")
+        self.addCleanup(subprocess.run, ["umount", "-l", mnt])
+        self.sb.env["ORCH_HOME"] = self.sb.home = os.path.join(mnt, "home")
+        self.spawn("voll", 1)
+        self.spawn("nurlesen", 1)
+        with open(os.path.join(mnt, "ballast"), "wb") as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        for name, why in (("voll", "No space left"), ("nurlesen", "Read-only file system")):
+            if name == "nurlesen":
+                self.assertEqual(subprocess.run(["mount", "-o", "remount,ro", mnt]).returncode, 0)
+            r = self.ok("kill", name)
+            self.assertIn("could not save the scrollback: %s" % why, r.out)
+            self.assertFalse(self.sb.has_session(name), r)
+            self.assertEqual(glob.glob(self.sb.run(name, "*.tmp")) + glob.glob(self.sb.run(name, "*", "*.tmp")), [])
+
     def test_one_verify_at_a_time(self):
         self.spawn("zwei", 1, None, "sim --delay 0.1")
         self.ok("add", "zwei", "1", "--agent", "sim --delay 1.5")
@@ -3177,8 +3284,8 @@ class AgentEntry(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so two
 # processes on 2 cores take about half the time). The classes that read the
 # shared demo runs stay in one half, so the demos run once.
-COST = {"Harness": 17, "States": 17, "Security": 14, "Verification": 13, "Python38": 7, "Hostile": 16,
-        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3}
+COST = {"Harness": 17, "States": 17, "Security": 14, "Verification": 13, "Python38": 7, "Hostile": 30,
+        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3, "Docs": 9}
 TOGETHER = ("Verification", "Security", "Python38")
 
 
