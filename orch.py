@@ -28,6 +28,7 @@ commands:
                                   [--rounds R] [--by v,...] [--timeout S]
   report <name>                   write and print report.md
   respawn <name> <n>              restart a worker, re-send its brief
+                                  [--timeout S]
   kill <name> | --all             save scrollback to logs/, end the tmux session
   attach <name>                   watch a fleet, read-only
   demo [workdir] [--agent A]      a 4-worker self-verifying audit, end to end
@@ -41,7 +42,7 @@ commands:
 agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
   or any command line; words after a known name are passed to it ("sim --lie 2").
 worker states: booting dialog idle draft busy permission limited stalled
-  exited done
+  unknown exited done
 exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
   4 a worker exited without its done flag, 130 interrupted
 environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
@@ -63,6 +64,7 @@ import secrets
 import select
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -82,6 +84,7 @@ ORCH = os.path.abspath(__file__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 BOOTED = ("idle", "busy", "draft", "stalled")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
+SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 ENTER_RETRIES = 3
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
@@ -206,7 +209,7 @@ def codex_seed(fleet, agent):
 #     still belong to the live UI (spinner, status); "below": rows allowed under
 #     it (None: any; 0: a line REPL, whose older prompt lines are only history).
 #   "answer": dialogs spawn may answer by itself, each once: only "trust the
-#     workdir the lead chose".
+#     workdir the lead chose". "settle": seconds a ready screen must hold (SETTLE).
 AGENTS = {
     "claude": {
         "install": "npm install -g @anthropic-ai/claude-code", "credentials": claude_credentials,
@@ -292,7 +295,7 @@ AGENTS = {
     },
     "sim": {  # orch's built-in simulated agent (`orch.py sim`)
         "command": [sys.executable, ORCH, "sim"],
-        "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"],
+        "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"], "settle": 0,
     },
     "generic": {},  # any other command: no markers, poll() decides from screen changes
 }
@@ -342,15 +345,23 @@ def session_home(session):
         return ""
 
 
-def snapshot(fleet, panes, history=False, ansi=True):
-    """One poll: the session's pane listing plus a capture of every live pane,
-    in one tmux process. Returns {pane: {"dead", "title", "screen"}}; a pane
-    missing from the result is gone; a gone session is an OrchError of kind
-    "target". Each capture is preceded by a header line carrying a random
-    nonce, which pane text cannot forge."""
+def pane_tag(fleet, n):
+    """What orch tags worker n's pane with: the fleet's id (new at each spawn) and n,
+    so a pane id reused after a server restart, or another fleet's pane, is never n's."""
+    return "%s:%d" % (fleet.get("id", ""), n)
+
+
+def snapshot(fleet, workers, history=False, ansi=True):
+    """One poll: the session's pane listing plus a capture of each worker's
+    pane, in one tmux process. Returns {n: {"pane", "dead", "title",
+    "screen"}}; a worker missing from it has no pane of its own (gone, or its
+    id now belongs to another pane: tagged for another worker); a gone session
+    is an OrchError of kind "target". Each capture is preceded by a header
+    line carrying a random nonce, which pane text cannot forge."""
     nonce = secrets.token_hex(8)
+    panes = [w["pane"] for w in workers if w["pane"]]
     listing = ["list-panes", "-s", "-t", "=" + fleet["session"], "-F",
-               "%s\t#{pane_id}\t#{pane_dead}\t#{pane_title}" % nonce]
+               "%s\t#{pane_id}\t#{pane_dead}\t#{@orch_worker}\t#{pane_title}" % nonce]
     for attempt in (1, 2):
         argv = list(listing)
         for p in panes:
@@ -369,9 +380,10 @@ def snapshot(fleet, panes, history=False, ansi=True):
             out = e.output
         panes_info, cur = {}, None
         for line in out.split("\n"):
-            head = line.split("\t", 3) if line.startswith(nonce + "\t") else None
-            if head and len(head) == 4:
-                panes_info[head[1]] = {"dead": head[2] == "1", "title": head[3], "screen": []}
+            head = line.split("\t", 4) if line.startswith(nonce + "\t") else None
+            if head and len(head) == 5:
+                panes_info[head[1]] = {"pane": head[1], "dead": head[2] == "1", "tag": head[3],
+                                       "title": head[4], "screen": []}
             elif line.startswith(nonce + " "):
                 cur = panes_info.get(line[len(nonce) + 1:])
             elif cur is not None:
@@ -380,7 +392,8 @@ def snapshot(fleet, panes, history=False, ansi=True):
         if not missing or attempt == 2:
             for info in panes_info.values():
                 info["screen"] = "\n".join(info["screen"])
-            return panes_info
+            return {w["n"]: panes_info[w["pane"]] for w in workers if w["pane"] in panes_info and (
+                "id" not in fleet or panes_info[w["pane"]]["tag"] == pane_tag(fleet, w["n"]))}
         # A pane died between listing and capture (the batch stopped there):
         # re-list once and capture only what is alive.
         panes = [p for p in panes if p in panes_info]
@@ -752,8 +765,8 @@ def worker_row(w, info, seen, now, stall, done):
         shows = ("busy" if quiet < 3 else "idle") if plain.strip() else None
     else:
         shows = screen_state(AGENTS[w["profile"]], info["screen"], info["title"])
-    if shows is None:
-        shows = "busy" if seen.get("booted") else "booting"
+    if shows is None:                   # never typed into: busy and idle need evidence
+        shows = "unknown" if seen.get("booted") else "booting"
     seen["booted"] = seen.get("booted") or shows in BOOTED
     if shows in ("idle", "busy") and quiet >= stall:
         shows = "stalled"
@@ -772,7 +785,7 @@ def poll(fleet, stall=STALL, flags=None):
     done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
             for w in fleet["workers"]}
     try:
-        snap = snapshot(fleet, [w["pane"] for w in fleet["workers"]])
+        snap = snapshot(fleet, fleet["workers"])
     except OrchError:
         if not all(done.values()):
             raise
@@ -784,7 +797,7 @@ def poll(fleet, stall=STALL, flags=None):
             if not (isinstance(seen, dict) and isinstance(seen.get("since", 0), (int, float))):
                 fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
                 seen = mem[str(w["n"])] = {}
-            row = worker_row(w, snap.get(w["pane"]), seen, now, stall, done[w["n"]])
+            row = worker_row(w, snap.get(w["n"]), seen, now, stall, done[w["n"]])
             if seen.get("state") != row["state"]:
                 log_event(fleet, "state", worker=w["n"], was=seen.get("state"), now=row["state"])
                 seen["state"] = row["state"]
@@ -822,6 +835,8 @@ def refusal(fleet, n, state):
         "limited": "hit a usage or rate limit: wait for the reset, or `orch respawn %s %d`" % (name, n),
         "exited": "has exited: `orch respawn %s %d` restarts it" % (name, n),
         "booting": "is still booting after %ds: look with `orch read %s %d`" % (BOOT_WAIT, name, n),
+        "unknown": "shows a screen orch does not recognise, so orch types nothing into it: look with "
+                   "`orch read %s %d`" % (name, n),
     }[state])
 
 
@@ -888,7 +903,8 @@ def submit(fleet, rows, targets, text):
         time.sleep(0.25)
         rows = rows_by_n(fleet)
         for n in list(pending):
-            if rows[n]["shows"] not in ("draft", "booting", "exited") and rows[n]["digest"] != before[n]:
+            if rows[n]["shows"] not in ("draft", "booting", "exited", "dialog", "unknown") \
+                    and rows[n]["digest"] != before[n]:
                 pending.discard(n)
     return pending, rows, {n: e[0] for n, e in enters.items()}
 
@@ -962,7 +978,8 @@ def pane_command(fleet, n):
 def open_pane(fleet, n, beside=None):
     """A pane running `orch.py worker <name> <n>`: split beside pane `beside`
     and retiled, else in a new window (or the session, if there is none)."""
-    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n)
+    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n) + [
+        ";", "set-option", "-p", "@orch_worker", pane_tag(fleet, n)]     # the new pane, in one batch
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
     # remain-on-exit in the same batch as the window's birth: a pane whose
@@ -979,11 +996,14 @@ def open_pane(fleet, n, beside=None):
 def wait_ready(fleet, ns, timeout):
     """Until workers `ns` are past booting and dialogs, answering the dialogs a
     profile marks safe (trusting the workdir the lead chose), each once."""
-    deadline, answered = time.time() + timeout, set()
+    deadline, answered, since = time.time() + timeout, set(), {}
     workers = {w["n"]: w for w in fleet["workers"]}
     while True:
-        rows = [r for r in poll(fleet) if r["n"] in ns]
-        waiting = [r for r in rows if r["shows"] not in BOOTED]
+        rows, now = [r for r in poll(fleet) if r["n"] in ns], time.time()
+        for r in rows:                  # ready means settled: CLIs open dialogs a moment after idle
+            since[r["n"]] = (since.get(r["n"]) or now) if r["shows"] in BOOTED else None
+        waiting = [r for r in rows if since[r["n"]] is None
+                   or now < since[r["n"]] + AGENTS[workers[r["n"]]["profile"]].get("settle", SETTLE)]
         for r in waiting:
             for pattern, keys in AGENTS[workers[r["n"]]["profile"]].get("answer", []):
                 if r["shows"] == "dialog" and (r["n"], pattern) not in answered \
@@ -991,8 +1011,8 @@ def wait_ready(fleet, ns, timeout):
                     tmux("send-keys", "-t", r["pane"], *keys)
                     answered.add((r["n"], pattern))
                     log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
-        if not waiting or time.time() >= deadline:
-            return waiting
+        if not waiting or now >= deadline:
+            return [r for r in waiting if since[r["n"]] is None]
         time.sleep(0.25)
 
 
@@ -1088,20 +1108,49 @@ def fleet_summaries():
 
 def save_logs(fleet, why):
     """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
-    panes = {w["pane"]: w["n"] for w in fleet["workers"] if w["pane"]}
     try:
-        snap = snapshot(fleet, list(panes), history=True, ansi=False)
+        snap = snapshot(fleet, fleet["workers"], history=True, ansi=False)
     except OrchError:
         return []                       # the session is gone: nothing left to save
-    saved = []
-    for pane, info in snap.items():
-        if pane in panes:
-            path = os.path.join(fleet["run"], "logs", "w%d.log" % panes[pane])
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, pane, info["screen"].rstrip("\n")))
-            saved.append(panes[pane])
-    return sorted(saved)
+    for n, info in snap.items():
+        fd = os.open(os.path.join(fleet["run"], "logs", "w%d.log" % n),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, info["pane"], info["screen"].rstrip("\n")))
+    return sorted(snap)
+
+
+def fleet_processes(fleet, n=None):
+    """PIDs of the processes started for this fleet (for worker n only, if
+    given), by the variables `orch worker` gives every agent, which its
+    children and daemons inherit. Linux (/proc) only; elsewhere none."""
+    want = {b"ORCH_FLEET=" + fleet["name"].encode(), os.fsencode("ORCH_HOME=" + orch_home())}
+    want |= {b"ORCH_WORKER=%d" % n} if n else set()
+    pids = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if want <= env and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+def end_processes(fleet, n=None):
+    """End what is left of the fleet's (or worker n's) processes: detached
+    daemons and children that ignore the hangup; SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids, deadline = fleet_processes(fleet, n), time.time() + 1.0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        while pids and time.time() < deadline:
+            time.sleep(0.05)
+            pids = fleet_processes(fleet, n)
+        if not pids:
+            return
 
 
 def end_fleet(fleet):
@@ -1121,6 +1170,7 @@ def end_fleet(fleet):
         if e.kind not in ("server", "target"):
             raise
         gone = True
+    end_processes(fleet)
     with contextlib.suppress(OSError):
         log_event(fleet, "kill", saved=saved, already_gone=gone)
     logs = os.path.join(fleet["run"], "logs")
@@ -1736,9 +1786,9 @@ def cmd_spawn(a):
             print("%s: archived the old run to %s" % (name, archive(rd)))
     for sub in ("shared/verify", "logs"):
         os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
-    fleet = {"version": SCHEMA, "name": name, "session": session_of(name), "workdir": workdir,
-             "agent": agent, "per_window": a.per_window, "created": now_iso(), "workers": [],
-             "run": rd}
+    fleet = {"version": SCHEMA, "id": secrets.token_hex(6), "name": name, "session": session_of(name),
+             "workdir": workdir, "agent": agent, "per_window": a.per_window, "created": now_iso(),
+             "workers": [], "run": rd}
     post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
     log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
     print(started(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
@@ -1789,9 +1839,9 @@ def cmd_brief(a):
 def cmd_read(a):
     fleet = load_fleet(a.name)
     ws = pick_workers(fleet, a.worker)
-    snap = snapshot(fleet, [w["pane"] for w in ws], ansi=False)
+    snap = snapshot(fleet, ws, ansi=False)
     for w in ws:
-        info = snap.get(w["pane"])
+        info = snap.get(w["n"])
         lines = info["screen"].rstrip("\n").split("\n") if info else []
         while lines and not lines[-1].strip():
             lines.pop()
@@ -1968,11 +2018,12 @@ def cmd_respawn(a):
     n = w["n"]
     save_logs(dict(fleet, workers=[w]), "respawn")
     try:
-        alive = snapshot(fleet, [w["pane"]], ansi=False)
+        alive = snapshot(fleet, [w], ansi=False)
     except OrchError:
         alive = {}
     save_env(fleet)
-    if w["pane"] in alive:
+    end_processes(fleet, n)             # the old agent's daemons and children too
+    if n in alive:
         tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
     else:                               # pane closed by hand, or the session is gone
         old, w["pane"] = w["pane"], open_pane(fleet, n)
@@ -1980,7 +2031,7 @@ def cmd_respawn(a):
         print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
     forget_screen(fleet, n)
     log_event(fleet, "respawn", worker=n, pane=w["pane"])
-    waiting = wait_ready(fleet, {n}, BOOT_WAIT)
+    waiting = wait_ready(fleet, {n}, a.timeout)
     if waiting:
         raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
                         % (n, waiting[0]["shows"], a.name, n))
@@ -2518,7 +2569,8 @@ def build_parser():
             arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
             arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"))
     command("report", name)
-    command("respawn", name, worker)
+    command("respawn", name, worker, arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
+                                          help="seconds to wait until it is ready (default 60)"))
     command("demo", arg("workdir", nargs="?"),
             arg("--agent", default="sim", choices=("sim", "claude"), help="the workers' agent (default sim)"),
             arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)"))

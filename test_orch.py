@@ -1967,6 +1967,113 @@ def bad_reads(reads):
     return bad
 
 
+# A fake agent for the tests of what orch says is ready: shows the screens listed
+# in <name>.screens one after another (the first at once, each next `gap`
+# seconds later), logs every byte it is sent to <name>.typed, and, with a
+# `daemon` line, leaves a detached child behind that ignores hangup and SIGTERM.
+FAKE_SCREENS = r"""#!%s
+import os, select, subprocess, sys, time
+base = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.basename(sys.argv[0]))
+rows = [line.split("\t") for line in open(base + ".screens", encoding="utf-8").read().splitlines()]
+for row in rows:
+    if row[0] == "daemon":
+        subprocess.Popen([sys.executable, "-c", "import signal, time\nfor s in (signal.SIGHUP, signal.SIGTERM): "
+                          "signal.signal(s, signal.SIG_IGN)\ntime.sleep(600)"], start_new_session=True)
+screens = [r for r in rows if r[0] != "daemon"]
+os.system("stty raw -echo")
+for i, (gap, path) in enumerate(screens):
+    time.sleep(float(gap))
+    os.write(1, b"\x1b[H\x1b[2J" + open(path, "rb").read().rstrip(b"\n"))
+while True:
+    if select.select([0], [], [], 3600)[0]:
+        with open(base + ".typed", "ab") as f:
+            f.write(os.read(0, 65536))
+"""
+
+
+class Truth(OrchCase):
+    """orch never says ready, delivered or gone unless it is."""
+
+    def fake(self, name, *screens, daemon=False):
+        """An agent `name` on PATH that shows `screens` ((gap, fixture), ...)."""
+        bindir = os.path.join(self.sb.root, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        write_exe(os.path.join(bindir, name), FAKE_SCREENS % sys.executable)
+        with open(os.path.join(bindir, name + ".screens"), "w") as f:
+            f.write("daemon\n" if daemon else "")
+            f.writelines("%s\t%s\n" % (gap, os.path.join(SCREENS, fx + ".ansi.txt") if "/" not in fx else fx)
+                         for gap, fx in screens)
+        if bindir not in self.sb.env["PATH"]:
+            self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        return os.path.join(bindir, name + ".typed")
+
+    def fleet_pids(self, name):
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    env = f.read().split(b"\0")
+                    if b"ORCH_FLEET=" + name.encode() in env and os.fsencode("ORCH_HOME=" + self.sb.home) in env:
+                        pids.append(int(pid))
+        return pids
+
+    def test_a_dialog_a_moment_after_idle_is_not_ready(self):
+        typed = self.fake("codex", (0, "codex-idle"), (1, "codex-login-chooser"))
+        wd = self.sb.workdir("wörk-spaet")
+        r = self.sb.orch("spawn", "spaet", 1, wd, "--agent", "codex", "--timeout", "4")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("W1 dialog", r.err)
+        self.ok("brief", "spaet", 1, "--goal", "the files carry TODO markers")
+        r = self.sb.orch("respawn", "spaet", 1, "--timeout", "3")
+        self.assertNotEqual(r.code, 0, r)
+        self.assertNotIn("delivered", r.out)
+        self.assertIn("dialog", r.err)
+        self.assertFalse(os.path.exists(typed) and open(typed, "rb").read().strip(), "typed into a dialog")
+
+    def test_a_screen_orch_does_not_know_is_never_typed_into(self):
+        odd = os.path.join(self.sb.root, "odd.ansi.txt")
+        with open(odd, "w") as f:
+            f.write("Paste your key below and press Enter\n\n  key: \n")
+        typed = self.fake("codex", (0, "codex-idle"), (3, odd))
+        self.spawn("fremd", 1, None, "codex")
+        wait_for(lambda: self.states("fremd") == ["unknown"], 15, what="the unknown screen")
+        r = self.sb.orch("send", "fremd", "1", "hello")
+        self.assert_one_error_line(r, 1, "does not recognise")
+        self.assertFalse(os.path.exists(typed) and open(typed, "rb").read().strip(), "typed into the unknown")
+
+    def test_kill_and_respawn_after_a_server_restart_never_alias_panes(self):
+        self.spawn("alias", 2)
+        self.ok("kill", "alias")                        # the server exits with its last session
+        self.ok("respawn", "alias", 2)
+        panes = self.sb.panes("alias")
+        self.assertEqual(len(panes), 1)
+        r = self.sb.orch("send", "alias", "1", "for W1 only")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("W1 has exited", r.err)
+        self.ok("respawn", "alias", 1)
+        after = self.sb.panes("alias")
+        self.assertIn(panes[0], after)                  # W2's agent was not killed
+        self.assertEqual(len(after), 2)
+        fleet = json.loads(self.sb.text(self.sb.run("alias", "fleet.json")))
+        self.assertNotEqual(fleet["workers"][0]["pane"], fleet["workers"][1]["pane"])
+        self.assertEqual(self.ok("send", "alias", "1", "now W1").out.count("W1: delivered"), 1)
+        self.assertEqual([m for m in self.sb.msgs("alias", 2)], [])
+
+    def test_kill_and_respawn_leave_no_process_of_the_fleet(self):
+        if not os.path.isdir("/proc"):
+            self.skipTest("needs /proc")
+        self.fake("daemonic", (0, "codex-idle"), daemon=True)
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in self.fleet_pids("rest")])
+        self.spawn("rest", 2, None, "daemonic")
+        wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="two agents and their daemons")
+        before = set(self.fleet_pids("rest"))
+        self.ok("respawn", "rest", 1)
+        wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="the new agent and its daemon")
+        self.assertEqual(len(before & set(self.fleet_pids("rest"))), 2)      # W2's two, not W1's
+        self.ok("kill", "rest")
+        self.assertEqual(self.fleet_pids("rest"), [])
+
+
 class Faults(OrchCase):
     """What a user sees when processes, panes, the tmux server or ORCH_HOME fail."""
 
