@@ -198,6 +198,13 @@ def codex_seed(fleet, agent):
         os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
 
 
+def gemini_seed(fleet, agent):
+    """Gemini 0.61 asks on every start whether to trust an --include-directories
+    folder, unless a trusted-folders file (the fleet's own) names it."""
+    write_json(os.path.join(fleet["run"], "gemini-trusted.json"), {
+        os.path.realpath(p): "TRUST_FOLDER" for p in (fleet["workdir"], shared_dir(fleet))})
+
+
 # Agents: everything orch knows about each, one entry per agent. Screen facts
 # from real tmux 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini
 # CLI 0.61.0, plus strings users reported for other versions.
@@ -245,7 +252,10 @@ AGENTS = {
     },
     "codex": {
         "install": "npm install -g @openai/codex", "seed": codex_seed,
-        "setup": lambda fleet, w: {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}},
+        # --add-dir: its sandbox lets a worker write only the workdir and /tmp; --no-alt-screen keeps
+        # the conversation in the pane's scrollback (logs/); --no-daemon: no app-server outlives kill.
+        "setup": lambda fleet, w: {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}, "args": [
+            "--add-dir", os.path.realpath(shared_dir(fleet)), "--no-alt-screen", "--no-daemon"]},
         # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
         # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
         # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.
@@ -266,8 +276,10 @@ AGENTS = {
     },
     "gemini": {
         "install": "npm install -g @google/gemini-cli",
-        "setup": lambda fleet, w: {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true"},
-                                   "args": ["--include-directories", os.path.realpath(shared_dir(fleet))]},
+        "seed": gemini_seed, "setup": lambda fleet, w: {
+            "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
+                    "GEMINI_CLI_TRUSTED_FOLDERS_PATH": os.path.join(fleet["run"], "gemini-trusted.json")},
+            "args": ["--include-directories", os.path.realpath(shared_dir(fleet))]},
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
         # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.
         "prompt": r"^[\s│]*[>!*] ",

@@ -2623,6 +2623,29 @@ class Security(OrchCase):
                 self.addCleanup(os.remove, path)
         self.assertEqual(gotcha, [], "a shell ran text orch was given")
 
+    def test_codex_and_gemini_workers_are_set_up_for_unattended_work(self):
+        bindir = os.path.join(self.sb.root, "bin")
+        os.mkdir(bindir)
+        for name in ("codex", "gemini"):
+            write_exe(os.path.join(bindir, name), FAKE_CLAUDE.replace("fake claude", "fake " + name).replace(
+                '"started.json"', '"%s.json"' % name).replace('os.environ.get("CLAUDE_CONFIG_DIR")',
+                                                            'os.environ.get("GEMINI_CLI_TRUSTED_FOLDERS_PATH")')
+                      % sys.executable)
+        self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        wd = self.sb.workdir("wörk-cg")
+        for name in ("codex", "gemini"):
+            self.ok("spawn", name, 1, wd, "--agent", name, "--timeout", "0")
+        wait_for(lambda: all(os.path.exists(os.path.join(bindir, n + ".json")) for n in ("codex", "gemini")),
+                 10, what="both fake agents to start")
+        codex = json.loads(self.sb.text(os.path.join(bindir, "codex.json")))
+        shared = os.path.realpath(self.sb.shared("codex"))
+        self.assertEqual(codex["argv"], ["--add-dir", shared, "--no-alt-screen", "--no-daemon"])
+        gemini = json.loads(self.sb.text(os.path.join(bindir, "gemini.json")))
+        self.assertEqual(gemini["argv"], ["--include-directories", os.path.realpath(self.sb.shared("gemini"))])
+        trusted = json.loads(self.sb.text(gemini["config"]))
+        self.assertEqual(trusted, {os.path.realpath(wd): "TRUST_FOLDER",
+                                   os.path.realpath(self.sb.shared("gemini")): "TRUST_FOLDER"})
+
     def test_claude_worker_settings_deny_rm(self):
         bindir = os.path.join(self.sb.root, "bin")
         os.mkdir(bindir)
