@@ -2059,6 +2059,15 @@ class Truth(OrchCase):
         self.assertEqual(self.ok("send", "alias", "1", "now W1").out.count("W1: delivered"), 1)
         self.assertEqual([m for m in self.sb.msgs("alias", 2)], [])
 
+    def test_a_wait_sees_its_fleet_replaced(self):
+        wd = self.sb.workdir("wörk-neu")
+        self.spawn("neu", 1, wd)
+        w = self.sb.start("wait", "neu", "--interval", "0.2", "--timeout", "30")
+        wait_for(lambda: w.lines, 10, what="wait's first line")
+        self.spawn("neu", 1, wd, SIM, "--force")
+        r = w.finish(20)
+        self.assertEqual(r.code, 4, r)
+
     def test_kill_and_respawn_leave_no_process_of_the_fleet(self):
         if not os.path.isdir("/proc"):
             self.skipTest("needs /proc")
