@@ -2220,7 +2220,8 @@ def allow_rules():
     fleets' files (briefs, matrix), which lie outside the project."""
     me = "orch" if os.path.basename(ORCH) == "orch" else "python3 %s" % ORCH
     runs = os.path.join(orch_home(), "runs")
-    return sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)"}) + ["Read(/%s/**)" % runs]
+    return sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)",     # and as the skill says
+                   "Bash(python3 %s:*)" % os.path.join(skill_dir(), "orch.py")}) + ["Read(/%s/**)" % runs]
 
 
 def cmd_install(a):
@@ -2232,12 +2233,13 @@ def cmd_install(a):
     os.chmod(target, 0o755)
     print("installed %s" % target)
     skill = os.path.join(os.path.dirname(ORCH), "SKILL.md")
-    if os.path.exists(skill):
-        dest = skill_dir()
-        os.makedirs(dest, exist_ok=True)
-        shutil.copyfile(skill, os.path.join(dest, "SKILL.md"))
-        os.chmod(os.path.join(dest, "SKILL.md"), 0o644)
-        print("installed %s" % os.path.join(dest, "SKILL.md"))
+    if os.path.exists(skill):           # with the orch.py it names: ${CLAUDE_SKILL_DIR}/orch.py
+        os.makedirs(skill_dir(), exist_ok=True)
+        for src, name in ((skill, "SKILL.md"), (ORCH, "orch.py")):
+            dest = os.path.join(skill_dir(), name)
+            shutil.copyfile(src, dest)
+            os.chmod(dest, 0o644)
+            print("installed %s" % dest)
     on_path = bin_dir in os.environ.get("PATH", "").split(os.pathsep)
     print("%s is %s" % (bin_dir, "on PATH: run `orch doctor`" if on_path else
                         "not on PATH: add it (export PATH=\"%s:$PATH\") or run %s" % (bin_dir, target)))

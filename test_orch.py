@@ -1584,7 +1584,7 @@ def shown_commands(path):
                 block = not block
             elif block:
                 line = line.split("  #")[0].strip()
-                for prefix in ("python3 orch.py ", "orch "):
+                for prefix in ("python3 orch.py ", "python3 ${CLAUDE_SKILL_DIR}/orch.py ", "orch "):
                     if line.startswith(prefix):
                         out.append(shlex.split(line[len(prefix):]))
     return out
@@ -1764,6 +1764,9 @@ class Setup(OrchCase):
         self.assertTrue(os.access(target, os.X_OK))
         skill = os.path.join(home, ".claude", "skills", "orch", "SKILL.md")
         self.assertEqual(read_bytes(skill), read_bytes(os.path.join(HERE, "SKILL.md")))
+        beside = os.path.join(os.path.dirname(skill), "orch.py")          # ${CLAUDE_SKILL_DIR}/orch.py
+        self.assertIn("installed %s" % beside, r.out)
+        self.assertEqual(read_bytes(beside), read_bytes(ORCH_PY))
         out = subprocess.run([sys.executable, target, "--help"], stdout=subprocess.PIPE,
                              universal_newlines=True, env=self.sb.env)
         self.assertEqual(out.returncode, 0)
@@ -1790,6 +1793,16 @@ class Setup(OrchCase):
         rules = [json.loads(line) for line in r.out.split("permissions.allow):\n", 1)[1].splitlines()]
         self.assertIn("Read(/%s/**)" % os.path.join(self.sb.home, "runs"), rules)      # the fleets' files
         self.assertIn("Bash(python3 %s:*)" % ORCH_PY, rules)                         # absolute
+        self.assertIn("Bash(python3 %s:*)" % os.path.join(config, "skills", "orch", "orch.py"), rules)
+
+    def test_plugin_manifests_name_this_orch(self):
+        market = json.loads(self.sb.text(os.path.join(HERE, ".claude-plugin", "marketplace.json")))
+        plugin = json.loads(self.sb.text(os.path.join(HERE, ".claude-plugin", "plugin.json")))
+        version = self.ok("--version").out.split()[1]
+        self.assertEqual([(p["name"], p["source"], p["version"]) for p in market["plugins"]],
+                         [("orch", "./", version)])
+        self.assertEqual((plugin["name"], plugin["version"], plugin["skills"]), ("orch", version, ["./"]))
+        self.assertTrue(market["owner"]["name"])
 
 
 # =============================================================================
@@ -1866,19 +1879,60 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
         return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use"
 
 
+def claude_bin(version):
+    """The bin dir of Claude Code `version`, installed from npm into the test cache once."""
+    cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
+    bindir = os.path.join(cache, "claude-" + version, "node_modules", ".bin")
+    if not os.path.exists(os.path.join(bindir, "claude")):
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
+                        os.path.dirname(os.path.dirname(bindir)), "@anthropic-ai/claude-code@" + version],
+                       check=True, stdout=subprocess.DEVNULL)
+    return bindir
+
+
+@unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
+class RealPlugin(OrchCase):
+    """orch installed the way Claude Code users install: a plugin from the repository."""
+
+    def test_the_repository_installs_as_a_plugin(self):
+        clone = os.path.join(self.sb.root, "clone")
+        for rel in ("orch.py", "SKILL.md", "README.md", "LICENSE", "test_orch.py",
+                    ".claude-plugin/marketplace.json", ".claude-plugin/plugin.json"):
+            os.makedirs(os.path.dirname(os.path.join(clone, rel)), exist_ok=True)
+            shutil.copyfile(os.path.join(HERE, rel), os.path.join(clone, rel))
+        env = dict(self.sb.env, HOME=os.path.join(self.sb.root, "user"), DISABLE_AUTOUPDATER="1",
+                   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY"):
+            env.pop(var, None)
+        claude = os.path.join(claude_bin(CLAUDE_VERSION), "claude")
+
+        def plugin(*args):
+            r = subprocess.run([claude, "plugin"] + list(args), env=env, cwd=self.sb.root, timeout=60,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            self.assertEqual(r.returncode, 0, r.stdout)
+            return r.stdout
+        self.assertIn("Validation passed", plugin("validate", "--strict", clone))
+        plugin("marketplace", "add", clone)
+        plugin("install", "orch@orch")
+        listed = [p for p in json.loads(plugin("list", "--json")) if p["id"] == "orch@orch"]
+        self.assertEqual([p["enabled"] for p in listed], [True], listed)
+        self.assertRegex(plugin("details", "orch@orch"), r"Skills \(1\)[\s\S]*orch")
+        root = listed[0].get("readFromFolder") or listed[0]["installPath"]
+        elsewhere = self.sb.workdir("elsewhere")
+        version = subprocess.run([sys.executable, os.path.join(root, "orch.py"), "--version"], cwd=elsewhere,
+                                 stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(version.stdout, self.ok("--version").out)
+        plugin("uninstall", "orch@orch")
+        self.assertEqual([p for p in json.loads(plugin("list", "--json")) if p["id"] == "orch@orch"], [])
+
+
 @unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
 class RealClaude(OrchCase):
     """A real Claude Code fleet, offline: the pinned CLI from npm, pointed at the mock."""
 
     @classmethod
     def setUpClass(cls):
-        cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
-        cls.bin = os.path.join(cache, "claude-" + CLAUDE_VERSION, "node_modules", ".bin")
-        if not os.path.exists(os.path.join(cls.bin, "claude")):
-            subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
-                            os.path.dirname(os.path.dirname(cls.bin)),
-                            "@anthropic-ai/claude-code@" + CLAUDE_VERSION], check=True,
-                           stdout=subprocess.DEVNULL)
+        cls.bin = claude_bin(CLAUDE_VERSION)
         cls.api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockAnthropic)
         cls.api.requests = []
         cls.api.daemon_threads = True
