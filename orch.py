@@ -85,8 +85,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 BOOTED = ("idle", "busy", "draft", "stalled")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
+ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
-ENTER_RETRIES = 3
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 
 # Keys that clear a draft, the same for every agent: end of line, kill to line
@@ -400,8 +400,7 @@ def snapshot(fleet, workers, history=False, ansi=True):
                 cur = panes_info.get(line[len(nonce) + 1:])
             elif cur is not None:
                 cur["screen"].append(line)
-        missing = [p for p in panes if p not in panes_info]
-        if not missing or attempt == 2:
+        if attempt == 2 or all(p in panes_info for p in panes):
             for info in panes_info.values():
                 info["screen"] = "\n".join(info["screen"])
             return {w["n"]: panes_info[w["pane"]] for w in workers if w["pane"] in panes_info and (
@@ -452,7 +451,6 @@ def worker_file(fleet, n, suffix):
 
 
 def is_done(fleet, n):
-    """Worker n has touched the done flag of its brief."""
     return os.path.exists(worker_file(fleet, n, "done"))
 
 
@@ -621,10 +619,8 @@ def load_fleet(name):
 
 
 def save_fleet(fleet):
-    data = dict(fleet)
-    data.pop("run", None)
-    data.pop("notes", None)
-    write_json(os.path.join(fleet["run"], "fleet.json"), data)
+    write_json(os.path.join(fleet["run"], "fleet.json"),
+               {k: v for k, v in fleet.items() if k not in ("run", "notes")})
 
 
 def fleet_names():
@@ -666,7 +662,7 @@ def bus_tail(fleet, count=None):
     text, _ = read_untrusted(bus_path(fleet))
     lines = bus_lines(fleet, (text or "").rstrip("\n").encode())
     lines = [] if lines == [""] else lines
-    return lines if count is None else lines[len(lines) - count:]
+    return lines if count is None else lines[max(0, len(lines) - count):]
 
 
 # --- screens and states --------------------------------------------------------
@@ -817,21 +813,11 @@ def poll(fleet, stall=STALL, flags=None):
     return rows
 
 
-def forget_screen(fleet, n):
-    """Drop what was seen of worker n: respawn-pane keeps the pane id, and a
-    worker seen ready before must not count as ready while its agent boots."""
-    with updating(fleet, "watch.json") as mem:
-        mem.pop(str(n), None)
-
-
 # --- delivery ------------------------------------------------------------------
-
-CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
 
 def clean_text(text):
     """Only newline and tab survive: no ESC, no CR, no C1 control reaches a pane."""
-    return CONTROL_RE.sub("", text.replace("\r\n", "\n")).strip("\n")
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text.replace("\r\n", "\n")).strip("\n")
 
 
 def refusal(fleet, n, state):
@@ -864,13 +850,12 @@ def ready_targets(fleet, ns, clear):
     while any(rows[n]["shows"] == "booting" for n in ns) and time.time() < deadline:
         time.sleep(0.2)
         rows = rows_by_n(fleet)
-    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     failed, targets = {}, []
     for n in ns:
         for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
             if rows[n]["shows"] != "draft":
                 break
-            tmux("send-keys", "-t", panes[n], *CLEAR_KEYS)
+            tmux("send-keys", "-t", rows[n]["pane"], *CLEAR_KEYS)
             time.sleep(0.1)
             rows[n] = rows_by_n(fleet)[n]
         if rows[n]["shows"] in BOOTED and rows[n]["shows"] != "draft":
@@ -880,17 +865,16 @@ def ready_targets(fleet, ns, clear):
     return rows, targets, failed
 
 
-def paste(fleet, targets, text):
+def paste(panes, text):
     """Phase 2: one bracketed paste (-p) into every target pane, in one tmux
     process. The agent sees one paste, not keystrokes, so a newline inside
     never submits; Enter goes as a separate keystroke after. Never into a pane
     that died since the poll: tmux 3.3a crashes on that."""
-    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     buf = "orch-" + secrets.token_hex(4)
     argv = ["load-buffer", "-b", buf, "-"]
-    for n in targets:
-        argv += [";", "if-shell", "-F", "-t", panes[n], "#{?pane_dead,,1}",
-                 "paste-buffer -p -b %s -t %s" % (buf, panes[n])]
+    for pane in panes:
+        argv += [";", "if-shell", "-F", "-t", pane, "#{?pane_dead,,1}",
+                 "paste-buffer -p -b %s -t %s" % (buf, pane)]
     tmux(*(argv + [";", "delete-buffer", "-b", buf]), stdin=text.encode("utf-8"))
 
 
@@ -899,7 +883,6 @@ def submit(fleet, rows, targets, text):
     is empty again and the screen moved on; Enter again while the text still
     sits in the box. Returns the targets it could not confirm, with rows and
     the Enters sent."""
-    panes = {w["n"]: w["pane"] for w in fleet["workers"]}
     before = {n: rows[n]["digest"] for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
     deadline = time.time() + 8 + len(text) / 2000.0
@@ -910,7 +893,7 @@ def submit(fleet, rows, targets, text):
             count, last = enters[n]
             if count == 0 or (rows[n]["shows"] == "draft" and now - last >= 1.0
                               and count <= ENTER_RETRIES):
-                tmux("send-keys", "-t", panes[n], "Enter")
+                tmux("send-keys", "-t", rows[n]["pane"], "Enter")
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
         rows = rows_by_n(fleet)
@@ -922,17 +905,14 @@ def submit(fleet, rows, targets, text):
 
 
 def deliver(fleet, messages, clear=False):
-    """Paste each worker's message ({n: text}) into its input box and submit
-    them all at once, confirmed from the screen. Returns {n: error} for the
-    workers it could not reach."""
+    """Paste each worker's message ({n: text}) into its input box and submit them
+    all at once, confirmed from the screen; returns {n: error} for the ones not reached."""
     messages = {n: clean_text(text) for n, text in messages.items()}
     if not all(text.strip() for text in messages.values()):
         raise OrchError("nothing to send: the message is empty", 2)
     rows, targets, failed = ready_targets(fleet, sorted(messages), clear)
-    if not targets:
-        return failed
     for text in sorted({messages[n] for n in targets}):       # one paste per distinct text
-        paste(fleet, [n for n in targets if messages[n] == text], text)
+        paste([rows[n]["pane"] for n in targets if messages[n] == text], text)
     pending, rows, enters = submit(fleet, rows, targets, max(messages.values(), key=len))
     for n in targets:
         log_event(fleet, "send", worker=n, chars=len(messages[n]), enters=enters[n], confirmed=n not in pending)
@@ -974,8 +954,7 @@ def parse_agent(agent):
 
 
 def save_env(fleet):
-    """The lead's environment, for the panes: in env.json (0600), never on a
-    command line."""
+    """The lead's environment for the panes, in env.json (0600): never on a command line."""
     write_json(os.path.join(fleet["run"], "env.json"), {
         k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "TERM", "COLUMNS", "LINES")})
 
@@ -1029,9 +1008,8 @@ def wait_ready(fleet, ns, timeout):
 
 
 def add_workers(fleet, count, agent, timeout):
-    """Create `count` panes running `orch.py worker`, K per tiled window, and
-    wait up to `timeout` seconds (0: not at all) until they are ready; returns
-    the rows of those that are not."""
+    """Open `count` worker panes, K per tiled window, and wait up to `timeout`
+    seconds (0: not at all) until they are ready; returns the rows of those not."""
     profile = parse_agent(agent)
     k = fleet["per_window"]
     save_env(fleet)
@@ -1140,10 +1118,12 @@ def fleet_processes(fleet, n=None):
     want |= {b"ORCH_WORKER=%d" % n} if n else set()
     pids = []
     for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not pid.isdigit():           # /proc/self, /proc/sys...
+            continue
         try:
             with open("/proc/%s/environ" % pid, "rb") as f:
                 env = set(f.read().split(b"\0"))
-        except (OSError, ValueError):
+        except OSError:
             continue
         if want <= env and int(pid) != os.getpid():
             pids.append(int(pid))
@@ -1208,7 +1188,6 @@ ROLES = {
               "embellish; mark anything you could not check as unchecked.",
 }
 
-
 FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no table, no bullets):
     F<k> | <path>:<line>[-<end>] | <one-line claim> | <exact text quoted from those lines>
 - <path> is relative to the workdir; <line> and <end> are 1-based line numbers.
@@ -1218,7 +1197,6 @@ FINDINGS_FORMAT = """Write one finding per line, exactly in this format (no tabl
 - The quote is the rest of the line and may contain `|`; write a `|` inside the claim as `\\|`.
 - Example:  F1 | src/app.py:42 | TODO marker: input is not validated | # TODO: validate input
 - Found nothing? Write one plain sentence saying what you checked."""
-
 
 VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
     W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <path>:<line> | <why, one line> | <exact text of that line>
@@ -1235,7 +1213,6 @@ LEADING_RE = re.compile(r"\b(fix|find|confirm) (the|this) (bug|bugs|issue|proble
 
 def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=()):
     count = len(fleet["workers"])
-    q = shlex.quote
     rules = ["Work only inside the workdir; do not change any file there%s." % (
         "" if role == "fixer" else " (your role is read-only)")] + list(constraints)
     parts = [
@@ -1246,7 +1223,7 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
         "- Workdir: `%s`" % fleet["workdir"],
         "- Result file: `%s`" % result,
         "- Done flag: `%s`" % done,
-        "- Bus: `%s`" % os.path.join(shared_dir(fleet), "bus.md"), "",
+        "- Bus: `%s`" % bus_path(fleet), "",
         "## Goal", ROLES[role].format(goal=goal.strip().rstrip(".")), "",
         "## Hard constraints"] + ["- " + r for r in rules] + [""]
     if findings:
@@ -1258,11 +1235,11 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
         parts += [VERDICT_FORMAT]
     parts += ["", "## Done signal",
               "When the result file is complete, and only then, touch the done flag as your "
-              "last action:", "    touch %s" % q(done), "",
+              "last action:", "    touch %s" % shlex.quote(done), "",
               "## Coordination",
               "The bus is a plain file all workers share. Read it between steps. To post, "
               "append one line that starts with [W%d], never edit it:" % n,
-              "    echo '[W%d] <one line>' >> %s" % (n, q(os.path.join(shared_dir(fleet), "bus.md"))), "",
+              "    echo '[W%d] <one line>' >> %s" % (n, shlex.quote(bus_path(fleet))), "",
               "## Autonomy",
               "Work autonomously to the end. Never wait for confirmation and never ask a "
               "question: decide, note the assumption in your result, and go on.", ""]
@@ -1378,10 +1355,15 @@ def parse_verdicts(text, source):
     return verdicts, problems
 
 
+def place(f):
+    """A finding's location as its finder wrote it: path:line[-end], or '-'."""
+    if f["path"] is None:
+        return "-"
+    return "%s:%d%s" % (f["path"], f["line"], "" if f["end"] == f["line"] else "-%d" % f["end"])
+
+
 def finding_line(f):
-    loc = "-" if f["path"] is None else "%s:%d%s" % (
-        f["path"], f["line"], "" if f["end"] == f["line"] else "-%d" % f["end"])
-    return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), loc, f["claim"], f["quote"]) if x)
+    return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), place(f), f["claim"], f["quote"]) if x)
 
 
 # --- verification --------------------------------------------------------------
@@ -1597,14 +1579,13 @@ def verify_fleet(fleet, need, pool, timeout, emit):
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
     os.makedirs(vdir, mode=0o700, exist_ok=True)
-    count = len(fleet["workers"])
     profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
     k = 0
     while True:
         jobs, extra = {}, {}
         for f in findings:
             if f["citation"] in ("ok", "n/a") and not decided(f, need, dropped):
-                v = next_verifier(f, pool, count, dropped, profiles)
+                v = next_verifier(f, pool, len(fleet["workers"]), dropped, profiles)
                 if v is not None:
                     jobs.setdefault(v, []).append(f)
                     extra[f["id"]] = adjudication(f, dropped)
@@ -1635,12 +1616,11 @@ def verify_fleet(fleet, need, pool, timeout, emit):
         for c in f["rounds"]:
             if (c["round"], c["verifier"]) in changed:
                 c["check"] = "not W%d's: changed after orch read it" % c["verifier"]
-        f["final"] = final_verdict(f, dropped)
-        for c in f["rounds"]:
             c["unsupported"] = c["check"] != "checked"
             c["counts"] = counts(c, dropped)
             c["why_not"] = "" if c["counts"] else c["check"] if c["check"] != "checked" else (
                 "not decisive" if c["verdict"] == "UNVERIFIABLE" else "dropped: " + dropped[c["verifier"]])
+        f["final"] = final_verdict(f, dropped)
     tally = {v: sum(f["final"] == v for f in findings) for v in FINALS}
     undecided = [f["id"] for f in findings if f["final"] == "UNVERIFIABLE"] if incomplete else []
     return {"fleet": fleet["name"], "rounds": k, "need": need, "pool": pool, "findings": findings,
@@ -1691,30 +1671,25 @@ def unreliable(matrix):
 
 
 def tally_line(matrix):
-    t = matrix["tally"]
-    return "%d findings: %d confirmed, %d refuted, %d disputed, %d bad citation, %d unverifiable" % (
-        len(matrix["findings"]), t["CONFIRMED"], t["REFUTED"], t["DISPUTED"], t["BAD-CITATION"],
-        t["UNVERIFIABLE"])
+    return "%d findings: %s" % (len(matrix["findings"]), ", ".join(
+        "%d %s" % (matrix["tally"][v], v.lower().replace("-", " ")) for v in FINALS))
 
 
 def matrix_markdown(matrix):
-    """The Verification Matrix: finding x verdicts (round, verifier, and why a
-    verdict did not count) x final; both sides of each DISPUTED finding; the
-    reliability table."""
+    """The Verification Matrix, both sides of each DISPUTED finding, the reliability table."""
     head = ["finding", "location", "claim", "citation", "verdicts", "final"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in matrix["findings"]:
         cells = ["r%d W%s %s%s" % (c["round"], c["verifier"], c["verdict"], " (%s)" % c["why_not"].split(":")[0]
                                    if c["why_not"] and c["why_not"] != "not decisive" else "") for c in f["rounds"]]
-        loc = "-" if f["path"] is None else "%s:%d" % (f["path"], f["line"])
-        row = [f["id"], loc, f["claim"][:60], f["citation"], "; ".join(cells) or "-", "**%s**" % f["final"]]
+        row = [f["id"], place(f), f["claim"][:60], f["citation"], "; ".join(cells) or "-", "**%s**" % f["final"]]
         rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
     lines = ["# Verification Matrix: fleet %s" % matrix["fleet"], "", tally_line(matrix), ""] + rows
     disputed = [f for f in matrix["findings"] if f["final"] == "DISPUTED"]
     if disputed:
         lines += ["", "## Disputed: the lead must look", ""]
         for f in disputed:
-            lines += ["- %s %s:%d %s" % (f["id"], f["path"], f["line"], f["claim"])] + [
+            lines += ["- %s %s %s" % (f["id"], place(f), f["claim"])] + [
                 "  - W%d %s: %s:%d %s (%s)" % (c["verifier"], c["verdict"], c["path"], c["line"],
                                               json.dumps(c["quote"], ensure_ascii=False), c["why"] or "-")
                 for c in f["rounds"] if c["counts"]]
@@ -1835,13 +1810,12 @@ def cmd_brief(a):
     if LEADING_RE.search(a.goal):
         print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
               "so the worker does not invent a bug to fix", file=sys.stderr)
-    path = worker_file(fleet, n, "task.md")
-    for old in (worker_file(fleet, n, "done"), worker_file(fleet, n, "result.md")):
+    path, result, done = [worker_file(fleet, n, s) for s in ("task.md", "result.md", "done")]
+    for old in (done, result):
         if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
             archive(old)
-    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal),
-                                [clean_text(c) for c in a.constraint],
-                                worker_file(fleet, n, "result.md"), worker_file(fleet, n, "done")))
+    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint],
+                                result, done))
     log_event(fleet, "brief", worker=n, role=a.role)
     print("W%d: brief written to %s" % (n, path))
     if a.send:
@@ -1854,9 +1828,7 @@ def cmd_read(a):
     snap = snapshot(fleet, ws, ansi=False)
     for w in ws:
         info = snap.get(w["n"])
-        lines = info["screen"].rstrip("\n").split("\n") if info else []
-        while lines and not lines[-1].strip():
-            lines.pop()
+        lines = info["screen"].rstrip().split("\n") if info else []
         if len(ws) > 1:
             print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
         print(defang("\n".join(line.rstrip() for line in lines[-a.lines:])))
@@ -2028,20 +2000,18 @@ def cmd_respawn(a):
     fleet = load_fleet(a.name)
     w = pick_workers(fleet, a.worker, allow_all=False)[0]
     n = w["n"]
-    save_logs(dict(fleet, workers=[w]), "respawn")
-    try:
-        alive = snapshot(fleet, [w], ansi=False)
-    except OrchError:
-        alive = {}
+    saved = save_logs(dict(fleet, workers=[w]), "respawn")      # [n] while its pane is n's
     save_env(fleet)
     end_processes(fleet, n)             # the old agent's daemons and children too
-    if n in alive:
+    if saved:
         tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
     else:                               # pane closed by hand, or the session is gone
         old, w["pane"] = w["pane"], open_pane(fleet, n)
         save_fleet(fleet)
         print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
-    forget_screen(fleet, n)
+    # respawn-pane keeps the pane id: forget the old agent's screen, or the new one counts as ready
+    with updating(fleet, "watch.json") as mem:
+        mem.pop(str(n), None)
     log_event(fleet, "respawn", worker=n, pane=w["pane"])
     waiting = wait_ready(fleet, {n}, a.timeout)
     if waiting:
@@ -2102,10 +2072,9 @@ DEMO_FILES = {
 
 
 def cmd_demo(a):
-    """The whole idea in one command: spawn 4 workers, brief them, wait, have
-    them verify each other, report, kill. With sim, W4 lies as a finder and as
-    a verifier.
-    Each step is the real command; the live stream is the fleet's event log."""
+    """The whole idea in one command: 4 workers audit, verify each other,
+    report; with sim, W4 lies as a finder and as a verifier. Each step is the
+    real command; the live stream is the fleet's event log."""
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
     if not os.listdir(workdir):
@@ -2224,22 +2193,24 @@ def allow_rules():
                    "Bash(python3 %s:*)" % os.path.join(skill_dir(), "orch.py")}) + ["Read(/%s/**)" % runs]
 
 
+def install_copy(src, dest, mode):
+    """Copy src to dest (an installed copy may be installing itself) with `mode`."""
+    if not (os.path.exists(dest) and os.path.samefile(src, dest)):
+        shutil.copyfile(src, dest)
+    os.chmod(dest, mode)
+    return "installed %s" % dest
+
+
 def cmd_install(a):
     bin_dir = os.path.abspath(os.path.expanduser(a.bin_dir or "~/.local/bin"))
     os.makedirs(bin_dir, exist_ok=True)
     target = os.path.join(bin_dir, "orch")
-    if not (os.path.exists(target) and os.path.samefile(ORCH, target)):
-        shutil.copyfile(ORCH, target)
-    os.chmod(target, 0o755)
-    print("installed %s" % target)
+    print(install_copy(ORCH, target, 0o755))
     skill = os.path.join(os.path.dirname(ORCH), "SKILL.md")
     if os.path.exists(skill):           # with the orch.py it names: ${CLAUDE_SKILL_DIR}/orch.py
         os.makedirs(skill_dir(), exist_ok=True)
         for src, name in ((skill, "SKILL.md"), (ORCH, "orch.py")):
-            dest = os.path.join(skill_dir(), name)
-            shutil.copyfile(src, dest)
-            os.chmod(dest, 0o644)
-            print("installed %s" % dest)
+            print(install_copy(src, os.path.join(skill_dir(), name), 0o644))
     on_path = bin_dir in os.environ.get("PATH", "").split(os.pathsep)
     print("%s is %s" % (bin_dir, "on PATH: run `orch doctor`" if on_path else
                         "not on PATH: add it (export PATH=\"%s:$PATH\") or run %s" % (bin_dir, target)))
@@ -2272,18 +2243,8 @@ def cmd_worker(a):
 
 MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
 
-
 FABRICATED = ["remove the hardcoded admin password", "this leaks the session token",
               "race condition when two requests arrive", "unchecked SQL string concatenation"]
-
-
-def sim_files(workdir):
-    out = []
-    for root, dirs, files in os.walk(workdir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += sorted(os.path.relpath(os.path.join(root, f), workdir)
-                      for f in files if not f.startswith("."))
-    return out
 
 
 def sim_lines(workdir, rel):
@@ -2294,7 +2255,11 @@ def sim_lines(workdir, rel):
 def sim_find(workdir, n, count, scope, lies, rng):
     """Markers in this worker's share of the files (those under `scope`, else
     every count-th file), then `lies` planted false findings of three kinds."""
-    files = sim_files(workdir)
+    files = []
+    for root, dirs, names in os.walk(workdir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += sorted(os.path.relpath(os.path.join(root, f), workdir)
+                        for f in names if not f.startswith("."))
     markers, plain = [], []
     for idx, rel in enumerate(files):
         mine = rel.startswith(scope.rstrip("/") + "/") if scope else idx % count == n - 1
@@ -2324,9 +2289,6 @@ def sim_find(workdir, n, count, scope, lies, rng):
             continue
         found.insert(rng.randrange(len(found) + 1), (rel, i, claim, quote))
     return ["F%d | %s:%d | %s | %s" % ((k,) + f) for k, f in enumerate(found, 1)]
-
-
-SIM_VERIFIERS = ("honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")
 
 
 def sim_verify(workdir, findings, kind):
@@ -2543,17 +2505,15 @@ def build_parser():
     name, worker = arg("name"), arg("worker", metavar="n")
     stall = arg("--stall", metavar="S", type=secs, default=STALL,
                 help="seconds without a screen change that make a worker stalled (default 120)")
+    ready = arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
+                help="seconds to wait until the new workers are ready (default 60, 0: do not wait)")
     command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
             arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
             arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
                 help="panes per tmux window (default 4)"),
-            arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
-                help="seconds to wait until every worker is ready (default 60, 0: do not wait)"),
-            arg("--force", action="store_true", help="end a live fleet, archive its old run dir"))
+            ready, arg("--force", action="store_true", help="end a live fleet, archive its old run dir"))
     command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
-            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"),
-            arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
-                help="seconds to wait until they are ready (default 60, 0: do not wait)"))
+            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), ready)
     command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"),
             arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"))
     command("brief", name, worker, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
@@ -2595,7 +2555,8 @@ def build_parser():
     command("worker", name, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME"))
     command("sim", arg("--lie", metavar="N", type=number("--lie", 0, True), default=0,
                        help="plant N false findings as a finder"),
-            arg("--verifier", default="honest", choices=SIM_VERIFIERS, help="how it verifies"),
+            arg("--verifier", default="honest", help="how it verifies", choices=(
+                "honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")),
             arg("--seed", metavar="S", default="1", help="random seed"),
             arg("--delay", metavar="S", type=secs, default=0.5, help="seconds per job (default 0.5)"),
             arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste"))
@@ -2603,8 +2564,7 @@ def build_parser():
 
 
 def dispatch(argv):
-    """Parse one command line and run its command; returns the exit code.
-    main and demo's steps come through here."""
+    """Parse one command line (main's, or a demo step's) and run it; returns the exit code."""
     parser = build_parser()
     # argparse fills a '*' positional before the options that follow it
     # (`bus f post --as W2 hi`): the leftover words belong to the message.

@@ -917,6 +917,15 @@ class Bus(OrchCase):
         bus_events = self.sb.events("bus", "bus")
         self.assertEqual(len(bus_events), writers * per)
 
+    def test_status_shows_every_line_of_a_short_bus(self):
+        self.spawn("kurz", 1)
+        for word in ("eins", "zwei"):
+            self.ok("bus", "kurz", "post", word)
+        status = self.ok("status", "kurz").out
+        self.assertIn("bus (last 3):", status)
+        self.assertEqual(re.findall(r"(?m)^  \[(\w+)\] (\w+)", status), [("orch", "fleet"), ("lead", "eins"),
+                                                                         ("lead", "zwei")])
+
     def test_new_shows_each_line_once(self):
         wd = self.sb.workdir("wörk-neu")
         self.spawn("neu", 1, wd)
@@ -1775,9 +1784,10 @@ class Setup(OrchCase):
                              env=dict(self.sb.env, PATH=os.path.dirname(sys.executable) + os.pathsep
                                       + self.sb.env["PATH"]))
         self.assertRegex(out.stdout, r"^orch ")
-        again = subprocess.run([sys.executable, target, "install", "--bin-dir", bin_dir], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, universal_newlines=True, env=dict(self.sb.env, HOME=home))
-        self.assertEqual(again.returncode, 0, again.stderr)   # an installed copy installs itself again
+        for copy in (target, beside):                        # an installed copy installs itself again
+            again = subprocess.run([sys.executable, copy, "install", "--bin-dir", bin_dir], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True, env=dict(self.sb.env, HOME=home))
+            self.assertEqual(again.returncode, 0, again.stderr)
 
     def test_install_and_doctor_follow_claude_config_dir(self):
         config = os.path.join(self.sb.root, "claude-config")
@@ -2121,6 +2131,13 @@ class Truth(OrchCase):
         self.spawn("neu", 1, wd, SIM, "--force")
         r = w.finish(20)
         self.assertEqual(r.code, 4, r)
+
+    def test_a_worker_running_orch_can_respawn_and_kill_its_own_fleet(self):
+        self.spawn("selbst", 2)
+        inside = dict(self.sb.env, ORCH_FLEET="selbst", ORCH_WORKER="1")   # what a worker's shell has
+        self.ok("respawn", "selbst", "2", env=inside)
+        self.ok("kill", "selbst", env=inside)
+        self.assertFalse(self.sb.has_session("selbst"))
 
     def test_kill_and_respawn_leave_no_process_of_the_fleet(self):
         if not os.path.isdir("/proc"):
@@ -3038,6 +3055,18 @@ class Adversaries(OrchCase):
         self.assertGreater(totals["fair"], 0, totals)
         self.assertGreaterEqual(totals["confirmed"], 0.9 * totals["fair"], totals)
 
+    def test_a_disputed_finding_about_no_one_place_is_drawn(self):
+        orch = load_orch()
+        side = lambda v, word: {"round": 1, "verifier": v, "verdict": word, "path": "a.py", "line": 1,
+                                "quote": "x = 1", "why": "", "counts": True, "why_not": ""}
+        finding = {"id": "W1.F1", "worker": 1, "k": 1, "path": None, "line": None, "end": None,
+                   "claim": "no test covers a.py", "quote": "", "citation": "n/a", "final": "DISPUTED",
+                   "rounds": [side(2, "CONFIRMED"), side(3, "REFUTED")]}
+        md = orch.matrix_markdown({"fleet": "f", "findings": [finding], "problems": [], "reliability": {},
+                                   "tally": dict(dict.fromkeys(orch.FINALS, 0), DISPUTED=1)})
+        self.assertIn("| W1.F1 | - | no test covers a.py |", md)
+        self.assertIn("- W1.F1 - no test covers a.py", md)
+
     def test_one_against_one_with_nobody_left_is_disputed(self):
         wd = self.sb.workdir("wörk-patt", {"a.py": "x = 1\n# TODO: eins\n"})
         r, matrix, _ = sim_fleet(self, "patt", ["honest", "contrarian-real", "honest"], wd)
@@ -3478,7 +3507,8 @@ class AgentEntry(OrchCase):
 # processes on 2 cores take about half the time). The classes that read the
 # shared demo runs stay in one half, so the demos run once.
 COST = {"Harness": 17, "States": 17, "Security": 14, "Verification": 13, "Python38": 7, "Hostile": 30,
-        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3, "Docs": 9}
+        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3, "Docs": 9,
+        "Truth": 25}
 TOGETHER = ("Verification", "Security", "Python38")
 
 
