@@ -1914,10 +1914,12 @@ class RealPlugin(OrchCase):
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
         for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY"):
             env.pop(var, None)
-        claude = os.path.join(claude_bin(CLAUDE_VERSION), "claude")
+        claude = [os.path.join(claude_bin(CLAUDE_VERSION), "claude"), "plugin"]
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            claude[:0] = ["unshare", "-n"]                  # no network: all of it works offline
 
         def plugin(*args):
-            r = subprocess.run([claude, "plugin"] + list(args), env=env, cwd=self.sb.root, timeout=60,
+            r = subprocess.run(claude + list(args), env=env, cwd=self.sb.root, timeout=60,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
             self.assertEqual(r.returncode, 0, r.stdout)
             return r.stdout
