@@ -969,13 +969,16 @@ def pane_command(fleet, n):
 def open_pane(fleet, n, beside=None):
     """A pane running `orch.py worker <name> <n>`: split beside pane `beside`
     and retiled, else in a new window (or the session, if there is none)."""
-    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n) + [
-        ";", "set-option", "-p", "@orch_worker", pane_tag(fleet, n)]     # the new pane, in one batch
+    # An explicit target: run from inside tmux, the batch's current pane after a
+    # detached new-session is the caller's own (the lead's), not the new one.
+    new = [] if beside else ["-t", "=%s:" % fleet["session"]]
+    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n) + [      # tagged in the same batch
+        ";", "set-option", "-p"] + new + ["@orch_worker", pane_tag(fleet, n)]
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
     # remain-on-exit in the same batch as the window's birth: a pane whose
     # agent dies at once still keeps its last screen.
-    argv += [";", "set-option", "-w", "remain-on-exit", "on"]
+    argv += [";", "set-option", "-w"] + new + ["remain-on-exit", "on"]
     if fleet["session"] in live_sessions():
         return tmux("new-window", "-t", "=%s:" % fleet["session"], *argv).split()[0]
     # The session carries its ORCH_HOME: a fleet of the same name in another

@@ -1822,10 +1822,16 @@ CLAUDE_VERSION = "2.1.331"          # pinned: the screens orch knows were read o
 
 class MockAnthropic(http.server.BaseHTTPRequestHandler):
     """A scripted Anthropic Messages API (SSE). The prompt's directive lines are
-    played one per model turn: `WRITE <path> <text>` -> a Write tool call,
-    `BASH <command>` -> a Bash tool call; then a closing text. Requests without
-    tools are side queries (session title, the auto-mode classifier)."""
+    played one per model turn: `WRITE <path> <text>` -> Write, `BASH <command>`
+    -> Bash, `READ <path>` -> Read, `SKILL <name>` -> Skill; then a closing
+    text. The script is the last user message that holds directive lines (a
+    loaded skill arrives as one more user message). server.calls and
+    server.results map a tool_use id to the call made and to the tool_result
+    the CLI sent back; server.finished is set once the closing text went out.
+    Requests without tools are side queries (session title, the auto-mode
+    classifier)."""
     protocol_version = "HTTP/1.1"
+    WORDS = ("WRITE", "BASH", "READ", "SKILL")
 
     def log_message(self, *args):
         pass
@@ -1867,26 +1873,45 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
             blocked = "security monitor" in json.dumps(body.get("system", ""))
             return [{"type": "text", "text": "<block>no</block>" if blocked else "Mock"}], "end_turn"
         msgs = body.get("messages", [])
-        start, prompt = 0, ""
+        start, steps = None, []
         for i, m in enumerate(msgs):
             parts = m.get("content")
             parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts or []
+            for p in parts:
+                if p.get("type") == "tool_result":
+                    self.server.results.setdefault(p["tool_use_id"], p)
             text = "\n".join(re.sub(r"<system-reminder>.*?</system-reminder>", "", p.get("text", ""),
-                                    flags=re.S) for p in parts if p.get("type") == "text").strip()
-            if m.get("role") == "user" and text and not any(p.get("type") == "tool_result" for p in parts):
-                start, prompt = i, text
-        steps = [line.split(" ", 1) for line in prompt.splitlines() if line.split(" ")[0] in ("WRITE", "BASH")]
-        turn = sum(m.get("role") == "assistant" for m in msgs[start:])
-        if turn >= len(steps):
+                                    flags=re.S) for p in parts if p.get("type") == "text")
+            lines = [line.split(" ", 1) for line in text.splitlines() if line.split(" ")[0] in self.WORDS]
+            if m.get("role") == "user" and lines:
+                start, steps = i, lines
+        turn = sum(m.get("role") == "assistant" for m in msgs[start or 0:])
+        if start is None or turn >= len(steps):
+            self.server.finished = start is not None
             return [{"type": "text", "text": "Mock done."}], "end_turn"
         word, arg = steps[turn]
         if word == "WRITE":
             path, _, text = arg.partition(" ")
             call = {"name": "Write", "input": {"file_path": path, "content": text + "\n"}}
+        elif word == "READ":
+            call = {"name": "Read", "input": {"file_path": arg}}
+        elif word == "SKILL":
+            call = {"name": "Skill", "input": {"skill": arg}}
         else:
             call = {"name": "Bash", "input": {"command": arg, "description": "mock step"}}
         call.update(type="tool_use", id="toolu_%d_%d" % (len(msgs), turn))
+        self.server.calls.setdefault(call["id"], call)          # a retried request asks again
         return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use"
+
+
+def mock_api(handler=MockAnthropic):
+    """A mock Messages API on a free port, serving from a thread; shutdown()
+    and server_close() end it."""
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    api.requests, api.calls, api.results, api.finished = [], {}, {}, False
+    api.daemon_threads = True
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    return api
 
 
 def claude_bin(version):
@@ -1945,10 +1970,7 @@ class RealClaude(OrchCase):
     @classmethod
     def setUpClass(cls):
         cls.bin = claude_bin(CLAUDE_VERSION)
-        cls.api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockAnthropic)
-        cls.api.requests = []
-        cls.api.daemon_threads = True
-        threading.Thread(target=cls.api.serve_forever, daemon=True).start()
+        cls.api = mock_api()
 
     @classmethod
     def tearDownClass(cls):
@@ -1996,6 +2018,249 @@ class RealClaude(OrchCase):
         fleet = json.loads(sb.text(sb.run("real", "fleet.json")))
         for w in fleet["workers"]:                   # the transcript is where the id says
             self.assertTrue(glob.glob(os.path.join(config, "projects", "*", w["session_id"] + ".jsonl")))
+
+
+
+# The project the lead works in and has audited: one marker in each file some
+# worker's share holds (W1's brief scopes it to auth/; W2 and W3 take every
+# third file, sorted, from the 2nd and the 3rd on), so each is found once.
+LEAD_REPO = {
+    "api/limits.py": "RATE = 100\n\n\ndef limit(request):\n    return RATE\n",
+    "api/routes.py": "ROUTES = {}\n\n\ndef login(request):\n    # TODO: no rate limit on /login\n    return 200\n",
+    "api/users.py": "def export(request):\n    # FIXME: the export endpoint is not rate limited\n    return []\n",
+    "auth/login.py": "def login(request):\n    target = request.args['next']\n"
+                     "    # XXX: the next= redirect target is not validated\n    return redirect(target)\n",
+    "jobs/backup.py": "import os\n\n\ndef nightly():\n    os.system('sudo backup')  # HACK: runs as root\n",
+    "jobs/cleanup.py": "import shutil\n\n\ndef clean(tmp):\n    # TODO: drop privileges before cleaning\n"
+                       "    shutil.rmtree(tmp)\n",
+}
+# The orch commands of SKILL.md's sh blocks a lead plays from spawn to kill
+# (nudge needs a worker that drifts), in SKILL.md's order.
+LEAD_STEPS = ["spawn", "brief", "brief", "brief", "send", "wait", "status", "read", "bus", "verify", "report",
+              "kill"]
+# What asks on the lead's screen: a permission prompt ("Do you want to
+# proceed?", "Allow this read outside the working directories?", both ending
+# "Esc to cancel · Tab to amend"), a notice ("Enter to continue"), any menu.
+LEAD_ASKS = re.compile(r"Do you want to|Esc to cancel|Enter to continue|Tab to amend|requires approval|"
+                       r"^\s*❯ \d+\. ", re.M)
+
+
+@unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
+class RealLead(OrchCase):
+    """The real Claude Code as the lead, offline: the skill and its orch.py put
+    in place by `orch install`, doctor's rules in the project's settings, and a
+    model that plays SKILL.md's commands literally with a sim fleet, in the
+    permission modes `default` (shown as "manual") and `auto` (2.1.331's
+    default). Nothing asks and no tool fails; without the rules the same run
+    is asked. ORCH_CLAUDE_VERSION (default the pinned one) picks the CLI."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bin = claude_bin(os.environ.get("ORCH_CLAUDE_VERSION") or CLAUDE_VERSION)
+        out = subprocess.run([os.path.join(cls.bin, "claude"), "--version"], stdout=subprocess.PIPE,
+                             universal_newlines=True, check=True).stdout
+        cls.version = out.split()[0]
+
+    def setUp(self):
+        OrchCase.setUp(self)
+        self.api = mock_api()
+        self.addCleanup(self.api.server_close)
+        self.addCleanup(self.api.shutdown)
+        self.home = os.path.join(self.sb.root, "user")
+        self.skill_dir = os.path.join(self.home, ".claude", "skills", "orch")
+
+    def screen(self):
+        return self.sb.tmux("-u", "capture-pane", "-p", "-t", "=lead:").stdout.decode("utf-8", "replace")
+
+    def asking(self):
+        """The lead's screen if it asks something, else None."""
+        screen = self.screen()
+        return screen if LEAD_ASKS.search(screen) else None
+
+    def failed(self, script):
+        """Fail the test at the first step whose tool result is an error."""
+        for step, call in zip(script, list(self.api.calls.values())):
+            res = self.api.results.get(call["id"], {})
+            if res.get("is_error"):
+                self.fail("%s -> %s" % (step, json.dumps(res.get("content"), ensure_ascii=False)))
+
+    def classified(self):
+        """The requests to auto mode's safety check."""
+        return [b for b in self.api.requests if "security monitor" in json.dumps(b.get("system", ""))]
+
+    def start_lead(self, mode, leave_out=()):
+        """orch installed with `orch install`, doctor's rules (but those that
+        start with a word in leave_out) in the project's .claude/settings.json,
+        the real claude as the lead in pane `lead` of the test's tmux server,
+        and one prompt: SKILL.md's commands for a sim fleet on the project.
+        Returns (script, {BASH step: its line in SKILL.md as Claude Code shows
+        it, the skill's folder filled in})."""
+        sb = self.sb
+        home, skill_dir, project = self.home, self.skill_dir, sb.workdir("project", LEAD_REPO)
+        key = "sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop"
+        write_tree(home, {".claude.json": json.dumps({   # no onboarding, trust, key or auto-mode notice
+            "hasCompletedOnboarding": True, "lastOnboardingVersion": self.version, "theme": "dark",
+            "projects": {project: {"hasTrustDialogAccepted": True, "allowedTools": []}},
+            "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+            "hasSeenAutoDefaultNotice": True, "hasSeenAutoDefaultNudge": True,
+            "autoModeClassifierBillingNoticeAcknowledgedAt": 4102444800000}),
+            ".claude/settings.json": '{"theme": "dark"}\n'})
+        sb.env.update(HOME=home, PATH=self.bin + os.pathsep + sb.env["PATH"], DISABLE_AUTOUPDATER="1",
+                      CLAUDE_CODE_DISABLE_ALTERNATE_SCREEN="1", ANTHROPIC_API_KEY=key,
+                      ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1])
+        for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_AUTH_TOKEN"):
+            sb.env.pop(var, None)
+        orch = os.path.join(skill_dir, "orch.py")
+        self.assertIn("installed %s" % orch, self.ok("install").out)
+        r = subprocess.run([sys.executable, orch, "doctor", "--agent", "sim"], env=sb.env, cwd=project,
+                           stdout=subprocess.PIPE, universal_newlines=True, timeout=60)   # as SKILL.md runs it
+        self.assertEqual(r.returncode, 0, r.stdout)
+        self.assertIn("ok   skill        %s" % os.path.join(skill_dir, "SKILL.md"), r.stdout)
+        allow = [json.loads(line) for line in r.stdout.split("permissions.allow):\n", 1)[1].splitlines()]
+        allow = [rule for rule in allow if not rule.startswith(tuple(leave_out))]
+        write_tree(project, {".claude/settings.json": json.dumps({"permissions": {"allow": allow}})})
+        blocks = re.findall(r"```sh\n(.*?)```", sb.text(os.path.join(skill_dir, "SKILL.md")), re.S)
+        lines = [line.replace("${CLAUDE_SKILL_DIR}", skill_dir) for block in blocks
+                 for line in block.splitlines() if line.split()[2:3] != ["nudge"]]
+        self.assertEqual([line.split()[2] for line in lines], LEAD_STEPS, lines)
+        self.assertTrue(all(line.startswith("python3 %s " % orch) for line in lines), lines)
+        script, literal = ["SKILL orch"], {}
+        for line in lines:
+            cmd = line.replace("/path/to/repo", project + " --agent sim").replace("/home/me/.orch", sb.home)
+            if " send " in cmd:              # each brief is read, then delivered by its absolute path
+                script += ["READ " + sb.shared("audit", "agent-%d.task.md" % n) for n in (1, 2, 3)]
+                sends = [cmd.replace("audit 1", "audit %d" % n).replace("agent-1", "agent-%d" % n) for n in (1, 2, 3)]
+                literal.update(("BASH " + send, line) for send in sends)
+                script += ["BASH " + send for send in sends]
+                continue
+            if " report " in cmd:            # the matrix first, as step 6 says
+                script.append("READ " + sb.shared("audit", "matrix.md"))
+            literal["BASH " + cmd] = line
+            script.append("BASH " + cmd)
+        sb.tmux("new-session", "-d", "-s", "lead", "-x", "200", "-y", "50", "-c", project,
+                os.path.join(self.bin, "claude"), "--permission-mode", mode)
+        footer = {"default": "manual mode on", "auto": "auto mode on"}[mode]
+        wait_for(lambda: footer in self.screen(), 30, 0.1, "the lead idle in %s mode" % mode)
+        self.assertIsNone(LEAD_ASKS.search(self.screen()), self.screen())
+        prompt = "Audit this project with the orch skill, step by step:\n%s\n" % "\n".join(script)
+        subprocess.run([REAL_TMUX, "load-buffer", "-b", "prompt", "-"], input=prompt.encode(), env=sb.env,
+                       check=True)
+        sb.tmux("paste-buffer", "-p", "-d", "-b", "prompt", "-t", "=lead:")   # a bracketed paste
+        wait_for(lambda: "Pasted text" in self.screen(), 10, 0.05, "the pasted prompt")
+        sent = json.dumps(prompt.strip(), ensure_ascii=False)[1:-1]
+        for attempt in (1, 2, 3):            # Enter on its own; again if it came too soon
+            sb.tmux("send-keys", "-t", "=lead:", "Enter")
+            try:
+                wait_for(lambda: any(sent in json.dumps(b, ensure_ascii=False) for b in self.api.requests), 10)
+                return script, literal
+            except AssertionError:
+                if attempt == 3:
+                    raise AssertionError("the prompt never reached the model:\n" + self.screen())
+
+    def play(self, mode):
+        """SKILL.md from spawn to kill: nothing asks, no tool fails, the report
+        holds every finding."""
+        sb = self.sb
+        (script, literal), t0 = self.start_lead(mode), time.monotonic()
+
+        def finished():
+            screen = self.asking()
+            if screen:
+                self.fail("the lead was asked at %r:\n%s" % (script[len(self.api.calls) - 1], screen))
+            self.failed(script)
+            return self.api.finished and "Mock done." in self.screen()
+        wait_for(finished, 180, 0.2, "the lead through SKILL.md's %d steps" % len(script))
+        took = time.monotonic() - t0
+        tools = {"SKILL": "Skill", "READ": "Read", "BASH": "Bash"}
+        calls = list(self.api.calls.values())
+        self.assertEqual([c["name"] for c in calls], [tools[step.split(" ")[0]] for step in script])
+        out = {}                             # step -> what the tool gave the model
+        for step, call in zip(script, calls):
+            self.assertIn(call["id"], self.api.results, "no tool result for " + step)
+            res = self.api.results[call["id"]]
+            content = res.get("content")
+            out[step] = content if isinstance(content, str) else "\n".join(
+                p.get("text", "") for p in content or [] if p.get("type") == "text")
+            self.assertFalse(res.get("is_error"), "%s -> %s" % (step, out[step]))
+        self.assertEqual(len(self.classified()), 0, "steps no rule covers went to auto mode's safety check")
+        # the skill as the model got it: each command played is one of its lines, the folder filled in
+        body = next((p["text"] for b in self.api.requests for m in b.get("messages", []) if m["role"] == "user"
+                     for p in (m["content"] if isinstance(m["content"], list) else [])
+                     if p.get("type") == "text" and "# orch: lead a fleet of workers" in p.get("text", "")), "")
+        self.assertIn("Base directory for this skill: %s" % self.skill_dir, body)
+        for step, line in literal.items():
+            self.assertIn(line, body, step)
+        for n in (1, 2, 3):
+            self.assertIn("# Worker %d of 3" % n, out["READ " + sb.shared("audit", "agent-%d.task.md" % n)])
+        # every planted marker found and confirmed, and in the matrix and report the lead read
+        matrix = json.loads(sb.text(sb.run("audit", "matrix.json")))
+        planted = {(rel, i) for rel, text in LEAD_REPO.items()
+                   for i, line in enumerate(text.splitlines(), 1) if re.search(r"\b(TODO|FIXME|HACK|XXX)\b", line)}
+        self.assertEqual({(f["path"], f["line"]) for f in matrix["findings"]}, planted)
+        report = next(text for step, text in out.items() if step.endswith(" report audit"))
+        for f in matrix["findings"]:
+            self.assertEqual(f["final"], "CONFIRMED", f)
+            row = ("W%d.F%d" % (f["worker"], f["k"]), "%s:%d" % (f["path"], f["line"]), f["claim"], "CONFIRMED")
+            for text in (report, out["READ " + sb.shared("audit", "matrix.md")],
+                         sb.text(sb.shared("audit", "report.md"))):
+                self.assertTrue([line for line in text.splitlines() if all(x in line for x in row)], (row, text))
+            self.assertIn(f["quote"], report)
+        self.assertFalse(sb.has_session("audit"))                    # killed, on the lead's own server,
+        self.assertEqual(sb.tmux("has-session", "-t", "=lead").returncode, 0)   # the lead still there
+        sys.stderr.write("[claude %s, %s mode: %d steps in %.1fs] " % (self.version, mode, len(script), took))
+
+    def asked(self, mode, leave_out, at):
+        """The same run with some of doctor's rules left out: the lead is asked
+        at the step that starts with `at`; returns the screen."""
+        script, _ = self.start_lead(mode, leave_out)
+        screen = wait_for(lambda: self.failed(script) or self.asking(), 60, 0.2,
+                          "a question without the %s rules" % "/".join(leave_out))
+        self.assertTrue(script[len(self.api.calls) - 1].startswith(at), (script[len(self.api.calls) - 1], screen))
+        return screen
+
+    def test_default_mode_follows_the_playbook_unasked(self):
+        self.play("default")
+
+    def test_auto_mode_follows_the_playbook_unasked(self):
+        self.play("auto")
+
+    def test_without_doctors_rules_default_mode_asks_at_the_first_command(self):
+        screen = self.asked("default", ("Bash", "Read"), "BASH python3 %s spawn " % os.path.join(
+            self.skill_dir, "orch.py"))
+        self.assertIn("Do you want to proceed?", screen)
+        self.assertRegex(screen, r"don.t ask again for: python3 \*")      # what SKILL.md says to decline
+
+    def test_without_the_read_rule_default_mode_asks_to_read_a_brief(self):
+        screen = self.asked("default", ("Read",), "READ " + self.sb.shared("audit", "agent-1.task.md"))
+        self.assertIn("Do you want to proceed?", screen)
+
+    def test_without_doctors_rules_auto_mode_asks_to_read_a_brief(self):
+        screen = self.asked("auto", ("Bash", "Read"), "READ " + self.sb.shared("audit", "agent-1.task.md"))
+        self.assertIn("Allow this read outside the working directories?", screen)
+        self.assertTrue(self.classified(), "the orch commands before it went to no safety check")
+
+
+class LeadInTmux(OrchCase):
+    """A lead that is itself in a tmux pane (TMUX set, as for any Claude Code
+    run inside tmux): orch's tmux calls reach the lead's server, the fleet
+    comes up there, and the lead's own pane is left alone."""
+
+    def test_spawn_from_a_pane_on_the_same_server(self):
+        sb = self.sb
+        wd = sb.workdir("wörk-in", {"a.py": "# TODO: one\n", "b.py": "# FIXME: two\n"})
+        rc = os.path.join(sb.root, "rc")
+        spawn = " ".join(shlex.quote(a) for a in (sys.executable, ORCH_PY, "spawn", "in", "2", wd,
+                                                  "--agent", SIM, "--timeout", "20"))
+        sb.tmux("new-session", "-d", "-s", "lead", "-x", "200", "-y", "50",
+                "%s; echo $? > %s; exec sleep 600" % (spawn, shlex.quote(rc)))
+        wait_for(lambda: os.path.exists(rc) and sb.text(rc).strip(), 40, 0.1, "spawn run in the lead's pane")
+        screen = sb.tmux("capture-pane", "-p", "-t", "=lead:").stdout.decode("utf-8", "replace")
+        self.assertEqual(sb.text(rc).strip(), "0", screen)
+        self.assertEqual(self.states("in"), ["idle", "idle"])
+        r = sb.tmux("list-panes", "-t", "=lead:", "-F", "[#{@orch_worker}] #{remain-on-exit}")
+        self.assertEqual(r.stdout.decode().split(), ["[]", "off"])      # not tagged as a worker
+        self.ok("kill", "in")
+        self.assertEqual(sb.tmux("has-session", "-t", "=lead").returncode, 0)
 
 
 # =============================================================================
