@@ -2396,8 +2396,8 @@ class Truth(OrchCase):
         w = self.sb.start("wait", "neu", "--interval", "0.2", "--timeout", "30")
         wait_for(lambda: w.lines, 10, what="wait's first line")
         self.spawn("neu", 1, wd, SIM, "--force")
-        r = w.finish(20)
-        self.assertEqual(r.code, 4, r)
+        r = w.finish(20)                # exit 4: its workers' panes are gone; 1: it saw no session at all
+        self.assertIn(r.code, (1, 4), r)
 
     def test_a_worker_running_orch_can_respawn_and_kill_its_own_fleet(self):
         self.spawn("selbst", 2)
@@ -3769,37 +3769,38 @@ class AgentEntry(OrchCase):
         self.assertIn("pip install fakecli", run("doctor", "--agent", "fakecli").out)
         run("kill", "fake")
 
-# Seconds each class takes here, to split the suite in two even halves that
-# run side by side (the tests mostly wait on tmux and the agents, so two
-# processes on 2 cores take about half the time). The classes that read the
-# shared demo runs stay in one half, so the demos run once.
-COST = {"Harness": 17, "States": 17, "Security": 14, "Verification": 13, "Python38": 7, "Hostile": 30,
-        "Adversaries": 15, "Concurrency": 11, "Faults": 8, "Bus": 6, "Briefs": 5, "BadInput": 3, "Docs": 9,
-        "Truth": 25}
+# Seconds each class takes here, to split the suite in PARTS even parts that
+# run side by side (the tests mostly wait on tmux and the agents, so three
+# processes keep 2 cores busy). The classes that read the shared demo runs
+# stay in one part, so the demos run once.
+COST = {"Hostile": 34, "Truth": 21, "Harness": 20, "States": 18, "Adversaries": 16, "Verification": 13,
+        "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
+        "AgentEntry": 3, "BadInput": 3}
+PARTS = 3
 TOGETHER = ("Verification", "Security", "Python38")
 
 
-def run_in_two_halves():
+def run_in_parts():
     classes = [name for name, obj in globals().items() if isinstance(obj, type)
                and issubclass(obj, OrchCase) and obj is not OrchCase]
-    halves = [list(TOGETHER), []]
+    parts = [list(TOGETHER)] + [[] for _ in range(PARTS - 1)]
     for name in sorted((c for c in classes if c not in TOGETHER), key=lambda c: -COST.get(c, 2)):
-        weight = [sum(COST.get(c, 2) for c in half) for half in halves]
-        halves[weight.index(min(weight))].append(name)
+        weight = [sum(COST.get(c, 2) for c in part) for part in parts]
+        parts[weight.index(min(weight))].append(name)
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__)] + half, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for half in halves]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__)] + part, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for part in parts]
     outs = [p.communicate()[0].decode("utf-8", "replace") for p in procs]
-    for half, out in zip(halves, outs):
-        sys.stdout.write("=== %s\n%s\n" % (" ".join(half), out))
+    for part, out in zip(parts, outs):
+        sys.stdout.write("=== %s\n%s\n" % (" ".join(part), out))
     failed = [p.returncode for p in procs if p.returncode]
     ran = sum(int(m) for out in outs for m in re.findall(r"^Ran (\d+) tests?", out, re.M))
-    print("all: %d tests in two halves side by side, %.1fs: %s" % (
-        ran, time.monotonic() - t0, "FAILED" if failed else "OK"))
+    print("all: %d tests in %d parts side by side, %.1fs: %s" % (
+        ran, PARTS, time.monotonic() - t0, "FAILED" if failed else "OK"))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 1:
-        sys.exit(run_in_two_halves())
+        sys.exit(run_in_parts())
     unittest.main()
