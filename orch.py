@@ -2038,6 +2038,7 @@ def cmd_kill(a):
             if session_of(name) not in live or session_home(session_of(name)) != orch_home():
                 raise
             tmux("kill-session", "-t", "=" + session_of(name))
+            end_processes({"name": name})
             print("%s: killed %s; its fleet.json is damaged, so no scrollback was saved"
                   % (name, session_of(name)))
             continue

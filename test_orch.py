@@ -2410,15 +2410,19 @@ class Truth(OrchCase):
         if not os.path.isdir("/proc"):
             self.skipTest("needs /proc")
         self.fake("daemonic", (0, "codex-idle"), daemon=True)
-        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in self.fleet_pids("rest")])
-        self.spawn("rest", 2, None, "daemonic")
+        for name in ("rest", "kaputt"):
+            self.addCleanup(lambda name=name: [os.kill(pid, signal.SIGKILL) for pid in self.fleet_pids(name)])
+            self.spawn(name, 2, None, "daemonic")
         wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="two agents and their daemons")
         before = set(self.fleet_pids("rest"))
         self.ok("respawn", "rest", 1)
         wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="the new agent and its daemon")
         self.assertEqual(len(before & set(self.fleet_pids("rest"))), 2)      # W2's two, not W1's
-        self.ok("kill", "rest")
-        self.assertEqual(self.fleet_pids("rest"), [])
+        with open(self.sb.run("kaputt", "fleet.json"), "w") as f:
+            f.write("{kaputt")
+        for name in ("rest", "kaputt"):
+            self.ok("kill", name)
+            self.assertEqual(self.fleet_pids(name), [])
 
 
 class Faults(OrchCase):
@@ -3773,7 +3777,7 @@ class AgentEntry(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so three
 # processes keep 2 cores busy). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 34, "Truth": 21, "Harness": 20, "States": 18, "Adversaries": 16, "Verification": 13,
+COST = {"Hostile": 34, "Truth": 26, "Harness": 20, "States": 18, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
         "AgentEntry": 3, "BadInput": 3}
 PARTS = 3
