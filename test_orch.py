@@ -1709,6 +1709,18 @@ class Docs(OrchCase):
         for f in found:
             self.assertIn("%s | %s:%d" % (f["id"], f["path"], f["line"]), report)
 
+    def test_readme_shows_the_rules_doctor_prints(self):
+        home = os.path.join(self.sb.root, "me")
+        env = dict(self.sb.env, HOME=home, ORCH_HOME=os.path.join(home, ".orch"))
+        env.pop("CLAUDE_CONFIG_DIR", None)
+        r = self.sb.orch("doctor", "--agent", "sim", env=env)
+        printed = {json.loads(line) for line in r.out.split("permissions.allow):\n", 1)[1].splitlines()}
+        readme = self.sb.text(os.path.join(HERE, "README.md"))
+        block = re.search(r"```\n(\"Bash\(orch:\*\)\".*?)```", readme, re.S).group(1)
+        shown = {json.loads(line.replace("/abs/path/to/orch.py", ORCH_PY).replace("/home/me", home))
+                 for line in block.splitlines()}
+        self.assertEqual(shown, printed)
+
     def test_skill_front_matter(self):
         text = self.sb.text(os.path.join(HERE, "SKILL.md"))
         head = text.split("---")[1]
