@@ -74,6 +74,10 @@ import threading
 import time
 import tty
 import uuid
+try:
+    import zoneinfo             # Python 3.9+: a limit's reset time in a named zone
+except ImportError:
+    zoneinfo = None
 
 
 # --- constants and agents ------------------------------------------------------
@@ -778,10 +782,42 @@ def worker_row(w, info, seen, now, stall, done):
     seen["booted"] = seen.get("booted") or shows in BOOTED
     if shows in ("idle", "busy") and quiet >= stall:
         shows = "stalled"
+    if shows == "limited":              # when it was first seen: "try again in 5 minutes"
+        seen.setdefault("resets", reset_time(plain, now))
+    else:
+        seen.pop("resets", None)
     lines = [ln for ln in plain.split("\n") if ln.strip()]
     return {"n": w["n"], "pane": w["pane"], "state": "done" if done else shows, "shows": shows,
             "done": done, "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
-            "screen": plain, "digest": digest}
+            "screen": plain, "digest": digest, "resets": seen.get("resets")}
+
+
+AGAIN_RE = re.compile(r"(?i)try again in ((?:\d{1,4} ?(?:day|hour|minute|second|[dhms]\b)\w*[ ,.]*(?:and )?)+)")
+CLOCK_RE = re.compile(r"(?i)\breset(?:s| at)? (?:at )?(\d{1,2})(?::(\d\d))? ?([ap]m)\b(?: \(([\w/+-]{1,40})\))?")
+
+
+def reset_time(screen, now):
+    """When a usage limit on `screen` resets, in epoch seconds, or None when
+    it does not say in a form orch can read ("try again in 4 days 6 hours",
+    "resets 7pm (UTC)", "reset at 9:30am (America/Chicago)"): never guessed."""
+    m = AGAIN_RE.search(screen)
+    if m:
+        unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+        return now + sum(int(k) * unit[u[0].lower()] for k, u in re.findall(r"(\d+) ?([a-zA-Z])", m.group(1)))
+    m = CLOCK_RE.search(screen)
+    if not m:
+        return None
+    zone = m.group(4) or ""             # none: the local time zone
+    try:
+        tz = datetime.timezone.utc if zone.upper() == "UTC" else zoneinfo.ZoneInfo(zone) if zone else None
+    except (AttributeError, KeyError, ValueError):     # no zoneinfo (3.8), an unknown zone
+        return None
+    at = datetime.datetime.fromtimestamp(now, tz).replace(
+        hour=int(m.group(1)) % 12 + (12 if m.group(3).lower() == "pm" else 0), minute=int(m.group(2) or 0),
+        second=0, microsecond=0)
+    if at.timestamp() <= now:           # a clock time already past today: tomorrow's
+        at += datetime.timedelta(days=1)
+    return at.timestamp()
 
 
 def poll(fleet, stall=STALL, flags=None):
@@ -842,9 +878,10 @@ def rows_by_n(fleet):
     return {r["n"]: r for r in poll(fleet)}
 
 
-def ready_targets(fleet, ns, clear):
+def ready_targets(fleet, ns, clear, limited=False):
     """Phase 1 of delivery: wait out booting (never type into a booting
-    agent), clear drafts if asked; returns (rows, targets, {n: refusal})."""
+    agent), clear drafts if asked; a limited worker is a target only when
+    `limited` (its limit has reset); returns (rows, targets, {n: refusal})."""
     deadline = time.time() + BOOT_WAIT
     rows = rows_by_n(fleet)
     while any(rows[n]["shows"] == "booting" for n in ns) and time.time() < deadline:
@@ -858,10 +895,11 @@ def ready_targets(fleet, ns, clear):
             tmux("send-keys", "-t", rows[n]["pane"], *CLEAR_KEYS)
             time.sleep(0.1)
             rows[n] = rows_by_n(fleet)[n]
-        if rows[n]["shows"] in BOOTED and rows[n]["shows"] != "draft":
+        shows = rows[n]["shows"]
+        if shows in BOOTED and shows != "draft" or limited and shows == "limited":
             targets.append(n)
         else:
-            failed[n] = refusal(fleet, n, rows[n]["shows"])
+            failed[n] = refusal(fleet, n, shows)
     return rows, targets, failed
 
 
@@ -904,13 +942,13 @@ def submit(fleet, rows, targets, text):
     return pending, rows, {n: e[0] for n, e in enters.items()}
 
 
-def deliver(fleet, messages, clear=False):
+def deliver(fleet, messages, clear=False, limited=False):
     """Paste each worker's message ({n: text}) into its input box and submit them
     all at once, confirmed from the screen; returns {n: error} for the ones not reached."""
     messages = {n: clean_text(text) for n, text in messages.items()}
     if not all(text.strip() for text in messages.values()):
         raise OrchError("nothing to send: the message is empty", 2)
-    rows, targets, failed = ready_targets(fleet, sorted(messages), clear)
+    rows, targets, failed = ready_targets(fleet, sorted(messages), clear, limited)
     for text in sorted({messages[n] for n in targets}):       # one paste per distinct text
         paste([rows[n]["pane"] for n in targets if messages[n] == text], text)
     pending, rows, enters = submit(fleet, rows, targets, max(messages.values(), key=len))
@@ -1042,6 +1080,10 @@ def started(fleet, waiting, timeout):
     return line
 
 
+RESUME = ("Your usage limit has reset. Retry the exact step you were on when the limit stopped you; "
+          "do not work around it.")
+
+
 def watch(fleet, flags, timeout, interval, stall, nudge, emit):
     """Poll until every worker in `flags` ({n: done-flag path}) has its flag.
     Returns 0 all done, 3 timed out, 4 a worker exited without its flag."""
@@ -1053,12 +1095,16 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
             if last.get(r["n"]) != r["state"]:
                 emit(r, last.get(r["n"]))
                 last[r["n"]] = r["state"]
-            if r["state"] != "stalled":
+            if r["state"] not in ("stalled", "limited"):
                 nudged.discard(r["n"])
-            elif nudge and r["n"] not in nudged:     # at most once per stall
+            elif nudge and r["n"] not in nudged and r["state"] == "stalled":     # once per stall
                 nudged.add(r["n"])
                 deliver(fleet, {r["n"]: nudge(r["n"])}, clear=True)
                 log_event(fleet, "nudge", worker=r["n"], why="stalled")
+            elif nudge and r["n"] not in nudged and time.time() >= (r["resets"] or float("inf")):
+                nudged.add(r["n"])              # a limit that has reset, once; never before
+                deliver(fleet, {r["n"]: RESUME}, clear=True, limited=True)
+                log_event(fleet, "resume", worker=r["n"])
         if all(r["state"] == "done" for r in rows):
             return 0
         if any(r["state"] == "exited" for r in rows):
@@ -1072,7 +1118,7 @@ def change_line(r, was, json_mode=False):
     """wait's line for a worker whose state changed."""
     if json_mode:
         return json_text({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
-                          "last": r["last"]})
+                          "last": r["last"], "resets": r["resets"]})
     return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
                                   "  | " + defang(r["last"][:80]) if r["last"] else "")
 
@@ -1864,17 +1910,18 @@ def cmd_status(a):
     for note in fleet.pop("notes", []):
         print("orch: note: %s" % note, file=sys.stderr)
     if a.json:
-        keep = ("n", "pane", "state", "done", "quiet", "last")
+        keep = ("n", "pane", "state", "done", "quiet", "last", "resets")
         print(json_text({"fleet": fleet["name"], "session": fleet["session"], "live": live,
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet),
-                         "workers": [{k: r[k] for k in keep} for r in rows], "bus": bus}, 2))
+                         "workers": [{k: r.get(k) for k in keep} for r in rows], "bus": bus}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
     for r in rows:
         quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
-        print("  W%-3d %-5s %-10s %-4s %6s  %s" % (r["n"], r["pane"] or "-", r["state"],
-              "done" if r["done"] else "-", quiet, defang(r["last"][:100])))
+        resets = time.strftime("resets %H:%M | ", time.localtime(r["resets"])) if r.get("resets") else ""
+        print("  W%-3d %-5s %-10s %-4s %6s  %s%s" % (r["n"], r["pane"] or "-", r["state"],
+              "done" if r["done"] else "-", quiet, resets, defang(r["last"][:100])))
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)

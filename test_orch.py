@@ -829,7 +829,7 @@ class States(OrchCase):
         panes = [p for p, _, _ in self.sb.panes("js")]
         self.assertEqual(len(st["workers"]), 2)
         for i, w in enumerate(st["workers"]):
-            self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last"})
+            self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last", "resets"})
             self.assertEqual(w["n"], i + 1)
             self.assertEqual(w["pane"], panes[i])
             self.assertEqual(w["state"], "idle")
@@ -859,7 +859,7 @@ class States(OrchCase):
         self.assertGreaterEqual(len(changes), 2, r.out)
         was = None
         for rec in changes:
-            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last"}, rec)
+            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last", "resets"}, rec)
             self.assertIsNotNone(datetime.datetime.fromisoformat(rec["t"]).tzinfo)
             self.assertEqual(rec["worker"], 1)
             self.assertEqual(rec["was"], was, r.out)
@@ -2312,8 +2312,9 @@ def bad_reads(reads):
 
 # A fake agent for the tests of what orch says is ready: shows the screens listed
 # in <name>.screens one after another (the first at once, each next `gap`
-# seconds later), logs every byte it is sent to <name>.typed, and, with a
-# `daemon` line, leaves a detached child behind that ignores hangup and SIGTERM.
+# seconds later), echoes every byte it is sent and logs it to <name>.typed,
+# and, with a `daemon` line, leaves a detached child behind that ignores
+# hangup and SIGTERM.
 FAKE_SCREENS = r"""#!%s
 import os, select, subprocess, sys, time
 base = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.basename(sys.argv[0]))
@@ -2329,8 +2330,10 @@ for i, (gap, path) in enumerate(screens):
     os.write(1, b"\x1b[H\x1b[2J" + open(path, "rb").read().rstrip(b"\n"))
 while True:
     if select.select([0], [], [], 3600)[0]:
+        data = os.read(0, 65536)
+        os.write(1, data)                       # echoed, as a terminal would
         with open(base + ".typed", "ab") as f:
-            f.write(os.read(0, 65536))
+            f.write(data)
 """
 
 
@@ -2363,11 +2366,11 @@ class Truth(OrchCase):
     def test_a_dialog_a_moment_after_idle_is_not_ready(self):
         typed = self.fake("codex", (0, "codex-idle"), (1, "codex-login-chooser"))
         wd = self.sb.workdir("wörk-spaet")
-        r = self.sb.orch("spawn", "spaet", 1, wd, "--agent", "codex", "--timeout", "4")
+        r = self.sb.orch("spawn", "spaet", 1, wd, "--agent", "codex", "--timeout", "3")
         self.assertEqual(r.code, 1, r)
         self.assertIn("W1 dialog", r.err)
         self.ok("brief", "spaet", 1, "--goal", "the files carry TODO markers")
-        r = self.sb.orch("respawn", "spaet", 1, "--timeout", "3")
+        r = self.sb.orch("respawn", "spaet", 1, "--timeout", "2")
         self.assertNotEqual(r.code, 0, r)
         self.assertNotIn("delivered", r.out)
         self.assertIn("dialog", r.err)
@@ -2383,6 +2386,27 @@ class Truth(OrchCase):
         r = self.sb.orch("send", "fremd", "1", "hello")
         self.assert_one_error_line(r, 1, "does not recognise")
         self.assertFalse(os.path.exists(typed) and open(typed, "rb").read().strip(), "typed into the unknown")
+
+    def test_a_limited_worker_is_resumed_after_its_reset_and_never_before(self):
+        limit = os.path.join(self.sb.root, "limit.ansi.txt")
+        with open(limit, "w") as f:         # Codex's words, a reset a few seconds ahead
+            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro, or try again in 3 seconds.\n\n"
+                    "\u203a Ask Codex to do anything\n\n  ? for shortcuts\n")
+        typed = self.fake("codex", (0, "codex-idle"), (2.5, limit))
+        self.spawn("grenze", 1, None, "codex")
+        wait_for(lambda: self.states("grenze") == ["limited"], 10, what="the usage-limit screen")
+        resets = self.status("grenze")["workers"][0]["resets"]
+        self.assertAlmostEqual(resets, time.time() + 3, delta=1.5)
+        self.assertIn("resets %s" % time.strftime("%H:%M", time.localtime(resets)), self.ok("status", "grenze").out)
+        r = self.sb.orch("wait", "grenze", "--nudge", "--interval", "0.2", "--timeout", "0.5")
+        self.assertEqual(r.code, 3, r)
+        self.assertFalse(os.path.exists(typed), "nudged before the reset")
+        r = self.sb.orch("wait", "grenze", "--nudge", "--interval", "0.2", "--timeout", "3.5")
+        self.assertEqual(r.code, 3, r)
+        self.assertIn(b"Your usage limit has reset. Retry the exact step", read_bytes(typed))
+        resumed = [e for e in self.sb.events("grenze", "resume")]
+        self.assertEqual([e["worker"] for e in resumed], [1])
+        self.assertGreaterEqual(datetime.datetime.fromisoformat(resumed[0]["t"]).timestamp(), int(resets))
 
     def test_kill_and_respawn_after_a_server_restart_never_alias_panes(self):
         self.spawn("alias", 2)
@@ -3057,6 +3081,8 @@ def py39_uses(src, filename):
     """3.9+ calls and annotations in `src`, which must parse as 3.8."""
     tree = ast.parse(src, filename, feature_version=(3, 8))
     future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in ast.walk(tree))
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(         # try: import x
+        getattr(h.type, "id", None) == "ImportError" for h in t.handlers) for n in t.body}  # except ImportError
     bad = []
     for node in ast.walk(tree):
         where = "%s:%d" % (os.path.basename(filename), getattr(node, "lineno", 0))
@@ -3065,7 +3091,7 @@ def py39_uses(src, filename):
                 bad.append("%s .%s" % (where, node.attr))
             if isinstance(node.value, ast.Name) and (node.value.id, node.attr) in PY39_MODULE_ATTRS:
                 bad.append("%s %s.%s" % (where, node.value.id, node.attr))
-        elif isinstance(node, ast.Import):
+        elif isinstance(node, ast.Import) and id(node) not in guarded:
             bad += ["%s import %s" % (where, a.name) for a in node.names if a.name.split(".")[0] in PY39_MODULES]
         elif isinstance(node, ast.ImportFrom):
             if (node.module or "").split(".")[0] in PY39_MODULES:
