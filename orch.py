@@ -838,7 +838,8 @@ def poll(fleet, stall=STALL, flags=None):
     with updating(fleet, "watch.json") as mem:
         for w in fleet["workers"]:
             seen = mem.setdefault(str(w["n"]), {})
-            if not (isinstance(seen, dict) and isinstance(seen.get("since", 0), (int, float))):
+            if not (isinstance(seen, dict) and all(isinstance(seen.get(k) or 0, (int, float))
+                                                   for k in ("since", "resets"))):
                 fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
                 seen = mem[str(w["n"])] = {}
             row = worker_row(w, snap.get(w["n"]), seen, now, stall, done[w["n"]])
