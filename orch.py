@@ -221,6 +221,7 @@ def gemini_seed(fleet, agent):
 #     it (None: any; 0: a line REPL, whose older prompt lines are only history).
 #   "answer": dialogs spawn may answer by itself, each once: only "trust the
 #     workdir the lead chose". "settle": seconds a ready screen must hold (SETTLE).
+#     "queue_key": what submits to a busy agent without interrupting its turn.
 AGENTS = {
     "claude": {
         "install": "npm install -g @anthropic-ai/claude-code", "credentials": claude_credentials,
@@ -276,6 +277,7 @@ AGENTS = {
                    r"Trust this folder|Do you trust the contents", r"Sign in with"],
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
+        "queue_key": "Tab",   # while a turn runs Enter steers it (submits into it); Tab queues the message
         "answer": [(r"› 1\. Trust and continue", ["Enter"])],
     },
     "gemini": {
@@ -748,15 +750,16 @@ def screen_state(profile, ansi_screen, title):
         return "limited"
     if found("dialog", box):
         return "dialog"
+    # Draft = text after the prompt glyph, before the reverse-video cursor, dim text ignored;
+    # a placeholder shown without the cursor (unfocused pane) is recognised by the idle markers.
+    # Busy or not: nothing is typed onto a draft, and a paste left in the box is not submitted.
+    draft = vis[p][m.end():].split("\0")[0].strip(" \u00a0│") if p is not None else ""
+    if draft and not any(re.search(rx, draft) for rx in profile.get("idle", [])):
+        return "draft"
     if found("busy", top) or re.search(profile.get("title_busy") or r"\Z.", title or ""):
         return "busy"
     if p is None:
         return "idle" if found("idle", box) else None
-    # Draft = text after the prompt glyph, before the reverse-video cursor, dim text ignored;
-    # a placeholder shown without the cursor (unfocused pane) is recognised by the idle markers.
-    draft = vis[p][m.end():].split("\0")[0].strip(" \u00a0│")
-    if draft and not any(re.search(rx, draft) for rx in profile.get("idle", [])):
-        return "draft"
     return "idle"
 
 
@@ -924,6 +927,9 @@ def submit(fleet, rows, targets, text):
     the Enters sent."""
     before = {n: rows[n]["digest"] for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
+    profiles = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
+    keys = {n: profiles[n].get("queue_key", "Enter") if rows[n]["shows"] == "busy" else "Enter"
+            for n in targets}
     deadline = time.time() + 8 + len(text) / 2000.0
     pending = set(targets)
     while pending and time.time() < deadline:
@@ -932,7 +938,7 @@ def submit(fleet, rows, targets, text):
             count, last = enters[n]
             if count == 0 or (rows[n]["shows"] == "draft" and now - last >= 1.0
                               and count <= ENTER_RETRIES):
-                tmux("send-keys", "-t", rows[n]["pane"], "Enter")
+                tmux("send-keys", "-t", rows[n]["pane"], keys[n])
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
         rows = rows_by_n(fleet)

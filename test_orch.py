@@ -2312,9 +2312,10 @@ def bad_reads(reads):
 
 # A fake agent for the tests of what orch says is ready: shows the screens listed
 # in <name>.screens one after another (the first at once, each next `gap`
-# seconds later), echoes every byte it is sent and logs it to <name>.typed,
-# and, with a `daemon` line, leaves a detached child behind that ignores
-# hangup and SIGTERM.
+# seconds later), logs every byte it is sent to <name>.typed and echoes it
+# (Enter or Tab: the input box empties, a line says which key it took), and,
+# with a `daemon` line, leaves a detached child behind that ignores hangup and
+# SIGTERM.
 FAKE_SCREENS = r"""#!%s
 import os, select, subprocess, sys, time
 base = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.basename(sys.argv[0]))
@@ -2327,13 +2328,15 @@ screens = [r for r in rows if r[0] != "daemon"]
 os.system("stty raw -echo")
 for i, (gap, path) in enumerate(screens):
     time.sleep(float(gap))
-    os.write(1, b"\x1b[H\x1b[2J" + open(path, "rb").read().rstrip(b"\n"))
+    shown = b"\x1b[H\x1b[2J" + open(path, "rb").read().rstrip(b"\n")
+    os.write(1, shown)
 while True:
     if select.select([0], [], [], 3600)[0]:
         data = os.read(0, 65536)
-        os.write(1, data)                       # echoed, as a terminal would
         with open(base + ".typed", "ab") as f:
             f.write(data)
+        key = next((k for k in (b"\r", b"\t") if k in data), None)
+        os.write(1, shown + b"\r\n(took %%r)" %% key if key else data)   # typed text is echoed
 """
 
 
@@ -2386,6 +2389,15 @@ class Truth(OrchCase):
         r = self.sb.orch("send", "fremd", "1", "hello")
         self.assert_one_error_line(r, 1, "does not recognise")
         self.assertFalse(os.path.exists(typed) and open(typed, "rb").read().strip(), "typed into the unknown")
+
+    def test_a_message_to_a_busy_codex_is_queued_not_steered_into_its_turn(self):
+        typed = self.fake("codex", (0, "codex-idle"), (2.5, "codex-busy-queued-followup"))
+        self.spawn("tab", 1, None, "codex")
+        wait_for(lambda: self.states("tab") == ["busy"], 10, what="the busy screen")
+        self.assertIn("W1: delivered", self.ok("send", "tab", "1", "after your turn").out)
+        self.assertEqual(read_bytes(typed).count(b"\t"), 1)          # Tab queues; Enter would steer
+        self.assertNotIn(b"\r", read_bytes(typed))
+        self.assertIn("(took b'\\t')", self.read("tab", 1))
 
     def test_a_limited_worker_is_resumed_after_its_reset_and_never_before(self):
         limit = os.path.join(self.sb.root, "limit.ansi.txt")
