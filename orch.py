@@ -136,6 +136,13 @@ def claude_credentials():
     return env or (creds if os.path.exists(creds) else None)
 
 
+# What a worker runs without a prompt, for every agent that asks before shell
+# commands: enough to read files, post to the bus and touch its done flag (not
+# find: -delete and -exec would pass as a prefix; rm is denied, never asked).
+WORKER_COMMANDS = ("touch", "echo", "cat", "ls", "grep", "head", "tail", "wc",
+                   "git status", "git diff", "git log", "git show")
+
+
 def claude_seed(fleet, agent):
     config = os.path.join(fleet["run"], "claude")
     if os.path.exists(os.path.join(config, ".claude.json")):
@@ -159,11 +166,8 @@ def claude_seed(fleet, agent):
         approved.setdefault("approved", []).append(key[-20:])
     write_json(os.path.join(config, ".claude.json"), state)
     # acceptEdits lets a worker edit the workdir and shared/; these rules add
-    # the commands it needs (not find: -delete and -exec would pass as a
-    # prefix). rm is denied, not asked: a refusal does not stall a worker.
-    rules = ["Edit(/%s/**)" % shared, "Bash(touch:*)", "Bash(echo:*)", "Bash(cat:*)",
-             "Bash(ls:*)", "Bash(grep:*)", "Bash(head:*)", "Bash(tail:*)", "Bash(wc:*)",
-             "Bash(git status:*)", "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)"]
+    # the commands it needs. rm is denied, not asked: a refusal does not stall a worker.
+    rules = ["Edit(/%s/**)" % shared] + ["Bash(%s:*)" % c for c in WORKER_COMMANDS]
     settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
     if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
         settings["skipDangerousModePermissionPrompt"] = True
@@ -202,11 +206,50 @@ def codex_seed(fleet, agent):
         os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
 
 
+GEMINI_POLICY = """# orch: what the workers of this fleet run without a prompt (Gemini CLI policy
+# engine, loaded with --policy at the user tier). rm is denied, not asked.
+[[rule]]
+toolName = "run_shell_command"
+commandPrefix = %s
+decision = "allow"
+priority = 100
+
+[[rule]]
+toolName = "run_shell_command"
+commandPrefix = "rm"
+decision = "deny"
+priority = 200
+denyMessage = "orch: workers do not delete files"
+"""
+
+
 def gemini_seed(fleet, agent):
     """Gemini 0.61 asks on every start whether to trust an --include-directories
-    folder, unless a trusted-folders file (the fleet's own) names it."""
+    folder, unless a trusted-folders file (the fleet's own) names it; and before
+    every shell command, unless a policy (the fleet's own) allows it."""
     write_json(os.path.join(fleet["run"], "gemini-trusted.json"), {
         os.path.realpath(p): "TRUST_FOLDER" for p in (fleet["workdir"], shared_dir(fleet))})
+    write_file(os.path.join(fleet["run"], "gemini-policy.toml"),
+               GEMINI_POLICY % json.dumps(list(WORKER_COMMANDS)))
+
+
+def gemini_setup(fleet, w):
+    """The fleet's policy, beside the user's own (a --policy replaces
+    ~/.gemini/policies), and auto_edit unless the lead chose a mode: like
+    Claude's acceptEdits, write_file and replace within the workdir and shared
+    dir, and an allowed command may redirect (`echo ... >> bus.md`)."""
+    lead = read_state(os.path.join(fleet["run"], "env.json"))       # the pane's own env is tmux's
+    mine = os.path.join(lead.get("GEMINI_CLI_HOME") or lead.get("HOME") or os.path.expanduser("~"),
+                        ".gemini", "policies")
+    args = ["--include-directories", os.path.realpath(shared_dir(fleet))]
+    args += ["--policy", mine] if os.path.isdir(mine) else []
+    args += ["--policy", os.path.join(fleet["run"], "gemini-policy.toml")]
+    words = shlex.split(w["agent"])
+    if not any(x in ("-y", "--yolo", "--approval-mode") or x.startswith("--approval-mode=") for x in words):
+        args += ["--approval-mode", "auto_edit"]
+    return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
+                    "GEMINI_CLI_TRUSTED_FOLDERS_PATH": os.path.join(fleet["run"], "gemini-trusted.json")},
+            "args": args}
 
 
 # Agents: everything orch knows about each, one entry per agent. Screen facts
@@ -222,6 +265,8 @@ def gemini_seed(fleet, agent):
 #   "answer": dialogs spawn may answer by itself, each once: only "trust the
 #     workdir the lead chose". "settle": seconds a ready screen must hold (SETTLE).
 #     "queue_key": what submits to a busy agent without interrupting its turn.
+#     "above_only": rows drawn only above the input line; one below a prompt line
+#     means that line is not the input line (a frame caught mid-redraw).
 AGENTS = {
     "claude": {
         "install": "npm install -g @anthropic-ai/claude-code", "credentials": claude_credentials,
@@ -282,10 +327,7 @@ AGENTS = {
     },
     "gemini": {
         "install": "npm install -g @google/gemini-cli",
-        "seed": gemini_seed, "setup": lambda fleet, w: {
-            "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
-                    "GEMINI_CLI_TRUSTED_FOLDERS_PATH": os.path.join(fleet["run"], "gemini-trusted.json")},
-            "args": ["--include-directories", os.path.realpath(shared_dir(fleet))]},
+        "seed": gemini_seed, "setup": gemini_setup,
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
         # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.
         "prompt": r"^[\s│]*[>!*] ",
@@ -300,6 +342,10 @@ AGENTS = {
         "limited": [r"(?i)reached your daily .*quota", r"(?i)quota (limit|exceeded)",
                     r"(?i)usage limit reached"],
         "title_busy": r"Working",  # "✦  Working… (<dir>)"; idle "◇  Ready"; "✋  Action Required"
+        # The spinner is drawn above the input box. While a turn streams, 0.61 redraws its live
+        # area: a capture can catch the spinner drawn and the input box not yet, below a past
+        # message's " > " echo, which is then no draft.
+        "above_only": r"^\s*[\u2800-\u28ff] .*\(esc to cancel",
         "answer": [(r"● 1\. Trust folder", ["Enter"])],
     },
     "aider": {
@@ -731,6 +777,8 @@ def screen_state(profile, ansi_screen, title):
             break
     if p is not None and profile["below"] is not None and last - p > profile["below"]:
         p = None  # e.g. aider's "> old input" followed by output
+    if p is not None and re.search(profile.get("above_only") or r"\Z.", "\n".join(plain[p + 1:last + 1]), re.M):
+        p = None  # a frame caught mid-redraw: its lowest prompt line is a past message's echo
     # box: where questions live (all three CLIs hide the input line while one is open);
     # top: box plus the live rows above the input line (spinner, status, last error).
     if p is None:
@@ -931,7 +979,7 @@ def submit(fleet, rows, targets, text):
     keys = {n: profiles[n].get("queue_key", "Enter") if rows[n]["shows"] == "busy" else "Enter"
             for n in targets}
     deadline = time.time() + 8 + len(text) / 2000.0
-    pending = set(targets)
+    pending, confirmed = set(targets), {}
     while pending and time.time() < deadline:
         now = time.time()
         for n in sorted(pending):
@@ -942,10 +990,14 @@ def submit(fleet, rows, targets, text):
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
         rows = rows_by_n(fleet)
-        for n in list(pending):
+        for n in list(pending):     # on two polls in a row: one frame may be caught mid-redraw
             if rows[n]["shows"] not in ("draft", "booting", "exited", "dialog", "unknown") \
                     and rows[n]["digest"] != before[n]:
-                pending.discard(n)
+                confirmed[n] = confirmed.get(n, 0) + 1
+                if confirmed[n] == 2:
+                    pending.discard(n)
+            else:
+                confirmed[n] = 0
     return pending, rows, {n: e[0] for n, e in enters.items()}
 
 

@@ -2252,6 +2252,410 @@ class RealLead(OrchCase):
         self.assertTrue(self.classified(), "the orch commands before it went to no safety check")
 
 
+GEMINI_VERSION = "0.61.0"           # pinned: the screens orch knows were read off this one
+SCREENS_OUT = os.environ.get("ORCH_SCREENS_OUT")    # where RealGemini keeps the screens it reads, if set
+GEMINI_KEY = "AIzaFAKETESTKEY0123456789abcdefghijklmn"
+BRIEF_RE = re.compile(r"Read and follow the brief in `([^`]+)`")
+
+
+class MockGemini(http.server.BaseHTTPRequestHandler):
+    """A scripted Gemini API: generateContent, streamGenerateContent?alt=sse,
+    countTokens. The prompt's directive lines are played one per model turn:
+    `BASH <command>` -> run_shell_command, `WRITE <path> <text>` -> write_file;
+    then a closing text, streamed over S seconds if a `SLOW <S>` line is there.
+    The script is the last user message (one without directives gets the
+    closing text at once; tool results are user messages without text). A message
+    that points to a brief (`Read and follow the brief in `<path>``) is worked
+    the way a finder would: read_file of the brief, `grep -rn TODO <workdir>`,
+    the findings written to the brief's result file, the brief's own bus post
+    and `touch` lines. Requests without tools (the model router, the next-speaker
+    check) get a JSON answer that picks the flash model. server.requests holds
+    every request body ("path" added), server.calls every function call made,
+    server.results every functionResponse sent back, server.streams the
+    [start, end, message] of each slow stream; server.finished is set once a
+    closing text went out."""
+    protocol_version = "HTTP/1.1"
+    WORDS = ("BASH", "WRITE", "SLOW")
+    USAGE = {"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send(404, b'{"error": {"code": 404, "message": "mock: not found", "status": "NOT_FOUND"}}')
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+        self.server.requests.append(dict(body, path=self.path))
+        m = re.search(r"/models/([^:/]+):(\w+)", self.path)
+        if not m:
+            return self.do_GET()
+        if m.group(2) == "countTokens":
+            return self.send(200, b'{"totalTokens": 10}')
+        slow = 0.0
+        if not any(t.get("functionDeclarations") for t in body.get("tools") or []):
+            parts = [{"text": json.dumps({"reasoning": "mock", "model_choice": "flash", "complexity_score": 10,
+                                          "complexity_reasoning": "mock", "next_speaker": "user"})}]
+        else:
+            parts, slow = self.decide(body.get("contents") or [])
+        if m.group(2) == "generateContent":
+            return self.send(200, json.dumps({"candidates": [{"content": {"role": "model", "parts": parts},
+                                                              "finishReason": "STOP", "index": 0}],
+                                              "usageMetadata": self.USAGE}).encode())
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        chunks = [parts]
+        if slow:                            # the text in pieces, spread over `slow` seconds
+            text = parts[0]["text"]
+            chunks = [[{"text": text[i:i + 24]}] for i in range(0, len(text), 24)]
+        for i, c in enumerate(chunks):
+            if slow and i:
+                time.sleep(slow / len(chunks))
+            event = {"candidates": [{"content": {"role": "model", "parts": c}, "index": 0}]}
+            if i == len(chunks) - 1:
+                event["candidates"][0]["finishReason"] = "STOP"
+                event["usageMetadata"] = self.USAGE
+            self.chunk(b"data: " + json.dumps(event).encode() + b"\r\n\r\n")
+        self.chunk(b"")
+        if slow:
+            self.stream[1] = time.monotonic()
+
+    def chunk(self, data):
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except OSError:                     # the CLI cancelled the turn
+            self.close_connection = True
+
+    def send(self, code, data):
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def decide(self, contents):
+        start, text = 0, ""
+        for i, c in enumerate(contents):     # the last user message (tool results have no text)
+            if c.get("role") == "user" and any("text" in p for p in c.get("parts") or []):
+                start, text = i, "\n".join(p["text"] for p in c["parts"] if "text" in p)
+        steps = [(line.split(" ", 1) + [""])[:2] for line in text.splitlines() if line.split(" ")[0] in self.WORDS]
+        results = [p["functionResponse"] for c in contents[start:] for p in c.get("parts") or []
+                   if "functionResponse" in p]
+        self.server.results += [r for r in results if r not in self.server.results]
+        brief = BRIEF_RE.search(text)
+        if brief:
+            steps = self.finder(brief.group(1), [r.get("response", {}).get("output") or json.dumps(r.get("response"))
+                                                 for r in results])
+        slow = sum(float(a) for w, a in steps if w == "SLOW")
+        steps = [(w, a) for w, a in steps if w != "SLOW"]
+        turn = sum(c.get("role") == "model" and any("functionCall" in p for p in c.get("parts") or [])
+                   for c in contents[start:])
+        if turn >= len(steps):
+            self.server.finished = True
+            if slow:                        # this request's stream: [start, end, the message]
+                self.stream = [time.monotonic(), None, text]
+                self.server.streams.append(self.stream)
+            words = ["Mock done."] + ["Slow part %d of 24 (%s)." % (i, "abcdefghijklmnopqrstuvwx"[i - 1] * i)
+                                      for i in range(1, 25) if slow]     # no repeats: loop detection
+            return [{"text": " ".join(words)}], slow
+        word, arg = steps[turn]
+        if word == "READ":
+            call = {"name": "read_file", "args": {"file_path": arg}}
+        elif word == "WRITE":
+            path, _, text = arg.partition(" ")
+            call = {"name": "write_file", "args": {"file_path": path, "content": text.replace("\\n", "\n") + "\n"}}
+        else:
+            call = {"name": "run_shell_command", "args": {"command": arg, "description": "mock step"}}
+        call["id"] = "call_%d_%d" % (start, turn)
+        if call not in self.server.calls:   # a retried request asks again
+            self.server.calls.append(call)
+        return [{"functionCall": call}], 0.0
+
+    @staticmethod
+    def finder(path, outputs):
+        """A finder's steps for the brief at `path`, as far as the tool results so far tell."""
+        steps = [("READ", path)]
+        if not outputs:
+            return steps
+        brief = outputs[0]
+        field = lambda name: re.search(r"- %s: `([^`]+)`" % name, brief).group(1)
+        workdir, result = field("Workdir"), field("Result file")
+        post = re.search(r"^ +(echo '\[W\d+\] )<one line>(' >> .*)$", brief, re.M)
+        touch = re.search(r"^ +(touch .*)$", brief, re.M).group(1)
+        steps.append(("BASH", "grep -rn TODO %s" % shlex.quote(workdir)))
+        if len(outputs) < 2:
+            return steps
+        hits = re.findall(r"^(?:Output: )?%s/([^:\n]+):(\d+):(.*)$" % re.escape(workdir), outputs[1], re.M)
+        found = ["F%d | %s:%s | TODO marker | %s" % (k, rel, line, text.strip())
+                 for k, (rel, line, text) in enumerate(hits, 1)]
+        return steps + [("WRITE", "%s %s" % (result, "\\n".join(found) or "No TODO marker in the workdir.")),
+                        ("BASH", "%s%d finding(s) written%s" % (post.group(1), len(found), post.group(2))),
+                        ("BASH", touch)]
+
+
+def mock_gemini():
+    """A mock Gemini API on a free port, serving from a thread; shutdown()
+    and server_close() end it."""
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockGemini)
+    api.requests, api.calls, api.results, api.streams, api.finished = [], [], [], [], False
+    api.daemon_threads = True
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    return api
+
+
+def gemini_bin(version):
+    """The bin dir of Gemini CLI `version`, installed from npm into the test cache once."""
+    cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
+    bindir = os.path.join(cache, "gemini-" + version, "node_modules", ".bin")
+    if not os.path.exists(os.path.join(bindir, "gemini")):
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
+                        os.path.dirname(os.path.dirname(bindir)), "@google/gemini-cli@" + version],
+                       check=True, stdout=subprocess.DEVNULL)
+    return bindir
+
+
+def user_texts(api):
+    """Every user message the mock was sent (its text parts joined), in one string."""
+    return "\0".join("\n".join(p["text"] for p in c.get("parts") or [] if "text" in p)
+            for b in list(api.requests) for c in b.get("contents") or [] if c.get("role") == "user")
+
+
+@unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Gemini CLI")
+class RealGemini(OrchCase):
+    """A real Gemini CLI fleet, offline: the pinned CLI from npm, pointed at the
+    mock, with the user's ~/.gemini/settings.json choosing API-key login and no
+    auto-update (orch seeds only the fleet's trusted-folders file and policy)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bin = gemini_bin(os.environ.get("ORCH_GEMINI_VERSION") or GEMINI_VERSION)
+        with open(os.path.join(os.path.dirname(cls.bin), "@google", "gemini-cli", "package.json")) as f:
+            cls.version = json.load(f)["version"]
+        cls.orch = load_orch()
+
+    def setUp(self):
+        OrchCase.setUp(self)
+        sb = self.sb
+        self.addCleanup(self.end_leftovers)     # runs before the Sandbox's kill-server
+        self.api = mock_gemini()
+        self.addCleanup(self.api.server_close)
+        self.addCleanup(self.api.shutdown)
+        self.user = os.path.join(sb.root, "user")
+        self.mine = {os.path.join(self.user, ".gemini", "settings.json"): json.dumps({
+            "security": {"auth": {"selectedType": "gemini-api-key"}},
+            "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
+            "privacy": {"usageStatisticsEnabled": False}}, indent=2) + "\n"}
+        write_tree(self.user, {os.path.relpath(p, self.user): t for p, t in self.mine.items()})
+        for var in ("GEMINI_CLI_HOME", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT",
+                    "GEMINI_CLI_SYSTEM_SETTINGS_PATH", "GEMINI_CLI_TRUSTED_FOLDERS_PATH", "GEMINI_MODEL"):
+            sb.env.pop(var, None)
+        sb.env.update(HOME=self.user, PATH=self.bin + os.pathsep + sb.env["PATH"], GEMINI_API_KEY=GEMINI_KEY,
+                      GOOGLE_GEMINI_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1],
+                      COLORTERM="truecolor", LANG="C.UTF-8")
+
+    # -- processes
+    def pids(self, fleet=None):
+        """PIDs started from this sandbox (of `fleet` only, if given): what
+        `orch worker` marks with ORCH_HOME and ORCH_FLEET, which Gemini's
+        relaunched child inherits."""
+        want = {os.fsencode("ORCH_HOME=" + self.sb.home)} | ({b"ORCH_FLEET=" + fleet.encode()} if fleet else set())
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    if want <= set(f.read().split(b"\0")):
+                        pids.append(int(pid))
+        return pids
+
+    def end_leftovers(self):
+        for pid in self.pids():             # Gemini outlives tmux kill-server: by PID
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def killed_clean(self, name, workers):
+        """Two node processes per worker while it runs; `orch kill` leaves none."""
+        procs = {}
+        for pid in self.pids(name):
+            with contextlib.suppress(OSError):
+                procs[pid] = os.path.basename(self.sb.text("/proc/%d/cmdline" % pid).split("\0")[0])
+        self.assertEqual(sorted(procs.values()), ["node"] * 2 * workers, procs)
+        self.ok("kill", name)
+        self.assertEqual(self.pids(name), [], "processes of fleet %s left after `orch kill`" % name)
+
+    # -- screens
+    def pane(self, name, n):
+        return json.loads(self.sb.text(self.sb.run(name, "fleet.json")))["workers"][n - 1]["pane"]
+
+    def capture(self, name, n):
+        """(screen with escapes, pane title) of worker n, as orch captures it."""
+        pane = self.pane(name, n)
+        screen = self.sb.tmux("-u", "capture-pane", "-p", "-e", "-t", pane).stdout.decode("utf-8", "replace")
+        title = self.sb.tmux("-u", "display-message", "-p", "-t", pane, "#{pane_title}").stdout.decode()
+        return screen, title.strip()
+
+    def keep(self, fixture, state, screen):
+        """A real screen for .ci/screens: orch must read `state` off it alone
+        (fixtures are replayed without their pane title)."""
+        got = self.orch.screen_state(self.orch.AGENTS["gemini"], screen, None)
+        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
+        if not SCREENS_OUT:
+            return
+        os.makedirs(SCREENS_OUT, exist_ok=True)
+        with open(os.path.join(SCREENS_OUT, fixture + ".ansi.txt"), "w", encoding="utf-8") as f:
+            f.write(screen)
+        labels = os.path.join(SCREENS_OUT, "labels.tsv")
+        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
+                                                    if os.path.exists(labels) else []))
+        rows[fixture] = "gemini\t" + state
+        with open(labels, "w", encoding="utf-8") as f:
+            f.write("fixture\tagent\tstate\n" + "".join("%s\t%s\n" % kv for kv in sorted(rows.items())))
+
+    def wait_state(self, name, n, want, timeout, avoid=("permission", "dialog", "exited", "unknown")):
+        """Until worker n shows `want`; fails at once, with its screen, on a state in `avoid`."""
+        def check():
+            state = self.states(name)[n - 1]
+            if state in avoid and state != want:
+                self.fail("W%d %s, waiting for %s:\n%s" % (n, state, want, self.read(name, n)))
+            return state == want
+        wait_for(check, timeout, 0.2, "W%d %s" % (n, want))
+
+    # -- the tests
+    def test_boots_idle_with_no_dialog_takes_ten_lines_and_stops_at_a_permission_prompt(self):
+        sb, shared = self.sb, self.sb.shared("gem")
+        wd = sb.workdir("wörk-gem", {"a.py": "x = 1\n"})
+        # The control: the same CLI and --include-directories, without orch's trusted-folders
+        # file, asks "Do you trust the following folders" (GEMINI_CLI_TRUST_WORKSPACE is not enough).
+        extra = sb.workdir("extra")
+        sb.tmux("new-session", "-d", "-s", "control", "-x", "200", "-y", "50", "-c", wd, "env",
+                "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", "GEMINI_CLI_TRUST_WORKSPACE=true",
+                os.path.join(self.bin, "gemini"), "--include-directories", extra)
+        self.ok("spawn", "gem", "2", wd, "--agent", "gemini", "--timeout", "60", timeout=90)
+        self.assertEqual(self.states("gem"), ["idle", "idle"])
+        trusted = json.loads(sb.text(sb.run("gem", "gemini-trusted.json")))
+        self.assertEqual(trusted, {os.path.realpath(wd): "TRUST_FOLDER", os.path.realpath(shared): "TRUST_FOLDER"})
+        control = wait_for(lambda: (lambda s: "Do you trust the following folders" in s and s)(
+            sb.tmux("-u", "capture-pane", "-p", "-e", "-t", "=control:").stdout.decode("utf-8", "replace")),
+            30, 0.2, "the control's include-directories trust dialog")
+        self.keep("gemini-include-dirs-trust", "dialog", control)
+        sb.tmux("kill-session", "-t", "=control")
+        for pid in self.pids("control"):
+            os.kill(pid, signal.SIGKILL)
+        held = time.monotonic() + 3         # the dialog came ~1 s after start: none a moment later
+        while time.monotonic() < held:
+            self.assertEqual(self.states("gem"), ["idle", "idle"])
+        screens = self.ok("read", "gem", "all", "50").out
+        for text in ("Do you trust", "trust the following folders", "authenticate", "Warning", "pdate available"):
+            self.assertNotIn(text, screens)
+        self.keep("gemini-orch-idle", "idle", self.capture("gem", 1)[0])
+        # Ten lines, one bracketed paste: the model gets them whole, as one message.
+        lines = ["Line %02d of a ten-line message: keep it whole." % i for i in range(1, 11)]
+        self.assertIn("W1: delivered 10 line(s)", self.ok("send", "gem", "1", "-", stdin="\n".join(lines)).out)
+        wait_for(lambda: "\n".join(lines) in user_texts(self.api), 20, 0.1, "the ten lines at the mock")
+        self.wait_state("gem", 1, "idle", 20)
+        # Not on any allowlist: Gemini asks, status says permission, send refuses to type into it.
+        self.ok("send", "gem", "2", "BASH python3 -c 'print(42)'")
+        self.wait_state("gem", 2, "permission", 30, avoid=("dialog", "exited", "unknown"))
+        screen, title = self.capture("gem", 2)
+        self.assertIn("Allow execution", screen)
+        self.assertIn("Action Required", title)
+        self.keep("gemini-orch-permission-shell", "permission", screen)
+        r = sb.orch("send", "gem", "2", "typed into a question")
+        self.assert_one_error_line(r, 1, "W2 is waiting for a permission answer")
+        self.assertNotIn("typed into a question", self.read("gem", 2))
+        self.assertEqual(self.states("gem"), ["idle", "permission"])
+        self.killed_clean("gem", 2)
+        self.assertIn("Allow execution", sb.text(sb.run("gem", "logs", "w2.log")))
+        for path, text in self.mine.items():
+            self.assertEqual(sb.text(path), text, "orch changed the user's own %s" % path)
+
+    def test_a_finder_brief_is_done_with_no_prompt(self):
+        sb = self.sb
+        wd = sb.workdir("wörk-find", {"a.py": "x = 1\n# TODO: validate x\n", "lib/b.py": "print('b')\n"})
+        mine = os.path.join(self.user, ".gemini", "policies", "mine.toml")
+        write_tree(self.user, {os.path.relpath(mine, self.user): '[[rule]]\ntoolName = "run_shell_command"\n'
+                               'commandPrefix = "python3 -c"\ndecision = "allow"\npriority = 100\n'})
+        self.mine[mine] = sb.text(mine)
+        self.ok("spawn", "find", "1", wd, "--agent", "gemini", "--timeout", "60", timeout=90)
+        self.ok("brief", "find", "1", "--goal", "which lines carry TODO markers", "--send")
+        done = sb.shared("find", "agent-1.done")
+
+        def finished():
+            rows = self.status("find")["workers"]
+            if rows[0]["state"] in ("permission", "dialog", "exited", "unknown"):
+                step = self.api.calls[-1] if self.api.calls else None
+                self.fail("W1 %s at %s:\n%s" % (rows[0]["state"], json.dumps(step), self.read("find", 1)))
+            return os.path.exists(done) and rows[0]["state"] == "done"
+        wait_for(finished, 60, 0.3, "the finder's done flag")
+        self.assertEqual([c["name"] for c in self.api.calls],
+                         ["read_file", "run_shell_command", "write_file", "run_shell_command", "run_shell_command"])
+        wait_for(lambda: len(self.api.results) >= 5, 10, 0.1, "the last tool result at the mock")
+        for call, res in zip(self.api.calls, self.api.results):
+            self.assertNotIn("error", json.dumps(res.get("response")).lower(), (call, res))
+        self.assertEqual(sb.text(sb.shared("find", "agent-1.result.md")),
+                         "F1 | a.py:2 | TODO marker | # TODO: validate x\n")
+        self.assertIn("[W1] 1 finding(s) written", sb.text(sb.shared("find", "bus.md")))
+        # rm is refused, not asked: the worker goes on, the file stays.
+        self.ok("send", "find", "1", "BASH rm %s" % os.path.join(wd, "lib", "b.py"))
+        wait_for(lambda: len(self.api.results) >= 6, 20, 0.1, "the rm's result at the mock")
+        self.assertIn("denied by policy", json.dumps(self.api.results[5]))
+        self.assertTrue(os.path.exists(os.path.join(wd, "lib", "b.py")))
+        # The user's own policies still count beside the fleet's (a --policy replaces ~/.gemini/policies).
+        self.ok("send", "find", "1", "BASH python3 -c 'print(6 * 7)'")
+        wait_for(lambda: len(self.api.results) >= 7, 20, 0.1, "the python3 result at the mock")
+        self.assertIn("Output: 42", json.dumps(self.api.results[6]))
+        self.wait_state("find", 1, "done", 20)
+        self.assertEqual(os.listdir(os.path.join(self.user, ".gemini", "policies")), ["mine.toml"])
+        for path, text in self.mine.items():
+            self.assertEqual(sb.text(path), text, "orch changed the user's own %s" % path)
+        self.killed_clean("find", 1)
+
+    def test_a_busy_worker_stays_busy_in_a_narrow_pane_and_a_message_to_it_is_queued(self):
+        sb = self.sb
+        self.ok("spawn", "busy", "2", sb.workdir("wörk-busy"), "--agent", "gemini", "--timeout", "60",
+                "--per-window", "1", timeout=90)
+        sb.tmux("resize-window", "-t", self.pane("busy", 1), "-x", "40", "-y", "50")
+        wait_for(lambda: sb.tmux("display-message", "-p", "-t", self.pane("busy", 1), "#{pane_width}")
+                 .stdout.strip() == b"40", 5, 0.1, "W1's pane 40 columns wide")
+        self.wait_state("busy", 1, "idle", 20)
+        self.ok("send", "busy", "1", "SLOW 7\nTake your time.")
+        self.ok("send", "busy", "2", "SLOW 7\nTake your time, too.")
+        wait_for(lambda: len(self.api.streams) == 2, 20, 0.05, "both slow answers streaming")
+        streams = {1 if "too" not in s[2] else 2: s for s in self.api.streams}
+        seen, queued, kept = {1: [], 2: []}, None, set()
+        while any(s[1] is None for s in streams.values()):
+            rows = self.status("busy")["workers"]
+            for n, s in streams.items():     # states while the whole poll fell inside n's stream
+                if s[1] is None or s[1] > time.monotonic():
+                    seen[n].append((rows[n - 1]["state"], rows[n - 1]["last"]))
+            for n in (1, 2):
+                screen, _ = self.capture("busy", n)
+                if "esc to cancel" in screen and n not in kept and len(seen[n]) > 3:
+                    self.keep("gemini-orch-busy" + ("-40cols" if n == 1 else ""), "busy", screen)
+                    kept.add(n)
+            if queued is None and time.monotonic() > streams[2][0] + 2:
+                # Sent while W2's turn runs: delivered means the input box emptied, the message queued.
+                queued = self.ok("send", "busy", "2", "Queued while busy.")
+                screen, _ = self.capture("busy", 2)
+                plain = ANSI_RE.sub("", screen)
+                self.assertNotRegex(plain, r"(?m)^ > Queued while busy", "delivered, but still in the input box")
+                self.assertRegex(plain, r"Queued \(press .*\n +Queued while busy\.", "delivered, but not queued")
+                self.keep("gemini-orch-busy-queued", "busy", screen)
+                self.assertNotIn("Queued while busy.", user_texts(self.api))
+        self.assertIsNotNone(queued, "the turn ended before the queued message was sent")
+        self.assertIn("W2: delivered 1 line(s)", queued.out)
+        for n in (1, 2):
+            self.assertGreater(len(seen[n]), 8)
+            self.assertEqual([s for s in seen[n] if s[0] != "busy"], [], "W%d not busy while it streams" % n)
+        wait_for(lambda: "Queued while busy." in user_texts(self.api), 20, 0.1, "the queued message at the mock")
+        send = [e for e in sb.events("busy", "send") if e["worker"] == 2][-1]
+        self.assertTrue(send["confirmed"], send)
+        sys.stderr.write("[queued send: %d Enter(s)] " % send["enters"])
+        self.killed_clean("busy", 2)
+
+
 class LeadInTmux(OrchCase):
     """A lead that is itself in a tmux pane (TMUX set, as for any Claude Code
     run inside tmux): orch's tmux calls reach the lead's server, the fleet
@@ -3025,6 +3429,7 @@ class Security(OrchCase):
     def test_codex_and_gemini_workers_are_set_up_for_unattended_work(self):
         bindir = os.path.join(self.sb.root, "bin")
         os.mkdir(bindir)
+        self.sb.env["HOME"] = os.path.join(self.sb.root, "user")    # no ~/.gemini/policies of the user's
         for name in ("codex", "gemini"):
             write_exe(os.path.join(bindir, name), FAKE_CLAUDE.replace("fake claude", "fake " + name).replace(
                 '"started.json"', '"%s.json"' % name).replace('os.environ.get("CLAUDE_CONFIG_DIR")',
@@ -3040,7 +3445,12 @@ class Security(OrchCase):
         shared = os.path.realpath(self.sb.shared("codex"))
         self.assertEqual(codex["argv"], ["--add-dir", shared, "--no-alt-screen", "--no-daemon"])
         gemini = json.loads(self.sb.text(os.path.join(bindir, "gemini.json")))
-        self.assertEqual(gemini["argv"], ["--include-directories", os.path.realpath(self.sb.shared("gemini"))])
+        policy = self.sb.run("gemini", "gemini-policy.toml")
+        self.assertEqual(gemini["argv"], ["--include-directories", os.path.realpath(self.sb.shared("gemini")),
+                                          "--policy", policy, "--approval-mode", "auto_edit"])
+        rules = re.findall(r'commandPrefix = (.*)\ndecision = "(\w+)"', self.sb.text(policy))
+        self.assertEqual([(json.loads(p), d) for p, d in rules], [(list(load_orch().WORKER_COMMANDS), "allow"),
+                                                                  ("rm", "deny")])
         trusted = json.loads(self.sb.text(gemini["config"]))
         self.assertEqual(trusted, {os.path.realpath(wd): "TRUST_FOLDER",
                                    os.path.realpath(self.sb.shared("gemini")): "TRUST_FOLDER"})
