@@ -263,7 +263,8 @@ def gemini_setup(fleet, w):
 #     still belong to the live UI (spinner, status); "below": rows allowed under
 #     it (None: any; 0: a line REPL, whose older prompt lines are only history).
 #   "answer": dialogs spawn may answer by itself, each once: only "trust the
-#     workdir the lead chose". "settle": seconds a ready screen must hold (SETTLE).
+#     workdir the lead chose" and "keep the model the user configured".
+#     "settle": seconds a ready screen must hold (SETTLE).
 #     "queue_key": what submits to a busy agent without interrupting its turn.
 #     "above_only": rows drawn only above the input line; one below a prompt line
 #     means that line is not the input line (a frame caught mid-redraw).
@@ -323,7 +324,10 @@ AGENTS = {
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
         "queue_key": "Tab",   # while a turn runs Enter steers it (submits into it); Tab queues the message
-        "answer": [(r"› 1\. Trust and continue", ["Enter"])],
+        # 0.171, a model pinned in config.toml or by -m that has a successor ("gpt-5.5"), in a
+        # CODEX_HOME that has not recorded the answer ([notice.model_migrations]): "Meet GPT-6 Sol",
+        # "› 1. Try new model" (the default; Enter and Esc both confirm it), "2. Use existing model".
+        "answer": [(r"› 1\. Trust and continue", ["Enter"]), (r" 2\. Use existing model", ["2"])],
     },
     "gemini": {
         "install": "npm install -g @google/gemini-cli",

@@ -2656,6 +2656,480 @@ class RealGemini(OrchCase):
         self.killed_clean("busy", 2)
 
 
+CODEX_VERSION = "0.171.0"           # pinned: the newest on npm on 2026-12-01
+CODEX_KEY = "sk-proj-FAKETESTKEY-0123456789abcdefghijklmnop"
+# What a worker that booted unattended must never show.
+CODEX_ASKS = re.compile(r"Trust this folder|Folder access|Welcome to Codex|Sign in with|API key|"
+                        r"Meet GPT|Try new model|Press enter to continue|Would you like to")
+
+
+class MockOpenAI(http.server.BaseHTTPRequestHandler):
+    """A scripted OpenAI Responses API (`POST /v1/responses`, SSE), as Codex
+    calls a custom model provider. The prompt's directive lines are played one
+    per model turn: `BASH <command>` -> exec_command; `ASK <command>` -> the
+    same, asking to run it outside the sandbox (Codex asks the user first);
+    `START <command>` -> the same, returning while the command still runs;
+    then a closing text, which a `SLOW <S>` line spreads over S seconds
+    (nothing for the first half, then a word at a time). The script is the
+    last user message (one without directives gets the closing text at once).
+    A message that points to a brief (`Read and follow the brief in `<path>``)
+    is worked the way a finder would: cat the brief, `grep -rn TODO <workdir>`,
+    the findings written to the brief's result file, the brief's own bus post
+    and `touch` lines. Requests without tools (the task title) get a short
+    text. server.requests holds every request body, server.calls and
+    server.results map a call_id to the call made and the output sent back,
+    server.open the turns whose output is still coming; server.finished is
+    set once a closing text went out."""
+    protocol_version = "HTTP/1.1"
+    WORDS = ("BASH", "ASK", "START", "SLOW")
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):                   # /v1/models: nothing to pick from
+        self.send(b'{"object": "list", "data": []}', "application/json")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+        self.server.requests.append(body)
+        if not self.path.startswith("/v1/responses"):
+            return self.send(b'{"error": {"message": "mock: not found"}}', "application/json", 404)
+        n = len(self.server.requests)
+        item, slow = self.decide(body) if body.get("tools") else (self.message("Mock title"), 0.0)
+        rid = "resp_%d" % n
+        if body.get("tools"):
+            self.server.open.add(rid)
+        try:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            self.event("response.created", response={"id": rid, "object": "response", "status": "in_progress"})
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                self.event("response.output_item.added", output_index=0, item=dict(item, content=[]))
+                self.event("response.content_part.added", item_id=item["id"], output_index=0, content_index=0,
+                           part={"type": "output_text", "text": "", "annotations": []})
+                words = re.findall(r"\S+\s*", text)
+                time.sleep(slow / 2)        # nothing yet: "Working (1s • esc to interrupt)"
+                for word in words:
+                    time.sleep(slow / 2 / len(words))
+                    self.event("response.output_text.delta", item_id=item["id"], output_index=0,
+                               content_index=0, delta=word)
+                self.event("response.output_text.done", item_id=item["id"], output_index=0, content_index=0,
+                           text=text)
+            else:
+                self.event("response.output_item.added", output_index=0, item=dict(item, arguments=""))
+            self.server.open.discard(rid)   # what follows lets Codex end the turn
+            self.event("response.output_item.done", output_index=0, item=item)
+            self.event("response.completed", response={
+                "id": rid, "object": "response", "status": "completed", "output": [item], "usage": {
+                    "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5,
+                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}})
+            self.chunk(b"")
+        except OSError:                     # Codex dropped the stream (Esc, a steered message)
+            self.close_connection = True
+        finally:
+            self.server.open.discard(rid)
+
+    def event(self, kind, **data):
+        self.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(data, type=kind)))).encode())
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def send(self, data, ctype, code=200):
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    @staticmethod
+    def text_of(item):
+        """The text of a user message or of a tool output, else None."""
+        out = item.get("output") if item.get("type") == "function_call_output" else \
+            item.get("content") if item.get("role") == "user" else None
+        if isinstance(out, list):
+            out = "\n".join(p.get("text", "") for p in out if isinstance(p, dict))
+        return out if isinstance(out, str) else None
+
+    def message(self, text):
+        return {"type": "message", "id": "msg_%d" % len(self.server.requests), "role": "assistant",
+                "status": "completed", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+    def decide(self, body):
+        """The next output item of this turn, and the seconds its text takes."""
+        items = body.get("input") or []
+        start = max([i for i, it in enumerate(items) if it.get("role") == "user"] or [0])
+        text = self.text_of(items[start]) or "" if items else ""
+        outputs = []
+        for it in items[start:]:
+            if it.get("type") == "function_call_output":
+                self.server.results.setdefault(it.get("call_id"), it)
+                outputs.append(self.text_of(it) or "")
+        steps = [(line.split(" ", 1) + [""])[:2] for line in text.splitlines() if line.split(" ")[0] in self.WORDS]
+        brief = BRIEF_RE.search(text)
+        if brief:
+            steps = self.finder(brief.group(1), outputs)
+        slow = sum(float(a) for w, a in steps if w == "SLOW")
+        steps = [(w, a) for w, a in steps if w != "SLOW"]
+        turn = sum(it.get("type") == "function_call" for it in items[start:])
+        if turn >= len(steps):
+            self.server.finished = True
+            return self.message("Mock done." + " The closing text, a word at a time." * 6 * bool(slow)), slow
+        word, cmd = steps[turn]
+        args = {"cmd": cmd}
+        if word == "START":
+            args["yield_time_ms"] = 500     # the call returns, the command runs on
+        if word == "ASK":
+            args.update(sandbox_permissions="require_escalated",
+                        justification="Allow the mock to run this outside the sandbox?")
+        call_id = "call_%s_%d_%d" % (str(body.get("prompt_cache_key"))[:8], start, turn)   # a retry: the same
+        self.server.calls.setdefault(call_id, dict(args, word=word))
+        return {"type": "function_call", "id": "fc_%d" % len(self.server.requests), "call_id": call_id,
+                "name": "exec_command", "arguments": json.dumps(args), "status": "completed"}, 0.0
+
+    @staticmethod
+    def finder(path, outputs):
+        """A finder's steps for the brief at `path`, as far as the tool outputs so far tell."""
+        steps = [("BASH", "cat " + shlex.quote(path))]
+        if not outputs:
+            return steps
+        brief = outputs[0]
+        field = lambda name: re.search(r"- %s: `([^`]+)`" % name, brief).group(1)
+        workdir, result = field("Workdir"), field("Result file")
+        post = re.search(r"^ +(echo '\[W\d+\] )<one line>(' >> .*)$", brief, re.M)
+        touch = re.search(r"^ +(touch .*)$", brief, re.M).group(1)
+        steps.append(("BASH", "grep -rn TODO %s" % shlex.quote(workdir)))
+        if len(outputs) < 2:
+            return steps
+        hits = re.findall(r"^%s/([^:\n]+):(\d+):(.*)$" % re.escape(workdir), outputs[1], re.M)
+        found = ["F%d | %s:%s | TODO marker | %s" % (k, rel, line, text.strip())
+                 for k, (rel, line, text) in enumerate(hits, 1)] or ["No TODO marker in the workdir."]
+        return steps + [("BASH", "printf '%%s\\n' %s > %s" % (" ".join(map(shlex.quote, found)),
+                                                             shlex.quote(result))),
+                        ("BASH", "%s%d finding(s) written%s" % (post.group(1), len(hits), post.group(2))),
+                        ("BASH", touch)]
+
+
+def mock_openai():
+    """A mock Responses API on a free port, serving from a thread; shutdown()
+    and server_close() end it."""
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockOpenAI)
+    api.requests, api.calls, api.results, api.open, api.finished = [], {}, {}, set(), False
+    api.daemon_threads = True
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    return api
+
+
+def codex_bin(version):
+    """The bin dir of Codex `version`, installed from npm into the test cache once."""
+    cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
+    bindir = os.path.join(cache, "codex-" + version, "node_modules", ".bin")
+    if not os.path.exists(os.path.join(bindir, "codex")):
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
+                        os.path.dirname(os.path.dirname(bindir)), "@openai/codex@" + version],
+                       check=True, stdout=subprocess.DEVNULL)
+    return bindir
+
+
+def codex_config(port, model="gpt-5.1-codex"):
+    """A user's ~/.codex/config.toml that makes the mock its model provider."""
+    return ('model = "%s"\nmodel_provider = "mock"\ncheck_for_update_on_startup = false\n\n'
+            '[model_providers.mock]\nname = "Mock"\nbase_url = "http://127.0.0.1:%d/v1"\n'
+            'env_key = "OPENAI_API_KEY"\nwire_api = "responses"\nsupports_websockets = false\n'
+            'requires_openai_auth = false\n\n[tui]\nscreen_reader_detection_done = true\n' % (model, port))
+
+
+@unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Codex CLI")
+class RealCodex(OrchCase):
+    """A real Codex fleet, offline: the pinned CLI from npm, its model the
+    mock, named as a provider in the user's own ~/.codex/config.toml (orch
+    copies it into the fleet's CODEX_HOME). ORCH_HOME is outside /tmp, where
+    users have it: Codex's sandbox lets a worker write its workdir, /tmp and
+    --add-dir only. Workdirs are git repositories, where Codex asks to trust
+    the folder."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bin = codex_bin(os.environ.get("ORCH_CODEX_VERSION") or CODEX_VERSION)
+        out = subprocess.run([os.path.join(cls.bin, "codex"), "--version"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, universal_newlines=True, check=True).stdout
+        cls.version = out.split()[-1]
+        cls.orch = load_orch()
+
+    def setUp(self):
+        OrchCase.setUp(self)
+        sb = self.sb
+        self.api = mock_openai()
+        self.addCleanup(self.api.server_close)
+        self.addCleanup(self.api.shutdown)
+        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
+                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
+        self.outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-codex-", dir=base))
+        self.addCleanup(shutil.rmtree, self.outside, True)
+        self.addCleanup(self.end_leftovers)     # runs first
+        sb.home = sb.env["ORCH_HOME"] = os.path.join(self.outside, "orch")
+        self.user = os.path.join(sb.root, "user")
+        self.mine = os.path.join(self.user, ".codex", "config.toml")
+        self.config = codex_config(self.api.server_address[1])
+        write_tree(self.user, {".codex/config.toml": self.config})
+        sb.env.pop("CODEX_HOME", None)
+        sb.env.update(HOME=self.user, PATH=self.bin + os.pathsep + sb.env["PATH"], OPENAI_API_KEY=CODEX_KEY,
+                      LANG="C.UTF-8")
+
+    # -- processes
+    def pids(self, fleet=None):
+        """PIDs started from this sandbox (of `fleet` only, if given), by the
+        ORCH_HOME and ORCH_FLEET that `orch worker` gives them."""
+        want = {os.fsencode("ORCH_HOME=" + self.sb.home)} | ({b"ORCH_FLEET=" + fleet.encode()} if fleet else set())
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    if want <= set(f.read().split(b"\0")):
+                        pids.append(int(pid))
+        return pids
+
+    def cmdline(self, pid):
+        with contextlib.suppress(OSError):
+            return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        return ""
+
+    def end_leftovers(self):
+        """After a failure too: the server, then whatever is left, by PID."""
+        self.sb.tmux("kill-server")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.pids(), 5, 0.1)
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def killed_clean(self, name):
+        """`orch kill` ends the session and every process of the fleet; no
+        app-server of Codex's ran (--no-daemon)."""
+        procs = [self.cmdline(p) for p in self.pids(name)]
+        self.assertTrue(procs)
+        self.assertEqual([p for p in procs if "app-server" in p], [], procs)
+        self.ok("kill", name)
+        self.assertFalse(self.sb.has_session(name))
+        left = self.pids(name)
+        self.assertEqual(left, [], "left after `orch kill`: %s" % [self.cmdline(p) for p in left])
+
+    # -- fleets and screens
+    def fleet(self, name, n, files=None, timeout=30):
+        """`orch spawn` of `n` Codex workers on a fresh git repository: ready, no dialog answered."""
+        wd = self.sb.workdir("wörk-" + name, files)
+        subprocess.run(["git", "init", "-q", wd], check=True)
+        self.ok("spawn", name, n, wd, "--agent", "codex", "--timeout", timeout, timeout=timeout + 30)
+        self.assertEqual(self.sb.events(name, "answer"), [], "spawn answered a dialog")
+        return wd
+
+    def pane(self, name, n):
+        return json.loads(self.sb.text(self.sb.run(name, "fleet.json")))["workers"][n - 1]["pane"]
+
+    def capture(self, name, n):
+        """(screen with escapes, pane title) of worker n, as orch captures it."""
+        pane = self.pane(name, n)
+        screen = self.sb.tmux("-u", "capture-pane", "-p", "-e", "-t", pane).stdout.decode("utf-8", "replace")
+        title = self.sb.tmux("-u", "display-message", "-p", "-t", pane, "#{pane_title}").stdout.decode()
+        return screen, title.strip()
+
+    def keep(self, fixture, state, screen, title=None):
+        """A real screen, kept in SCREENS_OUT. Without a title orch must
+        read `state` off the screen alone, and it is labelled for .ci/screens
+        (fixtures are replayed without their pane title); with one, only the
+        two together tell, and it is kept unlabelled."""
+        got = self.orch.screen_state(self.orch.AGENTS["codex"], screen, title)
+        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
+        if not SCREENS_OUT:
+            return
+        os.makedirs(SCREENS_OUT, exist_ok=True)
+        write_tree(SCREENS_OUT, {fixture + ".ansi.txt": screen})
+        labels = os.path.join(SCREENS_OUT, "labels.tsv" if title is None else "title-only.tsv")
+        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
+                                                    if os.path.exists(labels) else []))
+        rows[fixture] = "codex\t" + state + ("" if title is None else "\t" + title)
+        write_tree(SCREENS_OUT, {os.path.basename(labels): "fixture\tagent\tstate%s\n" % (
+            "" if title is None else "\ttitle") + "".join("%s\t%s\n" % kv for kv in sorted(rows.items()))})
+
+    def said(self, text):
+        """The user messages of turns (not side queries) that hold `text`, each once."""
+        seen = []
+        for body in [b for b in list(self.api.requests) if b.get("tools")]:
+            for item in body.get("input") or []:
+                said = MockOpenAI.text_of(item) if item.get("role") == "user" else None
+                if said and text in said and said not in seen:
+                    seen.append(said)
+        return seen
+
+    # -- the tests
+    def test_boots_idle_with_no_dialog_and_stays_idle(self):
+        sb = self.sb
+        wd = sb.workdir("wörk-boot")
+        subprocess.run(["git", "init", "-q", wd], check=True)
+        # The control: the same CLI and config in the same git workdir, without the fleet's
+        # CODEX_HOME, asks "Trust this folder?".
+        sb.tmux("new-session", "-d", "-s", "control", "-x", "200", "-y", "50", "-c", wd, "env",
+                "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", os.path.join(self.bin, "codex"),
+                "--no-alt-screen", "--no-daemon")
+        self.ok("spawn", "boot", "2", wd, "--agent", "codex", "--timeout", "30", timeout=60)
+        self.assertEqual(self.states("boot"), ["idle", "idle"])
+        self.assertEqual(sb.events("boot", "answer"), [])
+        control = wait_for(lambda: (lambda s: "Trust this folder?" in s and s)(sb.tmux(
+            "-u", "capture-pane", "-p", "-e", "-t", "=control:").stdout.decode("utf-8", "replace")),
+            30, 0.2, "the control's trust dialog")
+        self.keep("codex-orch-trust-folder", "dialog", control)
+        sb.tmux("kill-session", "-t", "=control")
+        wait_for(lambda: not self.pids("control"), 10, 0.1, "the control gone")
+        held = time.monotonic() + 3         # without a login the chooser comes ~1-2 s after the composer
+        while time.monotonic() < held:
+            self.assertEqual(self.states("boot"), ["idle", "idle"])
+        screens = self.ok("read", "boot", "all", "50").out
+        self.assertIsNone(CODEX_ASKS.search(screens), screens)
+        self.assertIn("OpenAI Codex (v%s)" % self.version, screens)
+        self.keep("codex-orch-idle", "idle", self.capture("boot", 1)[0])
+        self.assertEqual(sb.text(self.mine), self.config)
+        fleet_config = sb.text(sb.run("boot", "codex", "config.toml"))
+        self.assertTrue(fleet_config.startswith(self.config), fleet_config)     # Codex adds its counters
+        self.assertIn('\n[projects.%s]\ntrust_level = "trusted"\n' % json.dumps(wd), fleet_config)
+        self.killed_clean("boot")
+        self.assertEqual(self.pids(), [])
+
+    def test_ten_lines_arrive_whole_as_one_message(self):
+        self.fleet("ten", 1)
+        lines = ["Line %02d of a ten-line message: all of it must arrive, in one message." % i
+                 for i in range(1, 11)]
+        self.assertIn("W1: delivered 10 line(s)", self.ok("send", "ten", "1", "-", stdin="\n".join(lines)).out)
+        wait_for(lambda: self.api.finished and self.states("ten") == ["idle"], 20, 0.2, "the turn's end")
+        self.assertEqual(self.said("Line 01 of"), ["\n".join(lines)])
+        self.killed_clean("ten")
+
+    def test_a_permission_prompt_is_permission_and_send_refuses_it(self):
+        sb = self.sb
+        self.fleet("frage", 1)
+        asked = os.path.join(self.outside, "asked.txt")      # not the workdir, /tmp or shared/
+        self.ok("send", "frage", "1", "ASK touch " + asked)
+        wait_for(lambda: self.states("frage") == ["permission"], 30, 0.2, "W1 at the approval prompt")
+        screen, title = self.capture("frage", 1)
+        self.assertIn("Would you like to run the following command?", ANSI_RE.sub("", screen))
+        self.assertIn("Action Required", title)
+        self.keep("codex-orch-permission-exec", "permission", screen)
+        r = sb.orch("send", "frage", "1", "typed into a question")
+        self.assert_one_error_line(r, 1, "W1 is waiting for a permission answer")
+        self.assertNotIn("typed into a question", self.read("frage", 1))
+        self.assertFalse(os.path.exists(asked))
+        sb.tmux("send-keys", "-t", self.pane("frage", 1), "y")      # the person answers: yes, once
+        wait_for(lambda: os.path.exists(asked) and self.states("frage") == ["idle"], 20, 0.2,
+                 "the command run, W1 idle again")
+        self.ok("send", "frage", "1", "thanks")
+        wait_for(lambda: self.said("thanks"), 10, 0.1, "the next message")
+        self.assertEqual(self.said("typed into a question"), [])
+        self.killed_clean("frage")
+
+    def test_a_finder_brief_is_done_with_no_prompt(self):
+        sb = self.sb
+        wd = self.fleet("find", 1, {"a.py": "x = 1\n# TODO: validate x\n", "lib/b.py": "print('b')\n"})
+        self.assertFalse(os.path.realpath(sb.shared("find")).startswith("/tmp/"))
+        self.ok("brief", "find", "1", "--goal", "which lines carry TODO markers", "--send")
+        w = self.ok("wait", "find", "1", "--timeout", "30", "--interval", "0.3", timeout=60)
+        self.assertNotRegex(w.out, r"permission|dialog|exited|unknown")
+        wait_for(lambda: self.api.finished, 10, 0.05, "the touch's output back at the model")
+        self.assertEqual([c["cmd"].split()[0] for c in self.api.calls.values()],
+                         ["cat", "grep", "printf", "echo", "touch"])
+        for call_id, call in self.api.calls.items():
+            self.assertIn("exited with code 0", self.api.results[call_id]["output"], call)
+        self.assertEqual(sb.text(sb.shared("find", "agent-1.result.md")),
+                         "F1 | a.py:2 | TODO marker | # TODO: validate x\n")
+        self.assertIn("[W1] 1 finding(s) written", sb.text(sb.shared("find", "bus.md")))
+        # The sandbox is on: next to shared/, the fleet's own run dir stays read-only.
+        probe = sb.run("find", "not-shared")
+        self.ok("send", "find", "1", "BASH touch " + probe)
+        wait_for(lambda: len(self.api.results) == 6, 20, 0.1, "the probe's output at the mock")
+        self.assertIn("Read-only file system", list(self.api.results.values())[-1]["output"])
+        self.assertFalse(os.path.exists(probe))
+        self.assertTrue(os.path.isdir(wd))
+        self.killed_clean("find")
+
+    def test_kill_leaves_no_process(self):
+        self.fleet("ende", 2)
+        self.ok("send", "ende", "1", "START sleep 600")          # runs on after its call returns
+        wait_for(lambda: [p for p in self.pids("ende") if self.cmdline(p) == "sleep 600"], 20, 0.1,
+                 "W1's background command")
+        wait_for(lambda: self.api.finished and self.states("ende") == ["idle", "idle"], 20, 0.2, "the turn's end")
+        self.assertIn("1 background terminal running", self.read("ende", 1))
+        self.killed_clean("ende")
+        self.assertEqual(self.pids(), [])
+
+    def test_a_busy_worker_stays_busy_in_a_narrow_pane_and_a_message_to_it_is_queued(self):
+        sb = self.sb
+        self.fleet("schmal", 1)
+        sb.tmux("resize-window", "-t", self.pane("schmal", 1), "-x", "40", "-y", "50")
+        self.ok("respawn", "schmal", "1", "--timeout", "30", timeout=60)      # Codex starts 40 wide
+        self.assertEqual(sb.tmux("display-message", "-p", "-t", self.pane("schmal", 1), "#{pane_width}")
+                         .stdout.strip(), b"40")
+        self.assertEqual(self.states("schmal"), ["idle"])
+        self.keep("codex-orch-idle-40cols", "idle", self.capture("schmal", 1)[0])
+        self.ok("send", "schmal", "1", "SLOW 6")
+        wait_for(lambda: self.api.open, 10, 0.05, "the turn's stream")
+        turn, seen, queued = next(iter(self.api.open.copy())), [], None
+        kept = set()
+        while turn in self.api.open:
+            state = self.states("schmal")[0]
+            if turn in self.api.open:       # the whole poll fell inside the turn
+                seen.append(state)
+            screen, title = self.capture("schmal", 1)
+            plain = ANSI_RE.sub("", screen)
+            if "Working (" in plain and "working" not in kept:
+                kept.add("working")
+                self.keep("codex-orch-busy-working-40cols", "busy", screen)
+            if "Mock done. The" in plain and queued is None:
+                # the text streams: no busy line on screen, only the spinner in the pane title
+                self.keep("codex-orch-busy-streaming-40cols", "busy", screen, title)
+                queued = self.ok("send", "schmal", "1", "after your turn")    # Tab: queued, not steered in
+                screen, title = self.capture("schmal", 1)
+                self.assertRegex(ANSI_RE.sub("", screen), r"Queued follow-up inputs\n +↳ after your turn")
+                self.keep("codex-orch-busy-queued-40cols", "busy", screen)
+        self.assertIsNotNone(queued, "the turn ended before its text streamed")
+        self.assertIn("W1: delivered 1 line(s)", queued.out)
+        self.assertGreater(len(seen), 8)
+        self.assertEqual([s for s in seen if s != "busy"], [], "W1 not busy while its turn runs")
+        wait_for(lambda: self.said("after your turn") and self.states("schmal") == ["idle"], 20, 0.2,
+                 "the queued message sent after the turn, W1 idle")
+        turns = [b for b in self.api.requests if b.get("tools")]
+        self.assertNotIn("after your turn", json.dumps(turns[0]))           # not steered into it
+        self.assertEqual(MockOpenAI.text_of([i for i in turns[1]["input"] if i.get("role") == "user"][-1]),
+                         "after your turn")
+        self.killed_clean("schmal")
+
+    def test_a_pinned_model_with_a_successor_is_kept_unasked(self):
+        # 0.171 offers a newer model at start ("Meet GPT-6 Sol", "› 1. Try new model", "2. Use
+        # existing model") until a CODEX_HOME records the answer: a fleet's new one has not.
+        sb = self.sb
+        self.config = codex_config(self.api.server_address[1], model="gpt-5.5")
+        write_tree(self.user, {".codex/config.toml": self.config})
+        wd = sb.workdir("wörk-alt")
+        self.ok("spawn", "alt", 1, wd, "--agent", "codex", "--timeout", "0")   # not waited for: not answered
+        wait_for(lambda: self.states("alt") == ["dialog"], 20, 0.2, "the model offer")
+        screen = self.capture("alt", 1)[0]
+        self.assertIn("2. Use existing model", ANSI_RE.sub("", screen))
+        self.keep("codex-orch-model-offer", "dialog", screen)
+        r = sb.orch("send", "alt", "1", "typed into the offer")
+        self.assert_one_error_line(r, 1, "W1 is at a dialog")
+        r = sb.orch("respawn", "alt", "1", "--timeout", "10", timeout=60)       # waited for: answered
+        self.assertEqual(r.code, 0, (r, sb.events("alt"), self.read("alt", 1)))
+        self.assertEqual([e["keys"] for e in sb.events("alt", "answer")], ["2"])
+        self.assertEqual(self.states("alt"), ["idle"])
+        self.ok("send", "alt", "1", "which model is this?")
+        wait_for(lambda: self.said("which model is this?"), 15, 0.1, "the message")
+        self.assertEqual({b["model"] for b in self.api.requests if b.get("tools")}, {"gpt-5.5"})
+        self.assertEqual(self.said("typed into the offer"), [])
+        self.assertEqual(sb.text(self.mine), self.config)
+        self.killed_clean("alt")
+
+
 class LeadInTmux(OrchCase):
     """A lead that is itself in a tmux pane (TMUX set, as for any Claude Code
     run inside tmux): orch's tmux calls reach the lead's server, the fleet
