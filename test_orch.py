@@ -306,6 +306,29 @@ class OrchCase(unittest.TestCase):
     def read(self, name, n):
         return self.ok("read", name, n, "50").out
 
+    def pane(self, name, n):
+        return json.loads(self.sb.text(self.sb.run(name, "fleet.json")))["workers"][n - 1]["pane"]
+
+    def capture(self, name, n):
+        """(screen with escapes, pane title) of worker n, as orch captures it."""
+        pane = self.pane(name, n)
+        screen = self.sb.tmux("-u", "capture-pane", "-p", "-e", "-t", pane).stdout.decode("utf-8", "replace")
+        title = self.sb.tmux("-u", "display-message", "-p", "-t", pane, "#{pane_title}").stdout.decode()
+        return screen, title.strip()
+
+    def pids(self, fleet=None):
+        """PIDs started from this sandbox (of `fleet` only, if given): what
+        `orch worker` marks with ORCH_HOME and ORCH_FLEET, which the agent's
+        children and daemons inherit."""
+        want = {os.fsencode("ORCH_HOME=" + self.sb.home)} | ({b"ORCH_FLEET=" + fleet.encode()} if fleet else set())
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    if want <= set(f.read().split(b"\0")):
+                        pids.append(int(pid))
+        return pids
+
     def shared_run(self, key):
         """A run of shared_runs(): (its Sandbox, its last step's Result), every
         step having exited 0 without a traceback."""
@@ -1916,23 +1939,28 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
         return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use"
 
 
-def mock_api(handler=MockAnthropic):
-    """A mock Messages API on a free port, serving from a thread; shutdown()
-    and server_close() end it."""
+def mock_api(handler=MockAnthropic, **state):
+    """A mock model API on a free port, serving from a thread, with `state`
+    (and requests, calls, results, finished) on the server for its handler;
+    shutdown() and server_close() end it."""
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     api.requests, api.calls, api.results, api.finished = [], {}, {}, False
+    for key, value in state.items():
+        setattr(api, key, value)
     api.daemon_threads = True
     threading.Thread(target=api.serve_forever, daemon=True).start()
     return api
 
 
-def claude_bin(version):
-    """The bin dir of Claude Code `version`, installed from npm into the test cache once."""
+def cli_bin(package, version):
+    """The bin dir of the npm `package` at `version` (an agent CLI), installed
+    into the test cache once."""
     cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
-    bindir = os.path.join(cache, "claude-" + version, "node_modules", ".bin")
-    if not os.path.exists(os.path.join(bindir, "claude")):
+    name = {"@anthropic-ai/claude-code": "claude", "@google/gemini-cli": "gemini", "@openai/codex": "codex"}[package]
+    bindir = os.path.join(cache, "%s-%s" % (name, version), "node_modules", ".bin")
+    if not os.path.exists(os.path.join(bindir, name)):
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
-                        os.path.dirname(os.path.dirname(bindir)), "@anthropic-ai/claude-code@" + version],
+                        os.path.dirname(os.path.dirname(bindir)), "%s@%s" % (package, version)],
                        check=True, stdout=subprocess.DEVNULL)
     return bindir
 
@@ -1951,7 +1979,7 @@ class RealPlugin(OrchCase):
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
         for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY"):
             env.pop(var, None)
-        claude = [os.path.join(claude_bin(CLAUDE_VERSION), "claude"), "plugin"]
+        claude = [os.path.join(cli_bin("@anthropic-ai/claude-code", CLAUDE_VERSION), "claude"), "plugin"]
         if os.geteuid() == 0 and shutil.which("unshare"):
             claude[:0] = ["unshare", "-n"]                  # no network: all of it works offline
 
@@ -1981,7 +2009,7 @@ class RealClaude(OrchCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.bin = claude_bin(CLAUDE_VERSION)
+        cls.bin = cli_bin("@anthropic-ai/claude-code", CLAUDE_VERSION)
         cls.api = mock_api()
 
     @classmethod
@@ -2068,7 +2096,7 @@ class RealLead(OrchCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.bin = claude_bin(os.environ.get("ORCH_CLAUDE_VERSION") or CLAUDE_VERSION)
+        cls.bin = cli_bin("@anthropic-ai/claude-code", os.environ.get("ORCH_CLAUDE_VERSION") or CLAUDE_VERSION)
         out = subprocess.run([os.path.join(cls.bin, "claude"), "--version"], stdout=subprocess.PIPE,
                              universal_newlines=True, check=True).stdout
         cls.version = out.split()[0]
@@ -2376,45 +2404,31 @@ class MockGemini(http.server.BaseHTTPRequestHandler):
 
     @staticmethod
     def finder(path, outputs):
-        """A finder's steps for the brief at `path`, as far as the tool results so far tell."""
-        steps = [("READ", path)]
-        if not outputs:
-            return steps
-        brief = outputs[0]
-        field = lambda name: re.search(r"- %s: `([^`]+)`" % name, brief).group(1)
-        workdir, result = field("Workdir"), field("Result file")
-        post = re.search(r"^ +(echo '\[W\d+\] )<one line>(' >> .*)$", brief, re.M)
-        touch = re.search(r"^ +(touch .*)$", brief, re.M).group(1)
-        steps.append(("BASH", "grep -rn TODO %s" % shlex.quote(workdir)))
-        if len(outputs) < 2:
-            return steps
-        hits = re.findall(r"^(?:Output: )?%s/([^:\n]+):(\d+):(.*)$" % re.escape(workdir), outputs[1], re.M)
-        found = ["F%d | %s:%s | TODO marker | %s" % (k, rel, line, text.strip())
-                 for k, (rel, line, text) in enumerate(hits, 1)]
-        return steps + [("WRITE", "%s %s" % (result, "\\n".join(found) or "No TODO marker in the workdir.")),
-                        ("BASH", "%s%d finding(s) written%s" % (post.group(1), len(found), post.group(2))),
-                        ("BASH", touch)]
+        return finder_steps(("READ", path), outputs, lambda result, found: (
+            "WRITE", "%s %s" % (result, "\\n".join(found) or "No TODO marker in the workdir.")))
 
 
-def mock_gemini():
-    """A mock Gemini API on a free port, serving from a thread; shutdown()
-    and server_close() end it."""
-    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockGemini)
-    api.requests, api.calls, api.results, api.streams, api.finished = [], [], [], [], False
-    api.daemon_threads = True
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    return api
-
-
-def gemini_bin(version):
-    """The bin dir of Gemini CLI `version`, installed from npm into the test cache once."""
-    cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
-    bindir = os.path.join(cache, "gemini-" + version, "node_modules", ".bin")
-    if not os.path.exists(os.path.join(bindir, "gemini")):
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
-                        os.path.dirname(os.path.dirname(bindir)), "@google/gemini-cli@" + version],
-                       check=True, stdout=subprocess.DEVNULL)
-    return bindir
+def finder_steps(first, outputs, write):
+    """A scripted finder's steps, as far as the tool outputs so far tell: `first`
+    (it reads the brief), a grep for TODO in the workdir, `write(result file,
+    findings)`, the bus post and the touch of the done flag its brief names."""
+    steps = [first]
+    if not outputs:
+        return steps
+    brief = outputs[0]
+    field = lambda name: re.search(r"- %s: `([^`]+)`" % name, brief).group(1)
+    workdir, result = field("Workdir"), field("Result file")
+    post = re.search(r"^ +(echo '\[W\d+\] )<one line>(' >> .*)$", brief, re.M)
+    touch = re.search(r"^ +(touch .*)$", brief, re.M).group(1)
+    steps.append(("BASH", "grep -rn TODO %s" % shlex.quote(workdir)))
+    if len(outputs) < 2:
+        return steps
+    hits = re.findall(r"^(?:Output: )?%s/([^:\n]+):(\d+):(.*)$" % re.escape(workdir), outputs[1], re.M)
+    found = ["F%d | %s:%s | TODO marker | %s" % (k, rel, line, text.strip())
+             for k, (rel, line, text) in enumerate(hits, 1)]
+    return steps + [write(result, found), ("BASH", "%s%d finding(s) written%s" % (post.group(1), len(found),
+                                                                                     post.group(2))),
+                    ("BASH", touch)]
 
 
 def user_texts(api):
@@ -2431,7 +2445,7 @@ class RealGemini(OrchCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.bin = gemini_bin(os.environ.get("ORCH_GEMINI_VERSION") or GEMINI_VERSION)
+        cls.bin = cli_bin("@google/gemini-cli", os.environ.get("ORCH_GEMINI_VERSION") or GEMINI_VERSION)
         with open(os.path.join(os.path.dirname(cls.bin), "@google", "gemini-cli", "package.json")) as f:
             cls.version = json.load(f)["version"]
         cls.orch = load_orch()
@@ -2440,7 +2454,7 @@ class RealGemini(OrchCase):
         OrchCase.setUp(self)
         sb = self.sb
         self.addCleanup(self.end_leftovers)     # runs before the Sandbox's kill-server
-        self.api = mock_gemini()
+        self.api = mock_api(MockGemini, calls=[], results=[], streams=[])
         self.addCleanup(self.api.server_close)
         self.addCleanup(self.api.shutdown)
         self.user = os.path.join(sb.root, "user")
@@ -2457,19 +2471,6 @@ class RealGemini(OrchCase):
                       COLORTERM="truecolor", LANG="C.UTF-8")
 
     # -- processes
-    def pids(self, fleet=None):
-        """PIDs started from this sandbox (of `fleet` only, if given): what
-        `orch worker` marks with ORCH_HOME and ORCH_FLEET, which Gemini's
-        relaunched child inherits."""
-        want = {os.fsencode("ORCH_HOME=" + self.sb.home)} | ({b"ORCH_FLEET=" + fleet.encode()} if fleet else set())
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                with open("/proc/%s/environ" % pid, "rb") as f:
-                    if want <= set(f.read().split(b"\0")):
-                        pids.append(int(pid))
-        return pids
-
     def end_leftovers(self):
         for pid in self.pids():             # Gemini outlives tmux kill-server: by PID
             with contextlib.suppress(OSError):
@@ -2486,16 +2487,6 @@ class RealGemini(OrchCase):
         self.assertEqual(self.pids(name), [], "processes of fleet %s left after `orch kill`" % name)
 
     # -- screens
-    def pane(self, name, n):
-        return json.loads(self.sb.text(self.sb.run(name, "fleet.json")))["workers"][n - 1]["pane"]
-
-    def capture(self, name, n):
-        """(screen with escapes, pane title) of worker n, as orch captures it."""
-        pane = self.pane(name, n)
-        screen = self.sb.tmux("-u", "capture-pane", "-p", "-e", "-t", pane).stdout.decode("utf-8", "replace")
-        title = self.sb.tmux("-u", "display-message", "-p", "-t", pane, "#{pane_title}").stdout.decode()
-        return screen, title.strip()
-
     def keep(self, fixture, state, screen):
         """A real screen for .ci/screens: orch must read `state` off it alone
         (fixtures are replayed without their pane title)."""
@@ -2793,46 +2784,10 @@ class MockOpenAI(http.server.BaseHTTPRequestHandler):
 
     @staticmethod
     def finder(path, outputs):
-        """A finder's steps for the brief at `path`, as far as the tool outputs so far tell."""
-        steps = [("BASH", "cat " + shlex.quote(path))]
-        if not outputs:
-            return steps
-        brief = outputs[0]
-        field = lambda name: re.search(r"- %s: `([^`]+)`" % name, brief).group(1)
-        workdir, result = field("Workdir"), field("Result file")
-        post = re.search(r"^ +(echo '\[W\d+\] )<one line>(' >> .*)$", brief, re.M)
-        touch = re.search(r"^ +(touch .*)$", brief, re.M).group(1)
-        steps.append(("BASH", "grep -rn TODO %s" % shlex.quote(workdir)))
-        if len(outputs) < 2:
-            return steps
-        hits = re.findall(r"^%s/([^:\n]+):(\d+):(.*)$" % re.escape(workdir), outputs[1], re.M)
-        found = ["F%d | %s:%s | TODO marker | %s" % (k, rel, line, text.strip())
-                 for k, (rel, line, text) in enumerate(hits, 1)] or ["No TODO marker in the workdir."]
-        return steps + [("BASH", "printf '%%s\\n' %s > %s" % (" ".join(map(shlex.quote, found)),
-                                                             shlex.quote(result))),
-                        ("BASH", "%s%d finding(s) written%s" % (post.group(1), len(hits), post.group(2))),
-                        ("BASH", touch)]
-
-
-def mock_openai():
-    """A mock Responses API on a free port, serving from a thread; shutdown()
-    and server_close() end it."""
-    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockOpenAI)
-    api.requests, api.calls, api.results, api.open, api.finished = [], {}, {}, set(), False
-    api.daemon_threads = True
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    return api
-
-
-def codex_bin(version):
-    """The bin dir of Codex `version`, installed from npm into the test cache once."""
-    cache = os.environ.get("ORCH_TEST_CACHE") or os.path.expanduser("~/.cache/orch-test")
-    bindir = os.path.join(cache, "codex-" + version, "node_modules", ".bin")
-    if not os.path.exists(os.path.join(bindir, "codex")):
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", "--prefix",
-                        os.path.dirname(os.path.dirname(bindir)), "@openai/codex@" + version],
-                       check=True, stdout=subprocess.DEVNULL)
-    return bindir
+        found_or_none = lambda found: found or ["No TODO marker in the workdir."]
+        return finder_steps(("BASH", "cat " + shlex.quote(path)), outputs, lambda result, found: (
+            "BASH", "printf '%%s\\n' %s > %s" % (" ".join(map(shlex.quote, found_or_none(found))),
+                                                shlex.quote(result))))
 
 
 def codex_config(port, model="gpt-5.1-codex"):
@@ -2854,7 +2809,7 @@ class RealCodex(OrchCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.bin = codex_bin(os.environ.get("ORCH_CODEX_VERSION") or CODEX_VERSION)
+        cls.bin = cli_bin("@openai/codex", os.environ.get("ORCH_CODEX_VERSION") or CODEX_VERSION)
         out = subprocess.run([os.path.join(cls.bin, "codex"), "--version"], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, universal_newlines=True, check=True).stdout
         cls.version = out.split()[-1]
@@ -2863,7 +2818,7 @@ class RealCodex(OrchCase):
     def setUp(self):
         OrchCase.setUp(self)
         sb = self.sb
-        self.api = mock_openai()
+        self.api = mock_api(MockOpenAI, open=set())
         self.addCleanup(self.api.server_close)
         self.addCleanup(self.api.shutdown)
         base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
@@ -2881,18 +2836,6 @@ class RealCodex(OrchCase):
                       LANG="C.UTF-8")
 
     # -- processes
-    def pids(self, fleet=None):
-        """PIDs started from this sandbox (of `fleet` only, if given), by the
-        ORCH_HOME and ORCH_FLEET that `orch worker` gives them."""
-        want = {os.fsencode("ORCH_HOME=" + self.sb.home)} | ({b"ORCH_FLEET=" + fleet.encode()} if fleet else set())
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                with open("/proc/%s/environ" % pid, "rb") as f:
-                    if want <= set(f.read().split(b"\0")):
-                        pids.append(int(pid))
-        return pids
-
     def cmdline(self, pid):
         with contextlib.suppress(OSError):
             return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
@@ -2926,16 +2869,6 @@ class RealCodex(OrchCase):
         self.ok("spawn", name, n, wd, "--agent", "codex", "--timeout", timeout, timeout=timeout + 30)
         self.assertEqual(self.sb.events(name, "answer"), [], "spawn answered a dialog")
         return wd
-
-    def pane(self, name, n):
-        return json.loads(self.sb.text(self.sb.run(name, "fleet.json")))["workers"][n - 1]["pane"]
-
-    def capture(self, name, n):
-        """(screen with escapes, pane title) of worker n, as orch captures it."""
-        pane = self.pane(name, n)
-        screen = self.sb.tmux("-u", "capture-pane", "-p", "-e", "-t", pane).stdout.decode("utf-8", "replace")
-        title = self.sb.tmux("-u", "display-message", "-p", "-t", pane, "#{pane_title}").stdout.decode()
-        return screen, title.strip()
 
     def keep(self, fixture, state, screen, title=None):
         """A real screen, kept in SCREENS_OUT. Without a title orch must
@@ -3234,16 +3167,6 @@ class Truth(OrchCase):
             self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
         return os.path.join(bindir, name + ".typed")
 
-    def fleet_pids(self, name):
-        pids = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                with open("/proc/%s/environ" % pid, "rb") as f:
-                    env = f.read().split(b"\0")
-                    if b"ORCH_FLEET=" + name.encode() in env and os.fsencode("ORCH_HOME=" + self.sb.home) in env:
-                        pids.append(int(pid))
-        return pids
-
     def test_a_dialog_a_moment_after_idle_is_not_ready(self):
         typed = self.fake("codex", (0, "codex-idle"), (1, "codex-login-chooser"))
         wd = self.sb.workdir("wörk-spaet")
@@ -3337,18 +3260,18 @@ class Truth(OrchCase):
             self.skipTest("needs /proc")
         self.fake("daemonic", (0, "codex-idle"), daemon=True)
         for name in ("rest", "kaputt"):
-            self.addCleanup(lambda name=name: [os.kill(pid, signal.SIGKILL) for pid in self.fleet_pids(name)])
+            self.addCleanup(lambda name=name: [os.kill(pid, signal.SIGKILL) for pid in self.pids(name)])
             self.spawn(name, 2, None, "daemonic")
-        wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="two agents and their daemons")
-        before = set(self.fleet_pids("rest"))
+        wait_for(lambda: len(self.pids("rest")) == 4, 10, what="two agents and their daemons")
+        before = set(self.pids("rest"))
         self.ok("respawn", "rest", 1)
-        wait_for(lambda: len(self.fleet_pids("rest")) == 4, 10, what="the new agent and its daemon")
-        self.assertEqual(len(before & set(self.fleet_pids("rest"))), 2)      # W2's two, not W1's
+        wait_for(lambda: len(self.pids("rest")) == 4, 10, what="the new agent and its daemon")
+        self.assertEqual(len(before & set(self.pids("rest"))), 2)      # W2's two, not W1's
         with open(self.sb.run("kaputt", "fleet.json"), "w") as f:
             f.write("{kaputt")
         for name in ("rest", "kaputt"):
             self.ok("kill", name)
-            self.assertEqual(self.fleet_pids(name), [])
+            self.assertEqual(self.pids(name), [])
 
 
 class Faults(OrchCase):
