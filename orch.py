@@ -848,7 +848,7 @@ def worker_row(w, info, seen, now, stall, done):
 
 
 AGAIN_RE = re.compile(r"(?i)try again in ((?:\d{1,4} ?(?:day|hour|minute|second|[dhms]\b)\w*[ ,.]*(?:and )?)+)")
-CLOCK_RE = re.compile(r"(?i)\breset(?:s| at)? (?:at )?(\d{1,2})(?::(\d\d))? ?([ap]m)\b(?: \(([\w/+-]{1,40})\))?")
+CLOCK_RE = re.compile(r"(?i)\breset(?:s| at)? (?:at )?(1[0-2]|0?[1-9])(?::([0-5]\d))? ?([ap]m)\b(?: \(([\w/+-]{1,40})\))?")
 
 
 def reset_time(screen, now):
@@ -858,7 +858,8 @@ def reset_time(screen, now):
     m = AGAIN_RE.search(screen)
     if m:
         unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-        return now + sum(int(k) * unit[u[0].lower()] for k, u in re.findall(r"(\d+) ?([a-zA-Z])", m.group(1)))
+        wait = sum(int(k) * unit[u[0].lower()] for k, u in re.findall(r"(\d+) ?([a-zA-Z])", m.group(1)))
+        return now + wait if wait <= 400 * 86400 else None      # a screen can say anything
     m = CLOCK_RE.search(screen)
     if not m:
         return None

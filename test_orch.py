@@ -3221,6 +3221,18 @@ class Truth(OrchCase):
         self.assertEqual([e["worker"] for e in resumed], [1])
         self.assertGreaterEqual(datetime.datetime.fromisoformat(resumed[0]["t"]).timestamp(), int(resets))
 
+    def test_a_reset_time_a_worker_draws_is_read_or_left_unknown_never_a_crash(self):
+        limit = os.path.join(self.sb.root, "limit.ansi.txt")
+        with open(limit, "w") as f:         # what a hostile or broken screen can say
+            f.write("You've hit your usage limit \u00b7 resets 3:99pm. Or try again in 9999 days 9999 days.\n\n"
+                    "\u203a Ask Codex to do anything\n\n  ? for shortcuts\n")
+        self.fake("codex", (0, "codex-idle"), (2.5, limit))
+        self.spawn("unsinn", 1, None, "codex")
+        wait_for(lambda: self.states("unsinn") == ["limited"], 10, what="the usage-limit screen")
+        self.assertIsNone(self.status("unsinn")["workers"][0]["resets"])
+        self.assertNotIn("resets", self.ok("status", "unsinn").out.split("\n")[1])
+        self.assertEqual(self.sb.orch("wait", "unsinn", "--nudge", "--timeout", "0.5").code, 3)
+
     def test_kill_and_respawn_after_a_server_restart_never_alias_panes(self):
         self.spawn("alias", 2)
         self.ok("kill", "alias")                        # the server exits with its last session
