@@ -238,9 +238,7 @@ def gemini_setup(fleet, w):
     ~/.gemini/policies), and auto_edit unless the lead chose a mode: like
     Claude's acceptEdits, write_file and replace within the workdir and shared
     dir, and an allowed command may redirect (`echo ... >> bus.md`)."""
-    lead = read_state(os.path.join(fleet["run"], "env.json"))       # the pane's own env is tmux's
-    mine = os.path.join(lead.get("GEMINI_CLI_HOME") or lead.get("HOME") or os.path.expanduser("~"),
-                        ".gemini", "policies")
+    mine = os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", "policies")
     args = ["--include-directories", os.path.realpath(shared_dir(fleet))]
     args += ["--policy", mine] if os.path.isdir(mine) else []
     args += ["--policy", os.path.join(fleet["run"], "gemini-policy.toml")]
@@ -2335,17 +2333,17 @@ def cmd_worker(a):
     """The pane command: set the worker's environment, then exec the agent.
     A pane inherits the tmux server's environment, not the lead's: the lead's
     comes from env.json, where add and respawn saved it."""
-    os.environ["ORCH_HOME"] = a.home or orch_home()
+    home = os.environ["ORCH_HOME"] = a.home or orch_home()
     fleet = load_fleet(a.name)
     w = pick_workers(fleet, a.n, allow_all=False)[0]
-    env = dict(os.environ, **read_state(os.path.join(fleet["run"], "env.json")))
-    env.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
-               ORCH_HOME=orch_home())
+    os.environ.update(read_state(os.path.join(fleet["run"], "env.json")))    # for the agent and its setup
+    os.environ.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
+                      ORCH_HOME=home)
     entry = AGENTS[w["profile"]]
     argv = shlex.split(w["agent"])
     argv[:1] = entry.get("command", argv[:1])
     extra = entry.get("setup", lambda fleet, w: {})(fleet, w)
-    env.update(extra.get("env", {}))
+    env = dict(os.environ, **extra.get("env", {}))
     argv += extra.get("args", [])
     os.chdir(fleet["workdir"])
     try:
