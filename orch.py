@@ -245,7 +245,8 @@ def gemini_setup(fleet, w):
     words = shlex.split(w["agent"])
     if not any(x in ("-y", "--yolo", "--approval-mode") or x.startswith("--approval-mode=") for x in words):
         args += ["--approval-mode", "auto_edit"]
-    return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
+    # CI=true or GITHUB_ACTIONS=true (a lead in CI) make it headless: it exits.
+    return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": None, "GITHUB_ACTIONS": None,
                     "GEMINI_CLI_TRUSTED_FOLDERS_PATH": os.path.join(fleet["run"], "gemini-trusted.json")},
             "args": args}
 
@@ -1105,7 +1106,7 @@ def wait_ready(fleet, ns, timeout):
                     tmux("send-keys", "-t", r["pane"], *keys)
                     answered.add((r["n"], pattern))
                     log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
-        if not waiting or now >= deadline:
+        if now >= deadline or all(r["shows"] == "exited" for r in waiting):    # all(): none left
             return [r for r in waiting if since[r["n"]] is None]
         time.sleep(0.25)
 
@@ -2343,7 +2344,7 @@ def cmd_worker(a):
     argv = shlex.split(w["agent"])
     argv[:1] = entry.get("command", argv[:1])
     extra = entry.get("setup", lambda fleet, w: {})(fleet, w)
-    env = dict(os.environ, **extra.get("env", {}))
+    env = {k: v for k, v in dict(os.environ, **extra.get("env", {})).items() if v is not None}
     argv += extra.get("args", [])
     os.chdir(fleet["workdir"])
     try:

@@ -523,6 +523,14 @@ class Harness(OrchCase):
         self.assert_one_error_line(self.sb.orch("send", "fertig", "2", "hallo"), 1, "W2 has exited")
         self.assertTrue(self.sb.has_session("fertig"))             # tmux 3.3a dies pasting into a dead pane
 
+    def test_spawn_stops_waiting_once_every_worker_has_exited(self):
+        """An agent that exits at once (a headless CLI, a bad flag) will never be
+        ready: spawn says so then, not at --timeout (a 90 s wait would fail here)."""
+        r = self.sb.orch("spawn", "tot", 2, self.sb.workdir("wörk-tot"), "--agent", "false",
+                         "--timeout", "600", timeout=90)
+        self.assert_one_error_line(r, 1, "W1 exited, W2 exited")
+        self.assertEqual(self.states("tot"), ["exited", "exited"])
+
     def test_spawn_refuses_then_force_archives(self):
         wd = self.sb.workdir("wörk-arch")
         self.spawn("arch", 1, wd)
@@ -2468,7 +2476,8 @@ class RealGemini(OrchCase):
             sb.env.pop(var, None)
         sb.env.update(HOME=self.user, PATH=self.bin + os.pathsep + sb.env["PATH"], GEMINI_API_KEY=GEMINI_KEY,
                       GOOGLE_GEMINI_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1],
-                      COLORTERM="truecolor", LANG="C.UTF-8")
+                      COLORTERM="truecolor", LANG="C.UTF-8",
+                      CI="true", GITHUB_ACTIONS="true")    # a lead in CI: they make a plain gemini headless
 
     # -- processes
     def end_leftovers(self):
@@ -2521,7 +2530,7 @@ class RealGemini(OrchCase):
         # file, asks "Do you trust the following folders" (GEMINI_CLI_TRUST_WORKSPACE is not enough).
         extra = sb.workdir("extra")
         sb.tmux("new-session", "-d", "-s", "control", "-x", "200", "-y", "50", "-c", wd, "env",
-                "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", "GEMINI_CLI_TRUST_WORKSPACE=true",
+                "-u", "CI", "-u", "GITHUB_ACTIONS", "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", "GEMINI_CLI_TRUST_WORKSPACE=true",
                 os.path.join(self.bin, "gemini"), "--include-directories", extra)
         self.ok("spawn", "gem", "2", wd, "--agent", "gemini", "--timeout", "60", timeout=90)
         self.assertEqual(self.states("gem"), ["idle", "idle"])
@@ -2906,7 +2915,7 @@ class RealCodex(OrchCase):
         # The control: the same CLI and config in the same git workdir, without the fleet's
         # CODEX_HOME, asks "Trust this folder?".
         sb.tmux("new-session", "-d", "-s", "control", "-x", "200", "-y", "50", "-c", wd, "env",
-                "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", os.path.join(self.bin, "codex"),
+                "-u", "CI", "-u", "GITHUB_ACTIONS", "ORCH_HOME=" + sb.home, "ORCH_FLEET=control", os.path.join(self.bin, "codex"),
                 "--no-alt-screen", "--no-daemon")
         self.ok("spawn", "boot", "2", wd, "--agent", "codex", "--timeout", "30", timeout=60)
         self.assertEqual(self.states("boot"), ["idle", "idle"])
