@@ -86,7 +86,7 @@ VERSION = "0.3"
 SCHEMA = 1                      # fleet.json "version"
 ORCH = os.path.abspath(__file__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-BOOTED = ("idle", "busy", "draft", "stalled")   # past booting and dialogs (a draft is typed text)
+BOOTED = ("idle", "busy", "draft")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
 ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
@@ -280,8 +280,8 @@ AGENTS = {
         # or "⏸ manual mode on · ? for shortcuts"; also "⏵⏵ accept edits on", "⏸ plan mode on".
         "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w '’]+ on\b"],
         "busy": [r"esc to interrupt",  # 2.1.197 footer; older: "✽ Wandering… (esc to interrupt)"
-                 r"^\s*[·✢✳✶✻✽] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
-                 r"Retrying in \d", r"Compacting conversation", r"ctrl\+b to run in background",
+                 r"^\s*[·✢✳✶✻✽*] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
+                 r"(?i)retrying in \d", r"Compacting conversation", r"ctrl\+b to run in background",
                  r"Press up to edit queued messages"],
         # Every dialog replaces the input box, so these are only looked for from the input line down:
         # an answered question or quoted text higher up in the transcript never counts.
@@ -834,14 +834,13 @@ def worker_row(w, info, seen, now, stall, done):
     if shows is None:                   # never typed into: busy and idle need evidence
         shows = "unknown" if seen.get("booted") else "booting"
     seen["booted"] = seen.get("booted") or shows in BOOTED
-    if shows in ("idle", "busy") and quiet >= stall:
-        shows = "stalled"
+    stalled = shows in BOOTED and quiet >= stall    # shows stays what delivery must respect
     if shows == "limited":              # when it was first seen: "try again in 5 minutes"
         seen.setdefault("resets", reset_time(plain, now))
     else:
         seen.pop("resets", None)
     lines = [ln for ln in plain.split("\n") if ln.strip()]
-    return {"n": w["n"], "pane": w["pane"], "state": "done" if done else shows, "shows": shows,
+    return {"n": w["n"], "pane": w["pane"], "state": "done" if done else "stalled" if stalled else shows, "shows": shows,
             "done": done, "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
             "screen": plain, "digest": digest, "resets": seen.get("resets")}
 

@@ -795,6 +795,18 @@ class States(OrchCase):
         self.assertIn(self.sb.shared("still", "agent-1.task.md"), nudges[0])
         self.assertTrue(any(e.get("why") == "stalled" for e in self.sb.events("still", "nudge")))
 
+    def test_wait_clears_and_nudges_a_stalled_draft(self):
+        """Text left in the input box is a worker that cannot move: after --stall
+        seconds it is stalled, and the nudge clears the draft instead of adding to it."""
+        self.spawn("entwurf", 1)
+        self.sb.tmux("send-keys", "-t", self.sb.panes("entwurf")[0][0], "-l", "halb getippt")
+        wait_for(lambda: self.states("entwurf") == ["draft"], 20, what="W1 draft")
+        r = self.sb.orch("wait", "entwurf", "--nudge", "--stall", "1", "--interval", "0.2", "--timeout", "4")
+        self.assertEqual(r.code, 3, r)
+        self.assertTrue(re.search(r"W1 \S+ -> stalled", r.out), r.out)
+        msgs = self.sb.msgs("entwurf", 1)
+        self.assertTrue(msgs and all(m.startswith("Reminder: you are worker 1 of 1") for m in msgs), msgs)
+
     def test_poll_cost_constant_in_fleet_size(self):
         """tmux processes per poll, counted over a fixed number of polls: `status`
         is one poll, and `wait` with every done flag present returns after exactly
