@@ -1077,8 +1077,10 @@ def open_pane(fleet, n, beside=None):
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
     # remain-on-exit in the same batch as the window's birth: a pane whose
-    # agent dies at once still keeps its last screen.
-    argv += [";", "set-option", "-w"] + new + ["remain-on-exit", "on"]
+    # agent dies at once still keeps its last screen; window-size manual: a
+    # client that attaches (an 80x24 terminal) never resizes the panes orch reads.
+    for option in (["remain-on-exit", "on"], ["window-size", "manual"]):
+        argv += [";", "set-option", "-w"] + new + option
     if fleet["session"] in live_sessions():
         return tmux("new-window", "-t", "=%s:" % fleet["session"], *argv).split()[0]
     # The session carries its ORCH_HOME: a fleet of the same name in another

@@ -3106,6 +3106,24 @@ class LeadInTmux(OrchCase):
         self.ok("kill", "in")
         self.assertEqual(sb.tmux("has-session", "-t", "=lead").returncode, 0)
 
+    def test_attach_from_a_small_terminal_never_resizes_the_panes(self):
+        """An 80x24 terminal (a pane of a second tmux server) attaches: orch's
+        panes keep their size while it looks and after it leaves."""
+        sb = self.sb
+        self.spawn("gross", 3)
+        def sizes():
+            return sb.tmux("list-panes", "-s", "-t", "=orch-gross", "-F", "#{pane_width}x#{pane_height}").stdout.split()
+        before = sizes()
+        self.addCleanup(sb.tmux, "-L", "outer", "kill-server")
+        sb.tmux("-L", "outer", "new-session", "-d", "-x", "80", "-y", "24", "env", "-u", "TMUX",
+                sys.executable, ORCH_PY, "attach", "gross")
+        wait_for(lambda: b"orch-gross" in sb.tmux("list-clients").stdout, 20, 0.1, "the terminal attached")
+        self.assertEqual(sizes(), before)
+        sb.tmux("-L", "outer", "kill-server")
+        wait_for(lambda: not sb.tmux("list-clients").stdout.strip(), 20, 0.1, "the terminal gone")
+        self.assertEqual(sizes(), before)
+        self.assertEqual(self.states("gross"), ["idle"] * 3)
+
 
 # =============================================================================
 # Hardening: faults, concurrency, security, the Python 3.8 floor.
