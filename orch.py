@@ -12,7 +12,7 @@ commands:
   spawn <name> <N> [workdir]      start N workers  [--agent A] [--per-window K]
                                   [--timeout S] [--force]
   add <name> [K]                  add K workers to a live fleet  [--agent A]
-                                  [--timeout S]
+                                  [--timeout S] [--refresh-env]
   send <name> <n|all> MESSAGE...  deliver and submit a message  [--file PATH | -]
   brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
                                   [--constraint TEXT]... [--send]
@@ -28,7 +28,7 @@ commands:
                                   [--rounds R] [--by v,...] [--timeout S]
   report <name>                   write and print report.md
   respawn <name> <n>              restart a worker, re-send its brief
-                                  [--timeout S]
+                                  [--timeout S] [--refresh-env]
   kill <name> | --all             save scrollback to logs/, end the tmux session
   attach <name>                   watch a fleet, read-only
   demo [workdir] [--agent A]      a 4-worker self-verifying audit, end to end
@@ -1117,7 +1117,6 @@ def add_workers(fleet, count, agent, timeout):
     seconds (0: not at all) until they are ready; returns the rows of those not."""
     profile = parse_agent(agent)
     k = fleet["per_window"]
-    save_env(fleet)
     AGENTS[profile].get("seed", lambda fleet, agent: None)(fleet, agent)
     for _ in range(count):
         n = len(fleet["workers"]) + 1
@@ -1891,6 +1890,7 @@ def cmd_spawn(a):
              "workers": [], "run": rd}
     post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
     log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
+    save_env(fleet)
     print(started(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
 
 
@@ -1899,6 +1899,8 @@ def cmd_add(a):
     if fleet["session"] not in live_sessions():
         raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
                         % (a.name, a.name))
+    if a.refresh_env:
+        save_env(fleet)
     waiting = add_workers(fleet, a.K, fleet["agent"] if a.agent is None else a.agent, a.timeout)
     print(started(fleet, waiting, a.timeout))
 
@@ -2115,7 +2117,8 @@ def cmd_respawn(a):
     w = pick_workers(fleet, a.worker, allow_all=False)[0]
     n = w["n"]
     saved = save_logs(dict(fleet, workers=[w]), "respawn")      # [n] while its pane is n's
-    save_env(fleet)
+    if a.refresh_env:
+        save_env(fleet)
     end_processes(fleet, n)             # the old agent's daemons and children too
     if saved:
         tmux("respawn-pane", "-k", "-t", w["pane"], *pane_command(fleet, n))
@@ -2620,6 +2623,8 @@ def build_parser():
     name, worker = arg("name"), arg("worker", metavar="n")
     stall = arg("--stall", metavar="S", type=secs, default=STALL,
                 help="seconds without a screen change that make a worker stalled (default 120)")
+    refresh = arg("--refresh-env", action="store_true",
+                  help="the workers get the lead's environment now (default: the one saved at spawn)")
     ready = arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
                 help="seconds to wait until the new workers are ready (default 60, 0: do not wait)")
     command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
@@ -2628,7 +2633,7 @@ def build_parser():
                 help="panes per tmux window (default 4)"),
             ready, arg("--force", action="store_true", help="end a live fleet, archive its old run dir"))
     command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
-            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), ready)
+            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), ready, refresh)
     command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"),
             arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"))
     command("brief", name, worker, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
@@ -2659,7 +2664,7 @@ def build_parser():
             arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"))
     command("report", name)
     command("respawn", name, worker, arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
-                                          help="seconds to wait until it is ready (default 60)"))
+                                          help="seconds to wait until it is ready (default 60)"), refresh)
     command("demo", arg("workdir", nargs="?"),
             arg("--agent", default="sim", choices=("sim", "claude"), help="the workers' agent (default sim)"),
             arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)"))

@@ -612,6 +612,16 @@ class Harness(OrchCase):
             screen = wait_for(lambda: (lambda s: s if "cwd=" in s else None)(self.read("envf", n)), 10,
                               what="W%d to print its environment" % n)
             self.assertEqual([ln.strip() for ln in screen.splitlines() if ln.strip()], want)
+        # Later workers get the environment saved at spawn, unless the lead asks for its own now.
+        later = dict(self.sb.env, LEAD_ONLY="später")
+        self.ok("add", "envf", "--timeout", "0", env=later)
+        self.ok("respawn", "envf", 1, "--timeout", "20", env=later)
+        self.ok("respawn", "envf", 2, "--timeout", "20", "--refresh-env", env=later)
+        self.ok("add", "envf", "--timeout", "0", env=dict(self.sb.env, LEAD_ONLY="zuletzt"))
+        for n, want in ((1, "vom Lead ✓"), (2, "später"), (3, "vom Lead ✓"), (4, "später")):
+            screen = wait_for(lambda: (lambda s: s if "cwd=" in s else None)(self.read("envf", n)), 10,
+                              what="W%d to print its environment" % n)
+            self.assertIn("LEAD_ONLY=" + want, screen, "W%d" % n)
 
     def test_permissions_private(self):
         os.makedirs(self.sb.home, 0o755)
