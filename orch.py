@@ -14,6 +14,7 @@ commands:
   add <name> [K]                  add K workers to a live fleet  [--agent A]
                                   [--timeout S] [--refresh-env]
   send <name> <n|all> MESSAGE...  deliver and submit a message  [--file PATH | -]
+                                  [--interrupt]
   brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
                                   [--constraint TEXT]... [--send]
   read <name> <n|all> [lines]     the last lines of worker screens
@@ -1022,6 +1023,20 @@ def deliver(fleet, messages, clear=False, limited=False):
     return failed
 
 
+def interrupt(fleet, ns):
+    """Esc (every agent's interrupt key) to each busy worker of `ns`, then wait
+    up to 10 s until none of them is busy: a message after it is not queued."""
+    rows = rows_by_n(fleet)
+    busy, deadline = [n for n in ns if rows[n]["shows"] == "busy"], time.time() + 10
+    for n in busy:
+        tmux("send-keys", "-t", rows[n]["pane"], "Escape")
+        log_event(fleet, "interrupt", worker=n)
+    while busy and time.time() < deadline:
+        time.sleep(0.2)
+        rows = rows_by_n(fleet)
+        busy = [n for n in busy if rows[n]["shows"] == "busy"]
+
+
 def delivered(fleet, ns, text, clear=False):
     """deliver(), then one line per worker reached; the failures raise, with
     the lines of the workers that were reached."""
@@ -1914,6 +1929,8 @@ def cmd_send(a):
         raise OrchError("--file %s: no such file" % a.file, 2)
     text = read_text(a.file, "") if a.file else sys.stdin.read() if a.message == ["-"] \
         else " ".join(a.message)
+    if a.interrupt:
+        interrupt(fleet, ns)
     print("\n".join(delivered(fleet, ns, text)))
 
 
@@ -2567,6 +2584,8 @@ def cmd_sim(a):
         while True:
             render()
             wait = max(0.0, st["until"] - time.time()) if st["jobs"] else None
+            if st["pending"] == "\x1b":       # Esc alone, not a sequence's start: interrupt
+                wait = 0.05
             if select.select([fd], [], [], wait)[0]:
                 data = os.read(fd, 65536)
                 if not data:
@@ -2574,6 +2593,9 @@ def cmd_sim(a):
                 text = decode(data)
                 log("in", json.dumps(text, ensure_ascii=False))
                 feed(text)
+            elif st["pending"] == "\x1b":
+                st["pending"], st["jobs"] = "", []
+                st["lines"].append("sim: interrupted")
             if st["jobs"] and time.time() >= st["until"]:
                 st["lines"] += sim_job(*st["jobs"].pop(0), lie=a.lie, seed=a.seed, kind=a.verifier)
                 st["until"] = time.time() + a.delay
@@ -2635,7 +2657,8 @@ def build_parser():
     command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
             arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), ready, refresh)
     command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"),
-            arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"))
+            arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"),
+            arg("--interrupt", action="store_true", help="end a busy worker's turn first (default: queue it)"))
     command("brief", name, worker, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
             arg("--role", choices=sorted(ROLES), default="finder", help="the role template"),
             arg("--constraint", metavar="TEXT", action="append", default=[], help="a hard constraint (repeatable)"),

@@ -805,6 +805,16 @@ class States(OrchCase):
         self.assertIn(self.sb.shared("still", "agent-1.task.md"), nudges[0])
         self.assertTrue(any(e.get("why") == "stalled" for e in self.sb.events("still", "nudge")))
 
+    def test_send_interrupt_ends_a_busy_turn_first(self):
+        self.spawn("halt", 1, None, "sim --delay 60")
+        self.ok("brief", "halt", 1, "--goal", "which lines carry TODO markers", "--send")
+        self.assertEqual(self.states("halt"), ["busy"])
+        self.assertIn("W1: delivered", self.ok("send", "halt", "1", "--interrupt", "stop, then this").out)
+        screen = self.read("halt", 1)
+        self.assertLess(screen.index("sim: interrupted"), screen.index("> stop, then this"), screen)
+        self.assertEqual(self.states("halt"), ["idle"])
+        self.assertEqual([e["worker"] for e in self.sb.events("halt", "interrupt")], [1])
+
     def test_wait_clears_and_nudges_a_stalled_draft(self):
         """Text left in the input box is a worker that cannot move: after --stall
         seconds it is stalled, and the nudge clears the draft instead of adding to it."""
@@ -3200,6 +3210,32 @@ while True:
 """
 
 
+# A busy Gemini-like agent that drops the first Enter after each paste (as Gemini
+# 0.61 does): the text stays in its input box until a second Enter queues it.
+DROPS_ENTER = r"""#!%s
+import os, select, sys
+os.system("stty raw -echo")
+box, queued, armed, keys = "", [], False, []
+def draw():
+    os.write(1, ("\x1b[H\x1b[2J\x1b[?2004h" + "".join("Queued (press \u2191 to edit): %%s\r\n" %% q for q in queued)
+                 + "\u280b Thinking... (esc to cancel, 9s)\r\n\r\n > " + (box or "  Type your message")
+                 + "\r\n~/w    no sandbox    gemini").encode("utf-8"))
+draw()
+while select.select([0], [], [], 3600)[0]:
+    data = os.read(0, 65536).decode("utf-8", "replace")
+    if "\x1b[200~" in data:
+        box, armed = box + data.split("\x1b[200~", 1)[1].split("\x1b[201~")[0], True
+    elif data in ("\r", "\t"):
+        keys.append("dropped" if armed else "took")
+        if not armed and box:
+            queued, box = queued + [box], ""
+        armed = False
+    with open(os.path.abspath(sys.argv[0]) + ".keys", "w") as f:
+        f.write(" ".join(keys))
+    draw()
+"""
+
+
 class Truth(OrchCase):
     """orch never says ready, delivered or gone unless it is."""
 
@@ -3248,6 +3284,20 @@ class Truth(OrchCase):
         self.assertEqual(read_bytes(typed).count(b"\t"), 1)          # Tab queues; Enter would steer
         self.assertNotIn(b"\r", read_bytes(typed))
         self.assertIn("(took b'\\t')", self.read("tab", 1))
+
+    def test_a_busy_agent_that_drops_the_first_enter_is_not_delivered_until_its_box_is_empty(self):
+        bindir = os.path.join(self.sb.root, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        keys = write_exe(os.path.join(bindir, "gemini"), DROPS_ENTER % sys.executable) + ".keys"
+        self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        self.spawn("fallen", 1, None, "gemini")
+        self.assertEqual(self.states("fallen"), ["busy"])
+        self.assertIn("W1: delivered", self.ok("send", "fallen", "1", "after your turn").out)
+        self.assertEqual(self.sb.text(keys), "dropped took")
+        screen = self.read("fallen", 1)
+        self.assertIn("Queued (press ↑ to edit): after your turn", screen)
+        self.assertIn(" >   Type your message", screen)
+        self.assertEqual([(e["enters"], e["confirmed"]) for e in self.sb.events("fallen", "send")], [(2, True)])
 
     def test_a_limited_worker_is_resumed_after_its_reset_and_never_before(self):
         limit = os.path.join(self.sb.root, "limit.ansi.txt")
