@@ -18,15 +18,17 @@ commands:
   brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
                                   [--constraint TEXT]... [--send]
   read <name> <n|all> [lines]     the last lines of worker screens
+  log <name> [n] [--json]         what workers did (Claude hooks): prompts, tools, files
   status [name] [--json]          every fleet, or one fleet's workers and bus
                                   [--stall S]
   wait <name> [n...]              poll until done flags  [--timeout S]
                                   [--interval S] [--stall S] [--nudge] [--json]
+                                  [--budget USD]
   nudge <name> <n> [MESSAGE]      clear the input box, remind a worker of its brief
   bus <name> [-n N] [--new] [--follow] [--as WHO]   read the message bus
   bus <name> post [--as WHO] MESSAGE                 append one line to it
   verify <name>                   adversarial verification: checked evidence, majority
-                                  [--rounds R] [--by v,...] [--timeout S]
+                                  [--rounds R] [--by v,...] [--timeout S] [--budget USD]
   report <name>                   write and print report.md
   respawn <name> <n>              restart a worker, re-send its brief
                                   [--timeout S] [--refresh-env]
@@ -37,6 +39,7 @@ commands:
   doctor [--agent A]              check python, tmux, agent, credentials, ORCH_HOME
   install [--bin-dir D]           copy orch to ~/.local/bin, SKILL.md to ~/.claude
   worker <name> <n> [--home H]    internal: the pane command that starts the agent
+  hook                            internal: Claude Code's hooks and status line
   sim [--lie N] [--verifier KIND] [--seed S] [--delay S] [--no-bracketed-paste]
                                   internal: the built-in simulated agent
 
@@ -45,7 +48,7 @@ agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
 worker states: booting dialog idle draft busy permission limited stalled
   unknown exited done
 exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
-  4 a worker exited without its done flag, 130 interrupted
+  4 a worker exited without its done flag, 5 over --budget, 130 interrupted
 environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
   tracebacks)
 """
@@ -91,6 +94,7 @@ BOOTED = ("idle", "busy", "draft")   # past booting and dialogs (a draft is type
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
 ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
+CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the work on
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 
@@ -144,6 +148,11 @@ WORKER_COMMANDS = ("touch", "echo", "cat", "ls", "grep", "head", "tail", "wc",
                    "git status", "git diff", "git log", "git show")
 
 
+CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
+                "Notification", "PreCompact")
+WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
+
+
 def claude_seed(fleet, agent):
     config = os.path.join(fleet["run"], "claude")
     if os.path.exists(os.path.join(config, ".claude.json")):
@@ -172,6 +181,9 @@ def claude_seed(fleet, agent):
     settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
     if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
         settings["skipDangerousModePermissionPrompt"] = True
+    # The hooks and the status line are orch itself (`orch hook`): events, cost and context.
+    hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in (sys.executable, ORCH, "hook"))}
+    settings.update(hooks={e: [{"hooks": [hook]}] for e in CLAUDE_HOOKS}, statusLine=hook)
     write_json(os.path.join(config, "settings.json"), settings)
     creds = os.path.join(user_dir, ".credentials.json")
     if os.path.exists(creds):               # a link, so token refreshes keep working
@@ -508,6 +520,34 @@ def worker_file(fleet, n, suffix):
 
 def is_done(fleet, n):
     return os.path.exists(worker_file(fleet, n, "done"))
+
+
+def owner(fleet, path):
+    """The worker whose file `path` is in shared/ (agent-<m>.*, verify/r<k>-w<m>.*),
+    0 for orch's own (matrix.md, the rest of verify/), None for anyone's (the bus)."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(shared_dir(fleet)))
+    m = re.match(r"(?:agent-|verify/r\d+-w)(\d{1,6})\.", rel)
+    return int(m.group(1)) if m else 0 if rel == "matrix.md" or rel.startswith("verify/") else None
+
+
+def usage(fleet, n):
+    """Worker n's cost (USD) and context use (%) from its last status line,
+    each None when unknown (not Claude, not reported yet): never guessed."""
+    state = read_state(os.path.join(fleet["run"], "usage-w%d.json" % n))
+    def num(v, top):
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
+    return {"cost_usd": num(state.get("cost_usd"), 1e6), "context_pct": num(state.get("context_pct"), 100)}
+
+
+def foreign_writes(fleet):
+    """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
+    Claude worker's Write or Edit changed, as its hooks reported them."""
+    found = {}
+    for line in (read_untrusted(os.path.join(fleet["run"], "foreign.jsonl"))[0] or "").splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            rec = json.loads(line)
+            found.setdefault(int(rec["worker"]), []).append((int(rec["owner"]), str(rec["file"])))
+    return found
 
 
 def bus_path(fleet):
@@ -889,7 +929,7 @@ def poll(fleet, stall=STALL, flags=None):
         if not all(done.values()):
             raise
         snap = {}                       # the session ended after every worker finished
-    now, rows = time.time(), []
+    now, rows, foreign = time.time(), [], foreign_writes(fleet)
     with updating(fleet, "watch.json") as mem:
         for w in fleet["workers"]:
             seen = mem.setdefault(str(w["n"]), {})
@@ -898,6 +938,7 @@ def poll(fleet, stall=STALL, flags=None):
                 fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
                 seen = mem[str(w["n"])] = {}
             row = worker_row(w, snap.get(w["n"]), seen, now, stall, done[w["n"]])
+            row.update(usage(fleet, w["n"]), foreign=foreign.get(w["n"], []))
             if seen.get("state") != row["state"]:
                 log_event(fleet, "state", worker=w["n"], was=seen.get("state"), now=row["state"])
                 seen["state"] = row["state"]
@@ -1162,13 +1203,21 @@ RESUME = ("Your usage limit has reset. Retry the exact step you were on when the
           "do not work around it.")
 
 
-def watch(fleet, flags, timeout, interval, stall, nudge, emit):
+def watch(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
     """Poll until every worker in `flags` ({n: done-flag path}) has its flag.
-    Returns 0 all done, 3 timed out, 4 a worker exited without its flag."""
+    Returns 0 all done, 3 timed out, 4 a worker exited without its flag;
+    past `budget` (USD, the fleet's known cost) it interrupts and raises."""
     deadline = time.time() + timeout if timeout else None
     last, nudged = {}, set()
     while True:
-        rows = [r for r in poll(fleet, stall, flags) if r["n"] in flags]
+        rows = poll(fleet, stall, flags)
+        total, spent = fleet_cost(rows)
+        if budget is not None and total > budget:
+            interrupt(fleet, [r["n"] for r in rows])
+            log_event(fleet, "budget", budget=budget, cost=total)
+            raise OrchError("over budget: %s spent, --budget $%.2f: every busy worker was interrupted"
+                            % (spent, budget), 5)
+        rows = [r for r in rows if r["n"] in flags]
         for r in rows:
             if last.get(r["n"]) != r["state"]:
                 emit(r, last.get(r["n"]))
@@ -1192,11 +1241,21 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit):
         time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
 
 
+def fleet_cost(rows):
+    """The fleet's known cost (USD) and how status says it."""
+    known = {r["n"]: r["cost_usd"] for r in rows if r.get("cost_usd") is not None}
+    total, unknown = sum(known.values()), [r["n"] for r in rows if r["n"] not in known]
+    return total, "$%.2f%s%s" % (total, " (" + ", ".join("W%d $%.2f" % kv for kv in sorted(known.items())) + ")"
+                                 if known else "", "; unknown for " + ", ".join("W%d" % n for n in unknown)
+                                 if unknown else "")
+
+
 def change_line(r, was, json_mode=False):
     """wait's line for a worker whose state changed."""
     if json_mode:
         return json_text({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
-                          "last": r["last"], "resets": r["resets"]})
+                          "last": r["last"], "resets": r["resets"], "cost_usd": r["cost_usd"],
+                          "context_pct": r["context_pct"]})
     return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
                                   "  | " + defang(r["last"][:80]) if r["last"] else "")
 
@@ -1636,7 +1695,7 @@ def adjudication(f, dropped):
         "      decide which side the file supports, from the lines themselves"]
 
 
-def run_round(fleet, k, jobs, timeout, emit, problems, extra):
+def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     """One verification round: a brief per verifier ({v: findings}, with
     `extra` lines under a finding), sent, waited for; returns ({v: {finding
     id: verdict}}, [why the round is incomplete]). A verifier that cannot be
@@ -1662,7 +1721,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
     deadline = time.time() + timeout
     while flags:
         code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.25, STALL,
-                     lambda v: default_nudge(fleet, v, stems[v]), emit)
+                     lambda v: default_nudge(fleet, v, stems[v]), emit, budget)
         if code != 4:
             if code == 3:
                 incomplete.append("round %d: W%s timed out after %gs" % (
@@ -1675,6 +1734,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
     verdicts, seen, now = {v: {} for v in jobs}, {}, {}
     with contextlib.suppress(OrchError):
         now = {r["n"]: r["digest"] for r in poll(fleet)}
+    foreign = {os.path.realpath(f): w for w, fs in foreign_writes(fleet).items() for _, f in fs}
     for v in [v for v in jobs if v in flags or os.path.exists(stems[v] + ".done")]:   # reached
         path = stems[v] + ".result.md"
         text, why = read_untrusted(path)
@@ -1686,6 +1746,9 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
             forged = "no done flag: W%d did not finish it" % v
         if forged == "" and now.get(v) == before[v]:
             forged = "W%d's screen never moved after its brief was sent: it did not write them" % v
+        writer = foreign.get(os.path.realpath(path)) or foreign.get(os.path.realpath(stems[v] + ".done"))
+        if forged == "" and writer:
+            forged = "W%d wrote it (its agent's hooks say so), not W%d" % (writer, v)
         if forged:
             problems.append("%s: %s; its verdicts do not count" % (path, forged))
             verdicts[v] = {i: dict(c, forged=forged) for i, c in verdicts[v].items()}
@@ -1694,7 +1757,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra):
     return verdicts, incomplete, seen
 
 
-def verify_fleet(fleet, need, pool, timeout, emit):
+def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     """Citation check, then rounds until every finding has `need` counted
     verdicts that agree, or a strict majority, or no verifier is left to ask;
     returns the matrix."""
@@ -1719,7 +1782,7 @@ def verify_fleet(fleet, need, pool, timeout, emit):
         if not jobs:
             break
         k += 1
-        verdicts, gaps, seen = run_round(fleet, k, jobs, timeout, emit, problems, extra)
+        verdicts, gaps, seen = run_round(fleet, k, jobs, timeout, emit, problems, extra, budget)
         incomplete += gaps
         digests.update({(k, v): d for v, d in seen.items()})
         for v, fs in jobs.items():
@@ -1860,6 +1923,11 @@ def write_report(fleet):
         out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), "",
                 (text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
     out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
+    rows = [dict(usage(fleet, w["n"]), n=w["n"], agent=w["profile"]) for w in fleet["workers"]]
+    out += ["## Cost", "", "| worker | agent | cost | context |", "|---|---|---|---|"] + [
+        "| W%d | %s | %s | %s |" % (r["n"], r["agent"], "unknown" if r["cost_usd"] is None else "$%.2f" % r["cost_usd"],
+                                  "unknown" if r["context_pct"] is None else "%d%%" % r["context_pct"])
+        for r in rows] + ["", "Known total: %s" % fleet_cost(rows)[1], ""]
     text, path = defang("\n".join(out)), os.path.join(shared, "report.md")
     write_file(path, text)
     log_event(fleet, "report", path=path)
@@ -1966,6 +2034,31 @@ def cmd_read(a):
         print(defang("\n".join(line.rstrip() for line in lines[-a.lines:])))
 
 
+HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
+              "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context"}
+
+
+def cmd_log(a):
+    """What each worker did, as its agent's hooks told orch (Claude Code):
+    prompts, tools and the files they touched, turn ends, failures, compactions."""
+    fleet = load_fleet(a.name)
+    ns = {w["n"] for w in pick_workers(fleet, a.worker or "all")}
+    for line in (read_untrusted(os.path.join(fleet["run"], "events.jsonl"))[0] or "").splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if rec.get("event") != "agent" or rec.get("worker") not in ns:
+                continue
+            if a.json:
+                print(json_text(rec))
+                continue
+            said = [HOOK_WORDS.get(rec.get("hook"), rec.get("hook"))] if rec.get("hook") != "PostToolUse" else []
+            said += [str(rec[k]) for k in ("tool", "file", "command", "prompt", "error", "notice") if k in rec]
+            if "foreign" in rec:
+                said.append("<- NOT ITS OWN: %s's file" % ("W%d" % rec["foreign"] if rec["foreign"] else "orch"))
+            said = " ".join(said).replace("\n", " ")
+            print(defang("%s W%d %s" % (str(rec.get("t"))[11:19], rec["worker"], said))[:300])
+
+
 def cmd_status(a):
     if not a.name:
         fleets = fleet_summaries()
@@ -1986,25 +2079,34 @@ def cmd_status(a):
     if live:
         rows = poll(fleet, a.stall)
     else:
-        rows = [{"n": w["n"], "pane": w["pane"], "done": is_done(fleet, w["n"]), "quiet": None,
-                 "last": "", "state": "done" if is_done(fleet, w["n"]) else "exited"}
-                for w in fleet["workers"]]
-    bus = bus_tail(fleet, 5)
+        foreign = foreign_writes(fleet)
+        rows = [dict(usage(fleet, w["n"]), n=w["n"], pane=w["pane"], done=is_done(fleet, w["n"]), quiet=None,
+                     last="", state="done" if is_done(fleet, w["n"]) else "exited",
+                     foreign=foreign.get(w["n"], [])) for w in fleet["workers"]]
+    bus, total = bus_tail(fleet, 5), fleet_cost(rows)[0]
     for note in fleet.pop("notes", []):
         print("orch: note: %s" % note, file=sys.stderr)
     if a.json:
-        keep = ("n", "pane", "state", "done", "quiet", "last", "resets")
+        keep = ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd", "context_pct")
         print(json_text({"fleet": fleet["name"], "session": fleet["session"], "live": live,
-                         "workdir": fleet["workdir"], "shared": shared_dir(fleet),
-                         "workers": [{k: r.get(k) for k in keep} for r in rows], "bus": bus}, 2))
+                         "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
+                         "workers": [dict({k: r.get(k) for k in keep}, foreign=[
+                             {"owner": o, "file": f} for o, f in r["foreign"]]) for r in rows], "bus": bus}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
     for r in rows:
         quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
-        resets = time.strftime("resets %H:%M | ", time.localtime(r["resets"])) if r.get("resets") else ""
-        print("  W%-3d %-5s %-10s %-4s %6s  %s%s" % (r["n"], r["pane"] or "-", r["state"],
-              "done" if r["done"] else "-", quiet, resets, defang(r["last"][:100])))
+        flags = time.strftime("resets %H:%M | ", time.localtime(r["resets"])) if r.get("resets") else ""
+        if (r["context_pct"] or 0) >= CONTEXT_HIGH:
+            flags += "CONTEXT %d%%: hand its work to a fresh worker | " % r["context_pct"]
+        flags += "".join("WROTE %s's %s | " % ("W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet)))
+                         for o, f in r["foreign"])
+        print("  W%-3d %-5s %-10s %-4s %6s %7s %4s  %s%s" % (
+            r["n"], r["pane"] or "-", r["state"], "done" if r["done"] else "-", quiet,
+            "-" if r["cost_usd"] is None else "$%.2f" % r["cost_usd"],
+            "-" if r["context_pct"] is None else "%d%%" % r["context_pct"], defang(flags), defang(r["last"][:100])))
+    print("cost: %s" % fleet_cost(rows)[1])
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)
@@ -2017,7 +2119,7 @@ def cmd_wait(a):
     flags = {n: worker_file(fleet, n, "done") for n in ns}
     code = watch(fleet, flags, a.timeout, a.interval, a.stall,
                  a.nudge and (lambda n: default_nudge(fleet, n)),
-                 lambda r, was: print(change_line(r, was, a.json), flush=True))
+                 lambda r, was: print(change_line(r, was, a.json), flush=True), a.budget)
     result = {0: "done", 3: "timeout", 4: "exited"}[code]
     if a.json:
         print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
@@ -2104,7 +2206,8 @@ def cmd_verify(a):
     lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True))
+        matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True),
+                              a.budget)
         write_matrix(fleet, matrix)
     except BlockingIOError:
         raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
@@ -2372,6 +2475,33 @@ def cmd_worker(a):
         os.execvpe(argv[0], argv, env)
     except OSError as e:
         raise OrchError("cannot start %s: %s" % (argv[0], e.strerror))
+
+
+def cmd_hook(a):
+    """Claude Code's hooks and status line, run in a worker's environment:
+    an `agent` event per hook, the status line's cost and context in
+    usage-w<n>.json. Never an error the agent would act on: exit 0 always."""
+    with contextlib.suppress(Exception):
+        data = json.loads(sys.stdin.read(1 << 20))
+        fleet, n = load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"])
+        if "hook_event_name" not in data:       # the status line
+            cost, context = data.get("cost") or {}, data.get("context_window") or {}
+            write_json(os.path.join(fleet["run"], "usage-w%d.json" % n), {
+                "t": now_iso(), "cost_usd": cost.get("total_cost_usd"), "context_pct": context.get("used_percentage")})
+            print("orch W%d" % n)
+            return 0
+        tool = data.get("tool_input") if isinstance(data.get("tool_input"), dict) else {}
+        rec = {k: str(v)[:300] for k, v in (
+            ("hook", data["hook_event_name"]), ("tool", data.get("tool_name")), ("file", tool.get("file_path")),
+            ("command", tool.get("command")), ("prompt", data.get("prompt")), ("error", data.get("error")),
+            ("notice", data.get("notification_type"))) if v}
+        mine = owner(fleet, rec["file"]) if rec.get("tool") in WRITE_TOOLS and "file" in rec else None
+        if mine is not None and mine != n:
+            rec["foreign"] = mine
+            append_line(os.path.join(fleet["run"], "foreign.jsonl"),
+                        json_text({"worker": n, "owner": mine, "file": rec["file"]}))
+        log_event(fleet, "agent", worker=n, **rec)
+    return 0
 
 
 # --- sim: the built-in simulated agent -----------------------------------------
@@ -2645,6 +2775,8 @@ def build_parser():
     name, worker = arg("name"), arg("worker", metavar="n")
     stall = arg("--stall", metavar="S", type=secs, default=STALL,
                 help="seconds without a screen change that make a worker stalled (default 120)")
+    budget = arg("--budget", metavar="USD", type=number("--budget"),
+                 help="past this known fleet cost, interrupt every busy worker and exit 5")
     refresh = arg("--refresh-env", action="store_true",
                   help="the workers get the lead's environment now (default: the one saved at spawn)")
     ready = arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
@@ -2665,6 +2797,8 @@ def build_parser():
             arg("--send", action="store_true", help="tell the worker to read and follow it"))
     command("read", name, arg("worker", metavar="n|all"),
             arg("lines", nargs="?", type=number("lines", 1, True), default=20))
+    command("log", name, arg("worker", metavar="n", nargs="?"), arg("--json", action="store_true",
+                                                                  help="one JSON object per line"))
     command("status", arg("name", nargs="?"), arg("--json", action="store_true", help="JSON output"),
             stall)
     command("wait", name, arg("workers", nargs="*", metavar="n"),
@@ -2672,7 +2806,7 @@ def build_parser():
             arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
                 help="seconds between polls (default 2)"),
             stall,
-            arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"),
+            arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"), budget,
             arg("--json", action="store_true", help="one JSON object per line"))
     command("nudge", name, worker, arg("message", nargs="*"))
     command("bus", name, arg("message", nargs="*", metavar="post MESSAGE"),
@@ -2684,7 +2818,7 @@ def build_parser():
     command("verify", name, arg("--rounds", metavar="R", type=number("--rounds", 1, True),
                                 help="verdicts each finding needs (default 2)"),
             arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
-            arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"))
+            arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"), budget)
     command("report", name)
     command("respawn", name, worker, arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
                                           help="seconds to wait until it is ready (default 60)"), refresh)
@@ -2696,6 +2830,7 @@ def build_parser():
     command("doctor", arg("--agent", metavar="A", help="the agent to check (default $ORCH_AGENT or claude)"))
     command("install", arg("--bin-dir", metavar="D", help="where orch goes (default ~/.local/bin)"))
     command("worker", name, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME"))
+    command("hook")
     command("sim", arg("--lie", metavar="N", type=number("--lie", 0, True), default=0,
                        help="plant N false findings as a finder"),
             arg("--verifier", default="honest", help="how it verifies", choices=(

@@ -882,7 +882,7 @@ class States(OrchCase):
         self.spawn("js", 2, wd)
         self.ok("bus", "js", "post", "hallo Bus ✓", "--as", "W1")
         st = self.status("js")
-        self.assertEqual(set(st), {"fleet", "session", "live", "workdir", "shared", "workers", "bus"})
+        self.assertEqual(set(st), {"fleet", "session", "live", "workdir", "shared", "workers", "bus", "cost_usd"})
         self.assertEqual(st["fleet"], "js")
         self.assertEqual(st["session"], "orch-js")
         self.assertIs(st["live"], True)
@@ -892,7 +892,8 @@ class States(OrchCase):
         panes = [p for p, _, _ in self.sb.panes("js")]
         self.assertEqual(len(st["workers"]), 2)
         for i, w in enumerate(st["workers"]):
-            self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last", "resets"})
+            self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd",
+                                      "context_pct", "foreign"})
             self.assertEqual(w["n"], i + 1)
             self.assertEqual(w["pane"], panes[i])
             self.assertEqual(w["state"], "idle")
@@ -922,7 +923,7 @@ class States(OrchCase):
         self.assertGreaterEqual(len(changes), 2, r.out)
         was = None
         for rec in changes:
-            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last", "resets"}, rec)
+            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last", "resets", "cost_usd", "context_pct"}, rec)
             self.assertIsNotNone(datetime.datetime.fromisoformat(rec["t"]).tzinfo)
             self.assertEqual(rec["worker"], 1)
             self.assertEqual(rec["was"], was, r.out)
@@ -1899,14 +1900,17 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
     """A scripted Anthropic Messages API (SSE). The prompt's directive lines are
     played one per model turn: `WRITE <path> <text>` -> Write, `BASH <command>`
     -> Bash, `READ <path>` -> Read, `SKILL <name>` -> Skill; then a closing
-    text. The script is the last user message that holds directive lines (a
+    text, streamed over S seconds if a `SLOW <S>` line is there (message_start
+    at once, then the text a piece at a time, then the events that end the
+    turn). The script is the last user message that holds directive lines (a
     loaded skill arrives as one more user message). server.calls and
     server.results map a tool_use id to the call made and to the tool_result
-    the CLI sent back; server.finished is set once the closing text went out.
-    Requests without tools are side queries (session title, the auto-mode
-    classifier)."""
+    the CLI sent back; server.streams holds the [start, end, script] of each
+    slow stream (end: when its last piece went out, before what ends the
+    turn); server.finished is set once the closing text went out. Requests
+    without tools are side queries (session title, the auto-mode classifier)."""
     protocol_version = "HTTP/1.1"
-    WORDS = ("WRITE", "BASH", "READ", "SKILL")
+    WORDS = ("WRITE", "BASH", "READ", "SKILL", "SLOW")
 
     def log_message(self, *args):
         pass
@@ -1916,13 +1920,15 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
         self.server.requests.append(body)
         if self.path.startswith("/v1/messages/count_tokens"):
             return self.send(b'{"input_tokens": 100}', "application/json")
-        blocks, stop = self.decide(body)
+        blocks, stop, slow = self.decide(body)
         msg = {"id": "msg_%d" % len(self.server.requests), "type": "message", "role": "assistant",
                "model": body.get("model", "mock"), "content": [], "stop_reason": None,
-               "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+               "stop_sequence": None, "usage": {"input_tokens": 30000, "output_tokens": 1}}
         if not body.get("stream"):
             msg.update(content=blocks, stop_reason=stop)
             return self.send(json.dumps(msg).encode(), "application/json")
+        if slow:
+            return self.trickle(msg, slow)
         events = [("message_start", {"message": msg})]
         for i, b in enumerate(blocks):
             delta = {"type": "text_delta", "text": b["text"]} if b["type"] == "text" else \
@@ -1943,10 +1949,46 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def trickle(self, msg, slow):
+        """The closing text as a slow stream: message_start, then 24 pieces of
+        text over `slow` seconds, then the events that end the turn."""
+        stream = [time.monotonic(), None, self.script]
+        self.server.streams.append(stream)
+        pieces = ["Mock done."] + [" Slow part %d of 24 (%s)." % (i, "abcdefghijklmnopqrstuvwx"[i - 1] * i)
+                                   for i in range(1, 25)]
+        try:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            self.event("message_start", message=msg)
+            self.event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            for piece in pieces:
+                time.sleep(slow / len(pieces))
+                self.event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+            stream[1] = time.monotonic()    # what follows lets the CLI end the turn
+            self.event("content_block_stop", index=0)
+            self.event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                       usage={"output_tokens": 20})
+            self.event("message_stop")
+            self.chunk(b"")
+        except OSError:                     # the CLI dropped the stream (Esc)
+            self.close_connection = True
+        finally:
+            stream[1] = stream[1] or time.monotonic()
+
+    def event(self, kind, **data):
+        self.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(data, type=kind)))).encode())
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def decide(self, body):
+        """This turn's content blocks, its stop reason and the seconds its text takes."""
         if not body.get("tools"):            # the classifier's answer "no" allows a call
             blocked = "security monitor" in json.dumps(body.get("system", ""))
-            return [{"type": "text", "text": "<block>no</block>" if blocked else "Mock"}], "end_turn"
+            return [{"type": "text", "text": "<block>no</block>" if blocked else "Mock"}], "end_turn", 0.0
         msgs = body.get("messages", [])
         start, steps = None, []
         for i, m in enumerate(msgs):
@@ -1957,13 +1999,17 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
                     self.server.results.setdefault(p["tool_use_id"], p)
             text = "\n".join(re.sub(r"<system-reminder>.*?</system-reminder>", "", p.get("text", ""),
                                     flags=re.S) for p in parts if p.get("type") == "text")
-            lines = [line.split(" ", 1) for line in text.splitlines() if line.split(" ")[0] in self.WORDS]
+            lines = [(line.split(" ", 1) + [""])[:2] for line in text.splitlines()
+                     if line.split(" ")[0] in self.WORDS]
             if m.get("role") == "user" and lines:
-                start, steps = i, lines
+                start, steps, self.script = i, lines, text
+        slow = sum(float(a) for w, a in steps if w == "SLOW")
+        steps = [(w, a) for w, a in steps if w != "SLOW"]
         turn = sum(m.get("role") == "assistant" for m in msgs[start or 0:])
         if start is None or turn >= len(steps):
             self.server.finished = start is not None
-            return [{"type": "text", "text": "Mock done."}], "end_turn"
+            # Slow only as the script's own closing text: not a later turn (a queued message's).
+            return [{"type": "text", "text": "Mock done."}], "end_turn", slow if turn == len(steps) else 0.0
         word, arg = steps[turn]
         if word == "WRITE":
             path, _, text = arg.partition(" ")
@@ -1976,7 +2022,7 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
             call = {"name": "Bash", "input": {"command": arg, "description": "mock step"}}
         call.update(type="tool_use", id="toolu_%d_%d" % (len(msgs), turn))
         self.server.calls.setdefault(call["id"], call)          # a retried request asks again
-        return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use"
+        return [{"type": "text", "text": "Step %d." % (turn + 1)}, call], "tool_use", 0.0
 
 
 def mock_api(handler=MockAnthropic, **state):
@@ -2045,50 +2091,128 @@ class RealPlugin(OrchCase):
 
 @unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
 class RealClaude(OrchCase):
-    """A real Claude Code fleet, offline: the pinned CLI from npm, pointed at the mock."""
+    """A real Claude Code fleet, offline: the pinned CLI from npm (or the one
+    ORCH_CLAUDE_VERSION names), pointed at the mock. ORCH_HOME is outside
+    /tmp, where users have it: the fleet's CLAUDE_CONFIG_DIR and shared/ too."""
 
     @classmethod
     def setUpClass(cls):
-        cls.bin = cli_bin("@anthropic-ai/claude-code", CLAUDE_VERSION)
-        cls.api = mock_api()
+        cls.bin = cli_bin("@anthropic-ai/claude-code", os.environ.get("ORCH_CLAUDE_VERSION") or CLAUDE_VERSION)
+        cls.orch = load_orch()
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.api.shutdown()
+    def setUp(self):
+        OrchCase.setUp(self)
+        sb = self.sb
+        self.api = mock_api(streams=[])
+        self.addCleanup(self.api.server_close)
+        self.addCleanup(self.api.shutdown)
+        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
+                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
+        self.outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-claude-", dir=base))
+        self.addCleanup(shutil.rmtree, self.outside, True)
+        self.addCleanup(self.end_leftovers)     # runs first
+        sb.home = sb.env["ORCH_HOME"] = os.path.join(self.outside, "orch")
+        self.user = os.path.join(sb.root, "user")
+        self.mine = {os.path.join(self.user, ".claude.json"): '{"theme": "light", "projects": {}}\n',
+                     os.path.join(self.user, ".claude", "settings.json"): '{"permissions": {"allow": []}}\n'}
+        write_tree(self.user, {os.path.relpath(p, self.user): t for p, t in self.mine.items()})
+        sb.env.update(HOME=self.user, PATH=self.bin + os.pathsep + sb.env["PATH"],
+                      ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1],
+                      ANTHROPIC_API_KEY="sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop")
 
+    # -- processes
+    def cmdline(self, pid):
+        with contextlib.suppress(OSError):
+            return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        return ""
+
+    def end_leftovers(self):
+        """After a failure too: the server, then whatever is left, by PID."""
+        self.sb.tmux("kill-server")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.pids(), 5, 0.1)
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def killed_clean(self, name):
+        """`orch kill` ends the session and every process of the fleet: each
+        worker's CLI and whatever it started."""
+        procs = [self.cmdline(p) for p in self.pids(name)]
+        self.assertTrue([p for p in procs if "claude" in p], procs)
+        self.ok("kill", name)
+        self.assertFalse(self.sb.has_session(name))
+        left = self.pids(name)
+        self.assertEqual(left, [], "left after `orch kill`: %s" % [self.cmdline(p) for p in left])
+
+    # -- screens
+    def keep(self, fixture, state, screen):
+        """A real screen for .ci/screens: orch must read `state` off it alone
+        (fixtures are replayed without their pane title)."""
+        got = self.orch.screen_state(self.orch.AGENTS["claude"], screen, None)
+        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
+        if not SCREENS_OUT:
+            return
+        labels = os.path.join(SCREENS_OUT, "labels.tsv")
+        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
+                                                    if os.path.exists(labels) else []))
+        rows[fixture] = "claude\t" + state
+        write_tree(SCREENS_OUT, {fixture + ".ansi.txt": screen, "labels.tsv": "fixture\tagent\tstate\n" + "".join(
+            "%s\t%s\n" % kv for kv in sorted(rows.items()))})
+
+    def wait_state(self, name, n, want, timeout, avoid=("permission", "dialog", "exited", "unknown")):
+        """Until worker n shows `want`; fails at once, with its screen, on a state in `avoid`."""
+        def check():
+            state = self.states(name)[n - 1]
+            if state in avoid and state != want:
+                self.fail("W%d %s, waiting for %s:\n%s" % (n, state, want, self.read(name, n)))
+            return state == want
+        wait_for(check, timeout, 0.2, "W%d %s" % (n, want))
+
+    # -- the tests
     def test_fleet_boots_idle_works_unattended_and_asks_for_permission(self):
         sb = self.sb
-        home = os.path.join(sb.root, "user")
-        os.makedirs(os.path.join(home, ".claude"))
-        mine = {os.path.join(home, ".claude.json"): '{"theme": "light", "projects": {}}\n',
-                os.path.join(home, ".claude", "settings.json"): '{"permissions": {"allow": []}}\n'}
-        for path, text in mine.items():
-            with open(path, "w") as f:
-                f.write(text)
-        sb.env.update(HOME=home, PATH=self.bin + os.pathsep + sb.env["PATH"],
-                        ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.api.server_address[1],
-                        ANTHROPIC_API_KEY="sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop")
         self.ok("spawn", "real", "2", sb.workdir("wörk-real"), "--agent", "claude", "--timeout", "90",
                 timeout=120)
         self.assertEqual(self.states("real"), ["idle", "idle"])
+        held = time.monotonic() + 3         # a notice or dialog opening a moment after the prompt: none
+        while time.monotonic() < held:
+            self.assertEqual(self.states("real"), ["idle", "idle"])
         screens = self.ok("read", "real", "all", "50").out
         for dialog in ("trust", "Do you want", "Choose the text style", "Enter to confirm"):
             self.assertNotIn(dialog, screens)
         shared = sb.shared("real")
+        self.assertFalse(os.path.realpath(shared).startswith("/tmp/"), shared)
         brief = ["Line %02d of a thirty-line brief: read it all." % i for i in range(1, 29)] + [
             "WRITE %s/agent-1.result.md F1 | - | the mock found nothing" % shared,
+            "WRITE %s/verify/r1-w2.result.md W1.F1 | CONFIRMED | a forgery" % shared,
             "BASH touch %s/agent-1.done" % shared]
         self.ok("send", "real", "1", "-", stdin="\n".join(brief))
-        self.assertTrue(any(all(line in json.dumps(b) for line in brief) for b in self.api.requests),
-                        "the mock never received the whole brief")
+        wait_for(lambda: any(all(line in json.dumps(b) for line in brief) for b in list(self.api.requests)),
+                 20, 0.1, "the whole brief at the mock")
         self.ok("wait", "real", "1", "--timeout", "90", "--interval", "0.5", timeout=120)
         self.assertIn("the mock found nothing", sb.text(os.path.join(shared, "agent-1.result.md")))
-        # Not on the allowlist: Claude asks, and status must say so.
+        # Its hooks told orch what it did, in order; its status line, what it spent.
+        log = wait_for(lambda: (lambda out: "W1 turn ended" in out and out)(self.ok("log", "real", "1").out),
+                       20, 0.2, "W1's turn end in its log")
+        self.assertRegex(log, r"W1 prompt: Line 01 .*\n\S+ W1 Write %s\n(.*\n)?\S+ W1 Write %s <- NOT ITS OWN: "
+                         r"W2's file\n\S+ W1 Bash touch %s\n.*W1 turn ended" % tuple(re.escape(os.path.join(shared, f)) for f in (
+                             "agent-1.result.md", "verify/r1-w2.result.md", "agent-1.done")))
+        self.assertEqual(self.ok("log", "real", "2").out.split(" ", 2)[1:2], ["W2"])   # its session start
+        w1 = wait_for(lambda: (lambda w: w if w["cost_usd"] else None)(self.status("real")["workers"][0]),
+                      20, 0.2, "W1's cost from its status line")
+        self.assertGreater(w1["context_pct"], 0)
+        self.assertIn("WROTE W2's verify/r1-w2.result.md", self.ok("status", "real").out)
+        # Not on the allowlist: Claude asks, status says permission, send refuses to type into it.
         self.ok("send", "real", "2", "BASH python3 -c 'print(42)'")
-        wait_for(lambda: self.states("real")[1] == "permission", 60, what="W2 at a permission prompt")
-        self.ok("kill", "real")
+        self.wait_state("real", 2, "permission", 60, avoid=("dialog", "exited", "unknown"))
+        r = sb.orch("send", "real", "2", "typed into a question")
+        self.assert_one_error_line(r, 1, "W2 is waiting for a permission answer")
+        self.assertNotIn("typed into a question", self.read("real", 2))
+        self.assertEqual(self.states("real"), ["done", "permission"])
+        self.killed_clean("real")
         self.assertIn("Do you want to proceed", sb.text(sb.run("real", "logs", "w2.log")))
-        for path, text in mine.items():
+        for path, text in self.mine.items():
             self.assertEqual(sb.text(path), text, "orch changed the user's own %s" % path)
         config = sb.run("real", "claude")
         for name in (".claude.json", "settings.json"):
@@ -2099,6 +2223,61 @@ class RealClaude(OrchCase):
         for w in fleet["workers"]:                   # the transcript is where the id says
             self.assertTrue(glob.glob(os.path.join(config, "projects", "*", w["session_id"] + ".jsonl")))
 
+    def test_a_busy_worker_stays_busy_in_a_narrow_pane_and_a_message_to_it_is_queued(self):
+        sb = self.sb
+        self.ok("spawn", "schmal", "1", sb.workdir("wörk-schmal"), "--agent", "claude", "--timeout", "60",
+                timeout=90)
+        pane = self.pane("schmal", 1)
+        sb.tmux("resize-window", "-t", pane, "-x", "40", "-y", "50")
+        wait_for(lambda: sb.tmux("display-message", "-p", "-t", pane, "#{pane_width}").stdout.strip() == b"40",
+                 5, 0.1, "W1's pane 40 columns wide")
+        self.wait_state("schmal", 1, "idle", 20)
+        self.ok("send", "schmal", "1", "SLOW 8\nTake your time.")
+        stream = wait_for(lambda: self.api.streams and self.api.streams[0], 20, 0.05, "the slow answer streaming")
+        seen, frames, queued, kept = [], [], None, set()
+        while stream[1] is None:
+            row = self.status("schmal")["workers"][0]
+            if stream[1] is None:           # the whole poll fell inside the stream
+                seen.append((row["state"], row["last"]))
+            screen = self.capture("schmal", 1)[0]
+            if stream[1] is None:
+                frames.append(screen)
+                plain = ANSI_RE.sub("", screen)
+                spinner = re.search(r"(?m)^\s*([·✢✳✶✻✽*]) \S+…", plain)
+                if "busy" not in kept:
+                    kept.add("busy")
+                    self.keep("claude-orch-busy-40cols", "busy", screen)
+                if spinner and spinner.group(1) == "*" and "star" not in kept:
+                    kept.add("star")
+                    self.keep("claude-orch-busy-star-40cols", "busy", screen)
+                if queued and "queued" not in kept and re.search(r"❯ Queued while busy\.\n +⎿ +Queued", plain):
+                    kept.add("queued")          # above the spinner, "Queued": not in the input box
+                    self.keep("claude-orch-busy-queued-40cols", "busy", screen)
+            if queued is None and time.monotonic() > stream[0] + 2:
+                queued = self.ok("send", "schmal", "1", "Queued while busy.")
+                said = json.dumps(list(self.api.requests))
+                if stream[1] is None:       # the turn still runs: the message waits for its end
+                    self.assertNotIn("Queued while busy.", said, "sent into the running turn")
+        self.assertIsNotNone(queued, "the turn ended before the queued message was sent")
+        self.assertIn("W1: delivered 1 line(s)", queued.out)
+        self.assertIn("queued", kept, "delivered, but never shown queued:\n%s" % ANSI_RE.sub("", frames[-1]))
+        self.assertGreater(len(seen), 8)
+        self.assertEqual([s for s in seen if s[0] != "busy"], [], "W1 not busy while it streams")
+        wrong = [(got, f) for got, f in ((self.orch.screen_state(self.orch.AGENTS["claude"], f, None), f)
+                                         for f in frames) if got != "busy"]
+        self.assertEqual([(got, ANSI_RE.sub("", f)) for got, f in wrong[:1]], [],
+                         "of %d frames inside the stream, %d read alone are not busy" % (len(frames), len(wrong)))
+        # The queued message is a turn of its own, after the whole slow text.
+        later = wait_for(lambda: [b for b in list(self.api.requests) if b.get("tools")
+                                  and "Queued while busy." in json.dumps(b)], 20, 0.1,
+                         "the queued message at the mock")
+        msgs = later[0]["messages"]
+        self.assertIn("Queued while busy.", json.dumps(msgs[-1]))
+        self.assertIn("Slow part 24 of 24", json.dumps([m for m in msgs if m["role"] == "assistant"][-1]))
+        self.wait_state("schmal", 1, "idle", 20)
+        self.killed_clean("schmal")
+        sys.stderr.write("[%s: %d polls, %d frames inside the stream] " % (
+            "star kept" if "star" in kept else "no star frame", len(seen), len(frames)))
 
 
 # The project the lead works in and has audited: one marker in each file some
@@ -2321,7 +2500,7 @@ class RealLead(OrchCase):
 
 
 GEMINI_VERSION = "0.61.0"           # pinned: the screens orch knows were read off this one
-SCREENS_OUT = os.environ.get("ORCH_SCREENS_OUT")    # where RealGemini keeps the screens it reads, if set
+SCREENS_OUT = os.environ.get("ORCH_SCREENS_OUT")    # where the Real* classes keep the screens they read, if set
 GEMINI_KEY = "AIzaFAKETESTKEY0123456789abcdefghijklmn"
 BRIEF_RE = re.compile(r"Read and follow the brief in `([^`]+)`")
 
@@ -3143,6 +3322,101 @@ class LeadInTmux(OrchCase):
         wait_for(lambda: not sb.tmux("list-clients").stdout.strip(), 20, 0.1, "the terminal gone")
         self.assertEqual(sizes(), before)
         self.assertEqual(self.states("gross"), ["idle"] * 3)
+
+
+class Spend(OrchCase):
+    """What a Claude worker's hooks and status line tell orch (events, cost,
+    context), fed to `orch hook` as Claude Code feeds it: JSON on stdin, in the
+    worker's environment. All of it is hostile input."""
+
+    def hook(self, name, n, payload):
+        r = self.sb.orch("hook", stdin=payload if isinstance(payload, str) else json.dumps(payload),
+                         env=dict(self.sb.env, ORCH_FLEET=name, ORCH_WORKER=str(n)))
+        self.assertEqual((r.code, r.err), (0, ""), r)
+        return r.out
+
+    def test_hook_events_make_the_log_and_a_write_of_another_workers_file_is_flagged(self):
+        self.spawn("spur", 2)
+        shared = self.sb.shared("spur")
+        own, done, theirs = (os.path.join(shared, f) for f in ("agent-1.result.md", "agent-1.done",
+                                                                "verify/r1-w2.result.md"))
+        for payload in ({"hook_event_name": "UserPromptSubmit", "prompt": "Read and follow the brief \x1b]52;c;QQ==\x07"},
+                        {"hook_event_name": "PostToolUse", "tool_name": "Write", "tool_input": {"file_path": own}},
+                        {"hook_event_name": "PostToolUse", "tool_name": "Bash", "tool_input": {"command": "touch " + done}},
+                        {"hook_event_name": "PostToolUse", "tool_name": "Write", "tool_input": {"file_path": theirs}},
+                        {"hook_event_name": "Stop"}):
+            self.assertEqual(self.hook("spur", 1, payload), "")
+        log = self.ok("log", "spur", "1").out.splitlines()
+        want = [r"prompt: Read and follow the brief \\u001b\]52;c;QQ==\\u0007$", r"Write %s$" % re.escape(own),
+                r"Bash touch %s$" % re.escape(done), r"Write %s <- NOT ITS OWN: W2's file$" % re.escape(theirs),
+                r"turn ended$"]
+        self.assertEqual(len(log), len(want), log)
+        for line, rx in zip(log, want):
+            self.assertRegex(line, r"^\d\d:\d\d:\d\d W1 " + rx)
+        self.assertEqual(self.ok("log", "spur", "2").out, "")
+        recs = [json.loads(line) for line in self.ok("log", "spur", "--json").out.splitlines()]
+        self.assertEqual([(r["worker"], r["hook"], r.get("foreign")) for r in recs][3], (1, "PostToolUse", 2))
+        status = self.ok("status", "spur").out
+        self.assertRegex(status, r"(?m)^  W1 .*WROTE W2's verify/r1-w2\.result\.md \| ")
+        self.assertEqual([w["foreign"] for w in json.loads(self.ok("status", "spur", "--json").out)["workers"]],
+                         [[{"owner": 2, "file": theirs}], []])
+
+    def test_cost_and_context_from_the_status_line_and_its_lies(self):
+        self.spawn("kosten", 2)
+        line = {"session_id": "x", "cost": {"total_cost_usd": 0.1234}, "context_window": {"used_percentage": 91}}
+        self.assertEqual(self.hook("kosten", 1, line), "orch W1\n")
+        status = self.ok("status", "kosten").out
+        self.assertRegex(status, r"(?m)^  W1 .* \$0\.12  91%  CONTEXT 91%: hand its work to a fresh worker \| ")
+        self.assertRegex(status, r"(?m)^  W2 .* - +-  ")
+        self.assertIn("cost: $0.12 (W1 $0.12); unknown for W2", status)
+        got = json.loads(self.ok("status", "kosten", "--json").out)
+        self.assertEqual([(w["cost_usd"], w["context_pct"]) for w in got["workers"]], [(0.1234, 91), (None, None)])
+        self.assertEqual(got["cost_usd"], 0.1234)
+        report = self.ok("report", "kosten").out
+        self.assertIn("| W1 | sim | $0.12 | 91% |\n| W2 | sim | unknown | unknown |", report)
+        # A worker can write anything where orch reads it: a lie is unknown, never a number.
+        for payload in ("", "kein json", "[]", '{"hook_event_name": 5}', "\x1b]0;title\x07",
+                        '{"cost": {"total_cost_usd": 1e999}, "context_window": {"used_percentage": -3}}',
+                        '{"cost": {"total_cost_usd": true}, "context_window": {"used_percentage": 101}}',
+                        '{"cost": {"total_cost_usd": "0.5"}, "context_window": {"used_percentage": NaN}}'):
+            self.hook("kosten", 2, payload)
+            w2 = json.loads(self.ok("status", "kosten", "--json").out)["workers"][1]
+            self.assertEqual((w2["cost_usd"], w2["context_pct"]), (None, None), payload)
+        with open(self.sb.run("kosten", "foreign.jsonl"), "a") as f:
+            f.write('kaputt\n{"worker": "x"}\n[1]\n')
+        self.ok("status", "kosten")
+        r = self.sb.orch("hook", stdin="{}", env=dict(self.sb.env, ORCH_FLEET="nosuch", ORCH_WORKER="1"))
+        self.assertEqual((r.code, r.out, r.err), (0, "", ""))
+
+    def test_wait_budget_interrupts_every_busy_worker_and_exits_5(self):
+        self.spawn("geld", 2, None, "sim --delay 60")
+        self.ok("brief", "geld", 1, "--goal", "which lines carry TODO markers", "--send")
+        self.assertEqual(self.states("geld"), ["busy", "idle"])
+        self.hook("geld", 1, {"cost": {"total_cost_usd": 0.3}})
+        r = self.sb.orch("wait", "geld", "--budget", "0.5", "--timeout", "1", "--interval", "0.2")
+        self.assertEqual(r.code, 3, r)                              # within budget: nobody stopped
+        self.assertEqual(self.states("geld"), ["busy", "idle"])
+        self.hook("geld", 2, {"cost": {"total_cost_usd": 0.25}})
+        r = self.sb.orch("wait", "geld", "--budget", "0.5", "--interval", "0.2", timeout=30)
+        self.assert_one_error_line(r, 5, "over budget: $0.55 (W1 $0.30, W2 $0.25) spent, --budget $0.50")
+        self.assertIn("sim: interrupted", self.read("geld", 1))
+        self.assertEqual(self.states("geld"), ["idle", "idle"])
+        self.assertEqual([e["worker"] for e in self.sb.events("geld", "interrupt")], [1])
+
+    def test_a_round_file_another_worker_wrote_does_not_count(self):
+        wd = self.sb.workdir("wörk-fremd", {"a.py": "# TODO: one\n", "b.py": "# FIXME: two\n"})
+        self.spawn("fremdw", 2, wd)
+        for n in (1, 2):
+            self.ok("brief", "fremdw", n, "--goal", "which lines carry TODO or FIXME markers", "--send")
+        self.ok("wait", "fremdw", "--timeout", "20", "--interval", "0.2")
+        self.hook("fremdw", 1, {"hook_event_name": "PostToolUse", "tool_name": "Write",
+                                "tool_input": {"file_path": self.sb.shared("fremdw", "verify", "r1-w2.result.md")}})
+        r = self.sb.orch("verify", "fremdw", "--timeout", "20")
+        self.assertIn("W1 wrote it (its agent's hooks say so), not W2; its verdicts do not count", r.err)
+        matrix = json.loads(self.sb.text(self.sb.shared("fremdw", "matrix.json")))
+        w1 = [f for f in matrix["findings"] if f["id"].startswith("W1.")]
+        self.assertTrue(w1 and all(not any(v["counts"] for v in f["rounds"]) for f in w1), w1)
+        self.assertIn("1 confirmed, 0 refuted, 0 disputed, 0 bad citation, 1 unverifiable", r.out)
 
 
 # =============================================================================
@@ -4185,6 +4459,30 @@ class Bench(OrchCase):
         sys.stderr.write("\n".join(out) + "\n")
         self.assertLess(table[-1][3] / table[-1][1], 100)     # loose: one poll is a few tmux calls
 
+    def test_hook_cost(self):
+        """What one Claude Code hook event (or status-line update) costs a worker:
+        `orch hook`, as a ratio to a bare `python3 -c pass`."""
+        self.spawn("haken", 1)
+        env = dict(self.sb.env, ORCH_FLEET="haken", ORCH_WORKER="1")
+        payloads = {"hook event": {"hook_event_name": "PostToolUse", "tool_name": "Write",
+                                   "tool_input": {"file_path": self.sb.shared("haken", "agent-1.result.md")}},
+                    "status line": {"cost": {"total_cost_usd": 0.5}, "context_window": {"used_percentage": 40}}}
+
+        def median(argv, payload):
+            times = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                subprocess.run(argv, input=json.dumps(payload).encode(), env=env, stdout=subprocess.DEVNULL, check=True)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        bare = median([sys.executable, "-c", "pass"], {})
+        out = ["", "hook cost: bare python3 -c pass %.1f ms" % (bare * 1e3)]
+        for what, payload in payloads.items():
+            t = median([sys.executable, ORCH_PY, "hook"], payload)
+            out.append("  %-11s %6.1f ms (%4.1fx)" % (what, t * 1e3, t / bare))
+        sys.stderr.write("\n".join(out) + "\n")
+        self.assertEqual(len(self.sb.events("haken", "agent")), 9)
+
 
 # =============================================================================
 # Verification that no single lying worker can game (sim personalities)
@@ -4747,7 +5045,7 @@ class AgentEntry(OrchCase):
 # stay in one part, so the demos run once.
 COST = {"Hostile": 34, "Truth": 40, "Harness": 20, "States": 18, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
-        "AgentEntry": 3, "BadInput": 3}
+        "AgentEntry": 3, "BadInput": 3, "Spend": 8}
 PARTS = 4
 TOGETHER = ("Verification", "Security", "Python38")
 
