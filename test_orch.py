@@ -2295,7 +2295,7 @@ LEAD_REPO = {
 }
 # The orch commands of SKILL.md's sh blocks a lead plays from spawn to kill
 # (nudge needs a worker that drifts), in SKILL.md's order.
-LEAD_STEPS = ["spawn", "brief", "brief", "brief", "send", "wait", "status", "read", "bus", "verify", "report",
+LEAD_STEPS = ["spawn", "brief", "brief", "brief", "send", "wait", "status", "read", "bus", "log", "verify", "report",
               "kill"]
 # What asks on the lead's screen: a permission prompt ("Do you want to
 # proceed?", "Allow this read outside the working directories?", both ending
