@@ -202,21 +202,28 @@ def claude_setup(fleet, w):
                     "CLAUDE_CODE_DISABLE_ALTERNATE_SCREEN": "1"}, "args": args}
 
 
-def codex_seed(fleet, agent):
-    """Codex 0.169 keeps trust in config.toml: the fleet's own CODEX_HOME gets
-    the user's config with the workdir trusted, and a link to the login."""
-    home = os.path.join(fleet["run"], "codex")
+def codex_setup(fleet, w):
+    """Codex 0.169 keeps trust in config.toml: each worker gets a CODEX_HOME of
+    its own with the user's config, the workdir trusted, and a link to the login.
+    Its own, as `resume --last` takes a home's newest session of the cwd (which
+    all workers share): a respawn resumes the worker's own, once it has one."""
+    home = os.path.join(fleet["run"], "codex", "w%d" % w["n"])
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
-    if os.path.exists(os.path.join(home, "config.toml")):
-        return
-    os.makedirs(home, exist_ok=True)
-    text = read_text(os.path.join(user, "config.toml"), "")
-    table = "[projects.%s]" % json.dumps(os.path.realpath(fleet["workdir"]))
-    if table not in text:                   # the user may have trusted it already
-        text += "\n%s\ntrust_level = \"trusted\"\n" % table
-    write_file(os.path.join(home, "config.toml"), text)
-    if os.path.exists(os.path.join(user, "auth.json")):
-        os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
+    if not os.path.exists(os.path.join(home, "config.toml")):
+        os.makedirs(home, exist_ok=True)
+        text = read_text(os.path.join(user, "config.toml"), "")
+        table = "[projects.%s]" % json.dumps(os.path.realpath(fleet["workdir"]))
+        if table not in text:               # the user may have trusted it already
+            text += "\n%s\ntrust_level = \"trusted\"\n" % table
+        write_file(os.path.join(home, "config.toml"), text)
+        if os.path.exists(os.path.join(user, "auth.json")):
+            os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
+    # 0.171 writes sessions/YYYY/MM/DD/rollout-<time>-<uuid>.jsonl at the first message.
+    # --add-dir: its sandbox lets a worker write only the workdir and /tmp; --no-alt-screen keeps
+    # the conversation in the pane's scrollback (logs/); --no-daemon: no app-server outlives kill.
+    resume = glob.glob(os.path.join(glob.escape(home), "sessions", "*", "*", "*", "rollout-*.jsonl"))
+    return {"env": {"CODEX_HOME": home}, "args": ["resume", "--last"] * bool(resume) + [
+        "--add-dir", os.path.realpath(shared_dir(fleet)), "--no-alt-screen", "--no-daemon"]}
 
 
 GEMINI_POLICY = """# orch: what the workers of this fleet run without a prompt (Gemini CLI policy
@@ -314,11 +321,7 @@ AGENTS = {
         "answer": [(r"❯ 1\. Yes, I trust this folder", ["Enter"])],
     },
     "codex": {
-        "install": "npm install -g @openai/codex", "seed": codex_seed,
-        # --add-dir: its sandbox lets a worker write only the workdir and /tmp; --no-alt-screen keeps
-        # the conversation in the pane's scrollback (logs/); --no-daemon: no app-server outlives kill.
-        "setup": lambda fleet, w: {"env": {"CODEX_HOME": os.path.join(fleet["run"], "codex")}, "args": [
-            "--add-dir", os.path.realpath(shared_dir(fleet)), "--no-alt-screen", "--no-daemon"]},
+        "install": "npm install -g @openai/codex", "setup": codex_setup,
         # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
         # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
         # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.

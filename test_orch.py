@@ -3022,7 +3022,7 @@ def codex_config(port, model="gpt-5.1-codex"):
 class RealCodex(OrchCase):
     """A real Codex fleet, offline: the pinned CLI from npm, its model the
     mock, named as a provider in the user's own ~/.codex/config.toml (orch
-    copies it into the fleet's CODEX_HOME). ORCH_HOME is outside /tmp, where
+    copies it into each worker's CODEX_HOME). ORCH_HOME is outside /tmp, where
     users have it: Codex's sandbox lets a worker write its workdir, /tmp and
     --add-dir only. Workdirs are git repositories, where Codex asks to trust
     the folder."""
@@ -3145,9 +3145,10 @@ class RealCodex(OrchCase):
         self.assertIn("OpenAI Codex (v%s)" % self.version, screens)
         self.keep("codex-orch-idle", "idle", self.capture("boot", 1)[0])
         self.assertEqual(sb.text(self.mine), self.config)
-        fleet_config = sb.text(sb.run("boot", "codex", "config.toml"))
-        self.assertTrue(fleet_config.startswith(self.config), fleet_config)     # Codex adds its counters
-        self.assertIn('\n[projects.%s]\ntrust_level = "trusted"\n' % json.dumps(wd), fleet_config)
+        for n in (1, 2):                    # each worker's own CODEX_HOME
+            fleet_config = sb.text(sb.run("boot", "codex", "w%d" % n, "config.toml"))
+            self.assertTrue(fleet_config.startswith(self.config), fleet_config)     # Codex adds its counters
+            self.assertIn('\n[projects.%s]\ntrust_level = "trusted"\n' % json.dumps(wd), fleet_config)
         self.killed_clean("boot")
         self.assertEqual(self.pids(), [])
 
@@ -3256,6 +3257,32 @@ class RealCodex(OrchCase):
         self.assertEqual(MockOpenAI.text_of([i for i in turns[1]["input"] if i.get("role") == "user"][-1]),
                          "after your turn")
         self.killed_clean("schmal")
+
+    def test_a_respawned_worker_resumes_its_own_conversation_and_no_other(self):
+        sb = self.sb
+        self.fleet("wieder", 2)
+        for n in (1, 2):
+            self.ok("send", "wieder", n, "W%d's first message" % n)
+            wait_for(lambda: self.said("W%d's first" % n), 15, 0.1, "W%d's first message at the mock" % n)
+        wait_for(lambda: self.states("wieder") == ["idle", "idle"], 20, 0.2, "both turns' end")
+        pane_pid = lambda n: sb.tmux("display-message", "-p", "-t", self.pane("wieder", n), "#{pane_pid}").stdout
+        w2 = pane_pid(2)
+        self.ok("respawn", "wieder", "1", "--timeout", "30", timeout=60)
+        self.assertEqual(self.states("wieder"), ["idle", "idle"])
+        self.assertIn("W1's first message", self.read("wieder", 1))      # the resumed conversation redrawn
+        for n in (1, 2):
+            self.ok("send", "wieder", n, "W%d's second message" % n)
+            wait_for(lambda: self.said("W%d's second" % n), 15, 0.1, "W%d's second message at the mock" % n)
+        turns = [b for b in self.api.requests if b.get("tools")]
+        for n, other in ((1, 2), (2, 1)):
+            first, second = [next(b for b in turns if "W%d's %s message" % (n, k) in json.dumps(b["input"]))
+                             for k in ("first", "second")]
+            said = [MockOpenAI.text_of(i) for i in second["input"] if i.get("role") == "user"]
+            self.assertIn("W%d's first message" % n, said)
+            self.assertNotIn("W%d's first message" % other, said)
+            self.assertEqual(second["prompt_cache_key"], first["prompt_cache_key"])    # the session id
+        self.assertEqual(pane_pid(2), w2, "W2 was restarted")
+        self.killed_clean("wieder")
 
     def test_a_pinned_model_with_a_successor_is_kept_unasked(self):
         # 0.171 offers a newer model at start ("Meet GPT-6 Sol", "› 1. Try new model", "2. Use
