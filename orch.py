@@ -380,7 +380,7 @@ AGENTS = {
         "command": [sys.executable, ORCH, "sim"],
         "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"], "settle": 0,
     },
-    "generic": {},  # any other command: no markers, poll() decides from screen changes
+    "generic": {"settle": 0},  # any other command: no markers; idle is 3 s without a screen change
 }
 
 
