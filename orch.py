@@ -134,11 +134,11 @@ def skill_dir():
     return os.path.join(claude_user_dir(), "skills", "orch")
 
 
-def claude_credentials():
-    """Where a Claude worker gets its login from, or None."""
-    env = next((c for c in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN") if os.environ.get(c)), None)
-    creds = os.path.join(claude_user_dir(), ".credentials.json")
-    return env or (creds if os.path.exists(creds) else None)
+def credentials(names, *path):
+    """Where a worker gets its login from (the first variable of `names` that
+    is set, else the file at `path` if it exists), or None: for doctor."""
+    found = next((c for c in names if os.environ.get(c)), None)
+    return found or (os.path.join(*path) if os.path.exists(os.path.join(*path)) else None)
 
 
 # What a worker runs without a prompt, for every agent that asks before shell
@@ -289,7 +289,8 @@ def gemini_setup(fleet, w):
 #     means that line is not the input line (a frame caught mid-redraw).
 AGENTS = {
     "claude": {
-        "install": "npm install -g @anthropic-ai/claude-code", "credentials": claude_credentials,
+        "install": "npm install -g @anthropic-ai/claude-code", "credentials": lambda: credentials(
+            ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"), claude_user_dir(), ".credentials.json"),
         "login": "run `claude` once and log in, or export ANTHROPIC_API_KEY",
         "seed": claude_seed, "setup": claude_setup,
         # 2.1.197: the input line is "❯" + NBSP; past messages use "❯ " (normal space), menus "❯ 1. Yes".
@@ -322,6 +323,9 @@ AGENTS = {
     },
     "codex": {
         "install": "npm install -g @openai/codex", "setup": codex_setup,
+        "credentials": lambda: credentials(("OPENAI_API_KEY", "CODEX_API_KEY"), os.environ.get(
+            "CODEX_HOME") or os.path.expanduser("~/.codex"), "auth.json"),
+        "login": "run `codex login`, or export OPENAI_API_KEY",
         # 0.169: the composer's "›" is bold; past messages draw "› " bold+dim, so with dim text
         # removed only the composer matches. Its placeholder "Ask Codex to do anything" is dim.
         # Menus ("› 1. Yes, proceed (y)") are reverse video and excluded anyway.
@@ -346,6 +350,9 @@ AGENTS = {
     },
     "gemini": {
         "install": "npm install -g @google/gemini-cli",
+        "credentials": lambda: credentials(("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"), os.environ.get(
+            "GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", "oauth_creds.json"),
+        "login": "run `gemini` once and log in with Google, or export GEMINI_API_KEY",
         "seed": gemini_seed, "setup": gemini_setup,
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
         # (not dim) placeholder "Type your message..." follows it. 0.1.x drew "│ > " in a box.

@@ -1839,6 +1839,29 @@ class Setup(OrchCase):
         self.assertRegex(r.out, r"(?m)^ok   credentials +%s" % re.escape(conf))
         self.assertEqual(r.code, 0, r)
 
+    def test_doctor_checks_each_agents_login_and_names_the_fix(self):
+        home = os.path.join(self.sb.root, "leer")
+        base = dict(self.sb.env, HOME=home, PATH=self.fake_bin(["claude", "codex", "gemini"]) + os.pathsep
+                    + os.path.dirname(REAL_TMUX))
+        for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CONFIG_DIR", "OPENAI_API_KEY",
+                    "CODEX_API_KEY", "CODEX_HOME", "GEMINI_API_KEY", "GOOGLE_API_KEY",
+                    "GOOGLE_GENAI_USE_VERTEXAI", "GEMINI_CLI_HOME"):
+            base.pop(var, None)
+        for agent, extra, files, want in (
+                ("codex", {}, {}, "FAIL credentials +none found  -> run `codex login`, or export OPENAI_API_KEY"),
+                ("codex", {"OPENAI_API_KEY": "sk-x"}, {}, "ok   credentials +OPENAI_API_KEY"),
+                ("codex", {}, {".codex/auth.json": "{}"}, "ok   credentials +%s/.codex/auth.json" % home),
+                ("gemini", {}, {}, "FAIL credentials +none found  -> run `gemini` once and log in"),
+                ("gemini", {"GEMINI_API_KEY": "k"}, {}, "ok   credentials +GEMINI_API_KEY"),
+                ("gemini", {}, {".gemini/oauth_creds.json": "{}"}, "ok   credentials +%s/.gemini/oauth_creds.json" % home),
+                ("claude", {}, {}, "FAIL credentials +none found  -> run `claude` once and log in")):
+            with self.subTest(agent=agent, extra=extra, files=files):
+                shutil.rmtree(home, True)
+                write_tree(home, files)
+                r = self.sb.orch("doctor", "--agent", agent, env=dict(base, **extra))
+                self.assertRegex(r.out, r"(?m)^" + re.escape(want).replace(r"\ \+", " +"))
+                self.assertEqual(r.code, 1 if want.startswith("FAIL") else 0, r)
+
     def test_install_into_a_bin_dir(self):
         home = os.path.join(self.sb.root, "user")
         bin_dir = os.path.join(self.sb.root, "bin dir")
