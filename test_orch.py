@@ -2695,6 +2695,11 @@ class RealGemini(OrchCase):
     def setUp(self):
         OrchCase.setUp(self)
         sb = self.sb
+        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))     # where users have ORCH_HOME
+                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
+        outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-gemini-", dir=base))
+        self.addCleanup(shutil.rmtree, outside, True)
+        sb.home = sb.env["ORCH_HOME"] = os.path.join(outside, "orch")
         self.addCleanup(self.end_leftovers)     # runs before the Sandbox's kill-server
         self.api = mock_api(MockGemini, calls=[], results=[], streams=[])
         self.addCleanup(self.api.server_close)
