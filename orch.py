@@ -182,7 +182,8 @@ def claude_seed(fleet, agent):
     if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
         settings["skipDangerousModePermissionPrompt"] = True
     # The hooks and the status line are orch itself (`orch hook`): events, cost and context.
-    hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in (sys.executable, ORCH, "hook"))}
+    # `|| true`: a hook that exits 2 (python3 on a moved orch.py) would block every prompt.
+    hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in (sys.executable, ORCH, "hook")) + " || true"}
     settings.update(hooks={e: [{"hooks": [hook]}] for e in CLAUDE_HOOKS}, statusLine=hook)
     write_json(os.path.join(config, "settings.json"), settings)
     creds = os.path.join(user_dir, ".credentials.json")
@@ -300,9 +301,9 @@ AGENTS = {
         # Footers: "? for shortcuts" (2.1.197); 2.1.331 shows "⏵⏵ auto mode on (shift+tab to cycle)"
         # or "⏸ manual mode on · ? for shortcuts"; also "⏵⏵ accept edits on", "⏸ plan mode on".
         "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w '’]+ on\b"],
-        "busy": [r"esc to interrupt",  # 2.1.197 footer; older: "✽ Wandering… (esc to interrupt)"
+        "busy": [r"esc to interru",  # 2.1.197 footer, cut to "esc to interru…" in narrow panes
                  r"^\s*[·✢✳✶✻✽*] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
-                 r"(?i)retrying in \d", r"Compacting conversation", r"ctrl\+b to run in background",
+                 r"(?i)retrying in \d", r"Compacting conversation", r"ctrl\+b (ctrl\+b \(twice\) )?to run in background",
                  r"Press up to edit queued messages"],
         # Every dialog replaces the input box, so these are only looked for from the input line down:
         # an answered question or quoted text higher up in the transcript never counts.

@@ -2112,11 +2112,68 @@ class RealPlugin(OrchCase):
         self.assertEqual([p for p in json.loads(plugin("list", "--json")) if p["id"] == "orch@orch"], [])
 
 
+class RealCLI(OrchCase):
+    """What the real-CLI fleets share: ORCH_HOME outside /tmp (where users have
+    it), leftovers ended by PID, real screens kept for .ci/screens."""
+    AGENT = None
+
+    def home_outside_tmp(self):
+        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
+                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
+        self.outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-%s-" % self.AGENT, dir=base))
+        self.addCleanup(shutil.rmtree, self.outside, True)
+        self.addCleanup(self.end_leftovers)     # runs first
+        self.sb.home = self.sb.env["ORCH_HOME"] = os.path.join(self.outside, "orch")
+
+    def cmdline(self, pid):
+        with contextlib.suppress(OSError):
+            return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        return ""
+
+    def end_leftovers(self):
+        """After a failure too: the server, then whatever is left, by PID
+        (Gemini outlives tmux kill-server)."""
+        self.sb.tmux("kill-server")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.pids(), 5, 0.1)
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def keep(self, fixture, state, screen, title=None):
+        """A real screen, kept in SCREENS_OUT. Without a title orch must
+        read `state` off the screen alone, and it is labelled for .ci/screens
+        (fixtures are replayed without their pane title); with one, only the
+        two together tell, and it is kept unlabelled."""
+        got = self.orch.screen_state(self.orch.AGENTS[self.AGENT], screen, title)
+        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
+        if not SCREENS_OUT:
+            return
+        os.makedirs(SCREENS_OUT, exist_ok=True)
+        write_tree(SCREENS_OUT, {fixture + ".ansi.txt": screen})
+        labels = os.path.join(SCREENS_OUT, "labels.tsv" if title is None else "title-only.tsv")
+        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
+                                                    if os.path.exists(labels) else []))
+        rows[fixture] = self.AGENT + "\t" + state + ("" if title is None else "\t" + title)
+        write_tree(SCREENS_OUT, {os.path.basename(labels): "fixture\tagent\tstate%s\n" % (
+            "" if title is None else "\ttitle") + "".join("%s\t%s\n" % kv for kv in sorted(rows.items()))})
+
+    def wait_state(self, name, n, want, timeout, avoid=("permission", "dialog", "exited", "unknown")):
+        """Until worker n shows `want`; fails at once, with its screen, on a state in `avoid`."""
+        def check():
+            state = self.states(name)[n - 1]
+            if state in avoid and state != want:
+                self.fail("W%d %s, waiting for %s:\n%s" % (n, state, want, self.read(name, n)))
+            return state == want
+        wait_for(check, timeout, 0.2, "W%d %s" % (n, want))
+
+
 @unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Claude Code CLI")
-class RealClaude(OrchCase):
+class RealClaude(RealCLI):
     """A real Claude Code fleet, offline: the pinned CLI from npm (or the one
     ORCH_CLAUDE_VERSION names), pointed at the mock. ORCH_HOME is outside
     /tmp, where users have it: the fleet's CLAUDE_CONFIG_DIR and shared/ too."""
+    AGENT = "claude"
 
     @classmethod
     def setUpClass(cls):
@@ -2129,12 +2186,7 @@ class RealClaude(OrchCase):
         self.api = mock_api(streams=[])
         self.addCleanup(self.api.server_close)
         self.addCleanup(self.api.shutdown)
-        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
-                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
-        self.outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-claude-", dir=base))
-        self.addCleanup(shutil.rmtree, self.outside, True)
-        self.addCleanup(self.end_leftovers)     # runs first
-        sb.home = sb.env["ORCH_HOME"] = os.path.join(self.outside, "orch")
+        self.home_outside_tmp()
         self.user = os.path.join(sb.root, "user")
         self.mine = {os.path.join(self.user, ".claude.json"): '{"theme": "light", "projects": {}}\n',
                      os.path.join(self.user, ".claude", "settings.json"): '{"permissions": {"allow": []}}\n'}
@@ -2144,20 +2196,6 @@ class RealClaude(OrchCase):
                       ANTHROPIC_API_KEY="sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop")
 
     # -- processes
-    def cmdline(self, pid):
-        with contextlib.suppress(OSError):
-            return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        return ""
-
-    def end_leftovers(self):
-        """After a failure too: the server, then whatever is left, by PID."""
-        self.sb.tmux("kill-server")
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not self.pids(), 5, 0.1)
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
     def killed_clean(self, name):
         """`orch kill` ends the session and every process of the fleet: each
         worker's CLI and whatever it started."""
@@ -2167,30 +2205,6 @@ class RealClaude(OrchCase):
         self.assertFalse(self.sb.has_session(name))
         left = self.pids(name)
         self.assertEqual(left, [], "left after `orch kill`: %s" % [self.cmdline(p) for p in left])
-
-    # -- screens
-    def keep(self, fixture, state, screen):
-        """A real screen for .ci/screens: orch must read `state` off it alone
-        (fixtures are replayed without their pane title)."""
-        got = self.orch.screen_state(self.orch.AGENTS["claude"], screen, None)
-        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
-        if not SCREENS_OUT:
-            return
-        labels = os.path.join(SCREENS_OUT, "labels.tsv")
-        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
-                                                    if os.path.exists(labels) else []))
-        rows[fixture] = "claude\t" + state
-        write_tree(SCREENS_OUT, {fixture + ".ansi.txt": screen, "labels.tsv": "fixture\tagent\tstate\n" + "".join(
-            "%s\t%s\n" % kv for kv in sorted(rows.items()))})
-
-    def wait_state(self, name, n, want, timeout, avoid=("permission", "dialog", "exited", "unknown")):
-        """Until worker n shows `want`; fails at once, with its screen, on a state in `avoid`."""
-        def check():
-            state = self.states(name)[n - 1]
-            if state in avoid and state != want:
-                self.fail("W%d %s, waiting for %s:\n%s" % (n, state, want, self.read(name, n)))
-            return state == want
-        wait_for(check, timeout, 0.2, "W%d %s" % (n, want))
 
     # -- the tests
     def test_fleet_boots_idle_works_unattended_and_asks_for_permission(self):
@@ -2680,10 +2694,11 @@ def user_texts(api):
 
 
 @unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Gemini CLI")
-class RealGemini(OrchCase):
+class RealGemini(RealCLI):
     """A real Gemini CLI fleet, offline: the pinned CLI from npm, pointed at the
     mock, with the user's ~/.gemini/settings.json choosing API-key login and no
     auto-update (orch seeds only the fleet's trusted-folders file and policy)."""
+    AGENT = "gemini"
 
     @classmethod
     def setUpClass(cls):
@@ -2695,12 +2710,7 @@ class RealGemini(OrchCase):
     def setUp(self):
         OrchCase.setUp(self)
         sb = self.sb
-        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))     # where users have ORCH_HOME
-                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
-        outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-gemini-", dir=base))
-        self.addCleanup(shutil.rmtree, outside, True)
-        sb.home = sb.env["ORCH_HOME"] = os.path.join(outside, "orch")
-        self.addCleanup(self.end_leftovers)     # runs before the Sandbox's kill-server
+        self.home_outside_tmp()
         self.api = mock_api(MockGemini, calls=[], results=[], streams=[])
         self.addCleanup(self.api.server_close)
         self.addCleanup(self.api.shutdown)
@@ -2719,11 +2729,6 @@ class RealGemini(OrchCase):
                       CI="true", GITHUB_ACTIONS="true")    # a lead in CI: they make a plain gemini headless
 
     # -- processes
-    def end_leftovers(self):
-        for pid in self.pids():             # Gemini outlives tmux kill-server: by PID
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
     def killed_clean(self, name, workers):
         """Two node processes per worker while it runs; `orch kill` leaves none."""
         procs = {}
@@ -2733,33 +2738,6 @@ class RealGemini(OrchCase):
         self.assertEqual(sorted(procs.values()), ["node"] * 2 * workers, procs)
         self.ok("kill", name)
         self.assertEqual(self.pids(name), [], "processes of fleet %s left after `orch kill`" % name)
-
-    # -- screens
-    def keep(self, fixture, state, screen):
-        """A real screen for .ci/screens: orch must read `state` off it alone
-        (fixtures are replayed without their pane title)."""
-        got = self.orch.screen_state(self.orch.AGENTS["gemini"], screen, None)
-        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
-        if not SCREENS_OUT:
-            return
-        os.makedirs(SCREENS_OUT, exist_ok=True)
-        with open(os.path.join(SCREENS_OUT, fixture + ".ansi.txt"), "w", encoding="utf-8") as f:
-            f.write(screen)
-        labels = os.path.join(SCREENS_OUT, "labels.tsv")
-        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
-                                                    if os.path.exists(labels) else []))
-        rows[fixture] = "gemini\t" + state
-        with open(labels, "w", encoding="utf-8") as f:
-            f.write("fixture\tagent\tstate\n" + "".join("%s\t%s\n" % kv for kv in sorted(rows.items())))
-
-    def wait_state(self, name, n, want, timeout, avoid=("permission", "dialog", "exited", "unknown")):
-        """Until worker n shows `want`; fails at once, with its screen, on a state in `avoid`."""
-        def check():
-            state = self.states(name)[n - 1]
-            if state in avoid and state != want:
-                self.fail("W%d %s, waiting for %s:\n%s" % (n, state, want, self.read(name, n)))
-            return state == want
-        wait_for(check, timeout, 0.2, "W%d %s" % (n, want))
 
     # -- the tests
     def test_boots_idle_with_no_dialog_takes_ten_lines_and_stops_at_a_permission_prompt(self):
@@ -3047,13 +3025,14 @@ def codex_config(port, model="gpt-5.1-codex"):
 
 
 @unittest.skipUnless(os.environ.get("ORCH_REAL"), "ORCH_REAL=1 runs the real Codex CLI")
-class RealCodex(OrchCase):
+class RealCodex(RealCLI):
     """A real Codex fleet, offline: the pinned CLI from npm, its model the
     mock, named as a provider in the user's own ~/.codex/config.toml (orch
     copies it into each worker's CODEX_HOME). ORCH_HOME is outside /tmp, where
     users have it: Codex's sandbox lets a worker write its workdir, /tmp and
     --add-dir only. Workdirs are git repositories, where Codex asks to trust
     the folder."""
+    AGENT = "codex"
 
     @classmethod
     def setUpClass(cls):
@@ -3069,12 +3048,7 @@ class RealCodex(OrchCase):
         self.api = mock_api(MockOpenAI, open=set())
         self.addCleanup(self.api.server_close)
         self.addCleanup(self.api.shutdown)
-        base = next(d for d in ("/var/tmp", os.path.expanduser("~"))
-                    if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
-        self.outside = os.path.realpath(tempfile.mkdtemp(prefix="orch-codex-", dir=base))
-        self.addCleanup(shutil.rmtree, self.outside, True)
-        self.addCleanup(self.end_leftovers)     # runs first
-        sb.home = sb.env["ORCH_HOME"] = os.path.join(self.outside, "orch")
+        self.home_outside_tmp()
         self.user = os.path.join(sb.root, "user")
         self.mine = os.path.join(self.user, ".codex", "config.toml")
         self.config = codex_config(self.api.server_address[1])
@@ -3084,20 +3058,6 @@ class RealCodex(OrchCase):
                       LANG="C.UTF-8")
 
     # -- processes
-    def cmdline(self, pid):
-        with contextlib.suppress(OSError):
-            return read_bytes("/proc/%d/cmdline" % pid).replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        return ""
-
-    def end_leftovers(self):
-        """After a failure too: the server, then whatever is left, by PID."""
-        self.sb.tmux("kill-server")
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not self.pids(), 5, 0.1)
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
     def killed_clean(self, name):
         """`orch kill` ends the session and every process of the fleet; no
         app-server of Codex's ran (--no-daemon)."""
@@ -3117,24 +3077,6 @@ class RealCodex(OrchCase):
         self.ok("spawn", name, n, wd, "--agent", "codex", "--timeout", timeout, timeout=timeout + 30)
         self.assertEqual(self.sb.events(name, "answer"), [], "spawn answered a dialog")
         return wd
-
-    def keep(self, fixture, state, screen, title=None):
-        """A real screen, kept in SCREENS_OUT. Without a title orch must
-        read `state` off the screen alone, and it is labelled for .ci/screens
-        (fixtures are replayed without their pane title); with one, only the
-        two together tell, and it is kept unlabelled."""
-        got = self.orch.screen_state(self.orch.AGENTS["codex"], screen, title)
-        self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
-        if not SCREENS_OUT:
-            return
-        os.makedirs(SCREENS_OUT, exist_ok=True)
-        write_tree(SCREENS_OUT, {fixture + ".ansi.txt": screen})
-        labels = os.path.join(SCREENS_OUT, "labels.tsv" if title is None else "title-only.tsv")
-        rows = dict(line.split("\t", 1) for line in (read_bytes(labels).decode().splitlines()[1:]
-                                                    if os.path.exists(labels) else []))
-        rows[fixture] = "codex\t" + state + ("" if title is None else "\t" + title)
-        write_tree(SCREENS_OUT, {os.path.basename(labels): "fixture\tagent\tstate%s\n" % (
-            "" if title is None else "\ttitle") + "".join("%s\t%s\n" % kv for kv in sorted(rows.items()))})
 
     def said(self, text):
         """The user messages of turns (not side queries) that hold `text`, each once."""
@@ -4321,7 +4263,14 @@ class Security(OrchCase):
                 self.assertTrue(words and words[0] not in ("rm", "*", "sudo", "xargs", "sh", "bash"),
                                 "allow rule %r lets a worker delete" % rule)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(config, ".claude.json")).st_mode), 0o600)
+        # The hooks are orch itself, and never block the agent: not even when orch.py moved away.
+        settings = json.loads(self.sb.text(path))
+        command = settings["statusLine"]["command"]
+        self.assertEqual({h["hooks"][0]["command"] for hs in settings["hooks"].values() for h in hs}, {command})
+        moved = subprocess.run(["sh", "-c", command.replace(shlex.quote(ORCH_PY), "/nirgendwo/orch.py")],
+                               input=b"{}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(moved.returncode, 0, moved)
+        self.assertIn(b"/nirgendwo/orch.py", moved.stderr)
         self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o700)
         self.assertEqual(os.listdir(env["HOME"]), [])
 
