@@ -1273,9 +1273,11 @@ def change_line(r, was, json_mode=False):
 
 def default_nudge(fleet, n, stem=None):
     stem = stem or worker_file(fleet, n, "")[:-1]
-    return ("Reminder: you are worker %d of %d. Your brief is %s.task.md - reread it. Write "
-            "your deliverable to %s.result.md, then touch %s.done last. Work autonomously: do "
-            "not wait for confirmation." % (n, len(fleet["workers"]), stem, stem, stem))
+    task = ("Your brief is %s.task.md - reread it." % stem if os.path.exists(stem + ".task.md")
+            else "Finish what you were asked to do.")            # never a brief that is not there
+    return ("Reminder: you are worker %d of %d. %s Write your deliverable to %s.result.md, then "
+            "touch %s.done last. Work autonomously: do not wait for confirmation."
+            % (n, len(fleet["workers"]), task, stem, stem))
 
 
 def fleet_summaries():

@@ -826,6 +826,8 @@ class States(OrchCase):
         self.assertTrue(re.search(r"W1 \S+ -> stalled", r.out), r.out)
         msgs = self.sb.msgs("entwurf", 1)
         self.assertTrue(msgs and all(m.startswith("Reminder: you are worker 1 of 1") for m in msgs), msgs)
+        self.assertIn("Finish what you were asked to do.", msgs[0])        # it has no brief to name
+        self.assertNotIn("task.md", msgs[0])
 
     def test_poll_cost_constant_in_fleet_size(self):
         """tmux processes per poll, counted over a fixed number of polls: `status`
