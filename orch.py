@@ -550,14 +550,17 @@ def usage(fleet, n):
     return {"cost_usd": num(state.get("cost_usd"), 1e6), "context_pct": num(state.get("context_pct"), 100)}
 
 
-def foreign_writes(fleet):
+def foreign_writes(fleet, since=0.0):
     """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
-    Claude worker's Write or Edit changed, as its hooks reported them."""
+    Claude worker's Write or Edit changed since `since`, as its hooks said."""
     found = {}
     for line in (read_untrusted(os.path.join(fleet["run"], "foreign.jsonl"))[0] or "").splitlines():
-        with contextlib.suppress(ValueError, TypeError, KeyError):
+        with contextlib.suppress(ValueError):
             rec = json.loads(line)
-            found.setdefault(int(rec["worker"]), []).append((int(rec["owner"]), str(rec["file"])))
+            w, o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("worker", "owner", "file", "t"))
+            if type(w) is type(o) is int and isinstance(f, str) and f and "\0" not in f \
+                    and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
+                found.setdefault(w, []).append((o, f))
     return found
 
 
@@ -1148,6 +1151,7 @@ def open_pane(fleet, n, beside=None):
     # client that attaches (an 80x24 terminal) never resizes the panes orch reads.
     for option in (["remain-on-exit", "on"], ["window-size", "manual"]):
         argv += [";", "set-option", "-w"] + new + option
+    argv += [";", "resize-window"] + new + ["-x", "200", "-y", "50"]     # born while a client looks
     if fleet["session"] in live_sessions():
         return tmux("new-window", "-t", "=%s:" % fleet["session"], *argv).split()[0]
     # The session carries its ORCH_HOME: a fleet of the same name in another
@@ -1226,8 +1230,8 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
         if budget is not None and total > budget:
             interrupt(fleet, [r["n"] for r in rows])
             log_event(fleet, "budget", budget=budget, cost=total)
-            raise OrchError("over budget: %s spent, --budget $%.2f: every busy worker was interrupted"
-                            % (spent, budget), 5)
+            raise OrchError("over budget: the fleet's known cost is %s, past --budget $%.2f: every busy "
+                            "worker was interrupted" % (spent, budget), 5)
         rows = [r for r in rows if r["n"] in flags]
         for r in rows:
             if last.get(r["n"]) != r["state"]:
@@ -1713,7 +1717,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     `extra` lines under a finding), sent, waited for; returns ({v: {finding
     id: verdict}}, [why the round is incomplete]). A verifier that cannot be
     reached, dies or runs out of time costs only its own verdicts."""
-    vdir = os.path.join(shared_dir(fleet), "verify")
+    vdir, began = os.path.join(shared_dir(fleet), "verify"), time.time()
     stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
     flags = {v: stem + ".done" for v, stem in stems.items()}
     incomplete = []
@@ -1747,7 +1751,7 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     verdicts, seen, now = {v: {} for v in jobs}, {}, {}
     with contextlib.suppress(OrchError):
         now = {r["n"]: r["digest"] for r in poll(fleet)}
-    foreign = {os.path.realpath(f): w for w, fs in foreign_writes(fleet).items() for _, f in fs}
+    foreign = {os.path.realpath(f): w for w, fs in foreign_writes(fleet, began).items() for _, f in fs}
     for v in [v for v in jobs if v in flags or os.path.exists(stems[v] + ".done")]:   # reached
         path = stems[v] + ".result.md"
         text, why = read_untrusted(path)
@@ -2056,18 +2060,25 @@ def cmd_log(a):
     prompts, tools and the files they touched, turn ends, failures, compactions."""
     fleet = load_fleet(a.name)
     ns = {w["n"] for w in pick_workers(fleet, a.worker or "all")}
-    for line in (read_untrusted(os.path.join(fleet["run"], "events.jsonl"))[0] or "").splitlines():
-        with contextlib.suppress(ValueError):
+    path = os.path.join(fleet["run"], "events.jsonl")
+    start = max(0, os.path.getsize(path) - READ_CAP) if os.path.isfile(path) else 0
+    if start:
+        print("orch: note: events.jsonl is over %d MB: its last %d MB follow" % ((READ_CAP >> 20,) * 2),
+              file=sys.stderr)
+    for line in (read_untrusted(path, start)[0] or "").splitlines()[1 if start else 0:]:
+        with contextlib.suppress(ValueError, TypeError):
             rec = json.loads(line)
-            if rec.get("event") != "agent" or rec.get("worker") not in ns:
+            if not isinstance(rec, dict) or rec.get("event") != "agent" or type(rec.get("worker")) is not int \
+                    or rec["worker"] not in ns:
                 continue
             if a.json:
                 print(json_text(rec))
                 continue
-            said = [HOOK_WORDS.get(rec.get("hook"), rec.get("hook"))] if rec.get("hook") != "PostToolUse" else []
+            hook = str(rec.get("hook"))
+            said = [HOOK_WORDS.get(hook, hook)] if hook != "PostToolUse" else []
             said += [str(rec[k]) for k in ("tool", "file", "command", "prompt", "error", "notice") if k in rec]
             if "foreign" in rec:
-                said.append("<- NOT ITS OWN: %s's file" % ("W%d" % rec["foreign"] if rec["foreign"] else "orch"))
+                said.append("<- NOT ITS OWN: %s's file" % ("W%s" % rec["foreign"] if rec["foreign"] else "orch"))
             said = " ".join(said).replace("\n", " ")
             print(defang("%s W%d %s" % (str(rec.get("t"))[11:19], rec["worker"], said))[:300])
 
@@ -2114,7 +2125,8 @@ def cmd_status(a):
         if (r["context_pct"] or 0) >= CONTEXT_HIGH:
             flags += "CONTEXT %d%%: hand its work to a fresh worker | " % r["context_pct"]
         flags += "".join("WROTE %s's %s | " % ("W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet)))
-                         for o, f in r["foreign"])
+                         for o, f in r["foreign"][:3]) + ("and %d more | " % (len(r["foreign"]) - 3)
+                                                         if len(r["foreign"]) > 3 else "")
         print("  W%-3d %-5s %-10s %-4s %6s %7s %4s  %s%s" % (
             r["n"], r["pane"] or "-", r["state"], "done" if r["done"] else "-", quiet,
             "-" if r["cost_usd"] is None else "$%.2f" % r["cost_usd"],
@@ -2474,7 +2486,8 @@ def cmd_worker(a):
     home = os.environ["ORCH_HOME"] = a.home or orch_home()
     fleet = load_fleet(a.name)
     w = pick_workers(fleet, a.n, allow_all=False)[0]
-    os.environ.update(read_state(os.path.join(fleet["run"], "env.json")))    # for the agent and its setup
+    os.environ.update({k: v for k, v in read_state(os.path.join(fleet["run"], "env.json")).items()  # for the
+                       if isinstance(v, str) and k and "=" not in k and "\0" not in k + v})    # agent and its setup
     os.environ.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
                       ORCH_HOME=home)
     entry = AGENTS[w["profile"]]
@@ -2495,9 +2508,9 @@ def cmd_hook(a):
     an `agent` event per hook, the status line's cost and context in
     usage-w<n>.json. Never an error the agent would act on: exit 0 always."""
     with contextlib.suppress(Exception):
-        data = json.loads(sys.stdin.read(1 << 20))
+        data = json.loads(sys.stdin.read())     # a Write's whole content: no cap, or the JSON breaks
         fleet, n = load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"])
-        if "hook_event_name" not in data:       # the status line
+        if data.get("hook_event_name") is None:       # the status line
             cost, context = data.get("cost") or {}, data.get("context_window") or {}
             write_json(os.path.join(fleet["run"], "usage-w%d.json" % n), {
                 "t": now_iso(), "cost_usd": cost.get("total_cost_usd"), "context_pct": context.get("used_percentage")})
@@ -2508,11 +2521,12 @@ def cmd_hook(a):
             ("hook", data["hook_event_name"]), ("tool", data.get("tool_name")), ("file", tool.get("file_path")),
             ("command", tool.get("command")), ("prompt", data.get("prompt")), ("error", data.get("error")),
             ("notice", data.get("notification_type"))) if v}
-        mine = owner(fleet, rec["file"]) if rec.get("tool") in WRITE_TOOLS and "file" in rec else None
+        path = tool.get("file_path")            # whole, not the record's 300 characters
+        mine = owner(fleet, path) if rec.get("tool") in WRITE_TOOLS and isinstance(path, str) else None
         if mine is not None and mine != n:
             rec["foreign"] = mine
             append_line(os.path.join(fleet["run"], "foreign.jsonl"),
-                        json_text({"worker": n, "owner": mine, "file": rec["file"]}))
+                        json_text({"t": time.time(), "worker": n, "owner": mine, "file": path}))
         log_event(fleet, "agent", worker=n, **rec)
     return 0
 
