@@ -2242,13 +2242,7 @@ class RealClaude(RealCLI):
                       20, 0.2, "W1's cost from its status line")
         self.assertGreater(w1["context_pct"], 0)
         self.assertIn("WROTE W2's verify/r1-w2.result.md", self.ok("status", "real").out)
-        # Not on the allowlist: Claude asks, status says permission, send refuses to type into it.
-        self.ok("send", "real", "2", "BASH python3 -c 'print(42)'")
-        self.wait_state("real", 2, "permission", 60, avoid=("dialog", "exited", "unknown"))
-        r = sb.orch("send", "real", "2", "typed into a question")
-        self.assert_one_error_line(r, 1, "W2 is waiting for a permission answer")
-        self.assertNotIn("typed into a question", self.read("real", 2))
-        self.assertEqual(self.states("real"), ["done", "permission"])
+        self.ok("send", "real", "2", "Say hello.")     # a turn of its own: its status line has a cost
         got = wait_for(lambda: (lambda ws: all(w["cost_usd"] for w in ws) and ws)(self.status("real")["workers"]),
                        20, 0.2, "every worker's cost from its status line")
         for w in got:                   # what the status line said, as orch wrote it down
@@ -2256,6 +2250,13 @@ class RealClaude(RealCLI):
             self.assertEqual((w["cost_usd"], w["context_pct"]), (usage["cost_usd"], usage["context_pct"]))
             self.assertGreater(w["context_pct"], 0)
         self.assertIn("cost: $%.2f (W1 $" % sum(w["cost_usd"] for w in got), self.ok("status", "real").out)
+        # Not on the allowlist: Claude asks, status says permission, send refuses to type into it.
+        self.ok("send", "real", "2", "BASH python3 -c 'print(42)'")
+        self.wait_state("real", 2, "permission", 60, avoid=("dialog", "exited", "unknown"))
+        r = sb.orch("send", "real", "2", "typed into a question")
+        self.assert_one_error_line(r, 1, "W2 is waiting for a permission answer")
+        self.assertNotIn("typed into a question", self.read("real", 2))
+        self.assertEqual(self.states("real"), ["done", "permission"])
         self.killed_clean("real")
         self.assertIn("Do you want to proceed", sb.text(sb.run("real", "logs", "w2.log")))
         for path, text in self.mine.items():
