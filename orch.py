@@ -303,7 +303,8 @@ AGENTS = {
         "idle": [r"\? for shortcuts", r"[⏵⏸]+ [\w '’]+ on\b"],
         "busy": [r"esc to interru",  # 2.1.197 footer, cut to "esc to interru…" in narrow panes
                  r"^\s*[·✢✳✶✻✽*] \S+…",  # spinner "· Boogieing… (2m 28s"; done is "✻ Cooked for 0s"
-                 r"(?i)retrying in \d", r"Compacting conversation", r"ctrl\+b (ctrl\+b \(twice\) )?to run in background",
+                 r"(?i)retrying in \d", r"Compacting conversation",
+                 r"ctrl\+b (ctrl\+b \(twice\) )?to run in background",
                  r"Press up to edit queued messages"],
         # Every dialog replaces the input box, so these are only looked for from the input line down:
         # an answered question or quoted text higher up in the transcript never counts.
@@ -351,8 +352,9 @@ AGENTS = {
     },
     "gemini": {
         "install": "npm install -g @google/gemini-cli",
-        "credentials": lambda: credentials(("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"), os.environ.get(
-            "GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", "oauth_creds.json"),
+        "credentials": lambda: credentials(("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"),
+                                           os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"),
+                                           ".gemini", "oauth_creds.json"),
         "login": "run `gemini` once and log in with Google, or export GEMINI_API_KEY",
         "seed": gemini_seed, "setup": gemini_setup,
         # 0.61: " > " ("!" in shell mode, "*" in YOLO mode); the cursor is reverse video and the grey
@@ -895,7 +897,8 @@ def worker_row(w, info, seen, now, stall, done):
     else:
         seen.pop("resets", None)
     lines = [ln for ln in plain.split("\n") if ln.strip()]
-    return {"n": w["n"], "pane": w["pane"], "state": "done" if done else "stalled" if stalled else shows, "shows": shows,
+    return {"n": w["n"], "pane": w["pane"], "shows": shows,
+            "state": "done" if done else "stalled" if stalled else shows,
             "done": done, "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
             "screen": plain, "digest": digest, "resets": seen.get("resets")}
 
@@ -2079,6 +2082,8 @@ def cmd_log(a):
             said += [str(rec[k]) for k in ("tool", "file", "command", "prompt", "error", "notice") if k in rec]
             if "foreign" in rec:
                 said.append("<- NOT ITS OWN: %s's file" % ("W%s" % rec["foreign"] if rec["foreign"] else "orch"))
+            if "disagree" in rec:
+                said = ["hooks say %s, the screen shows %s: the screen wins" % (rec["disagree"], rec.get("screen"))]
             said = " ".join(said).replace("\n", " ")
             print(defang("%s W%d %s" % (str(rec.get("t"))[11:19], rec["worker"], said))[:300])
 
@@ -2528,6 +2533,12 @@ def cmd_hook(a):
             append_line(os.path.join(fleet["run"], "foreign.jsonl"),
                         json_text({"t": time.time(), "worker": n, "owner": mine, "file": path}))
         log_event(fleet, "agent", worker=n, **rec)
+        if rec.get("notice") in ("permission_prompt", "idle_prompt"):     # the screen is the judge
+            w = pick_workers(fleet, n, allow_all=False)[0]
+            info = snapshot(fleet, [w]).get(n)
+            shows = info and screen_state(AGENTS[w["profile"]], info["screen"], info["title"])
+            if shows != rec["notice"].split("_")[0]:
+                log_event(fleet, "agent", worker=n, hook=rec["hook"], disagree=rec["notice"], screen=shows or "unknown")
     return 0
 
 

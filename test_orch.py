@@ -3365,6 +3365,10 @@ class Spend(OrchCase):
         for line, rx in zip(log, want):
             self.assertRegex(line, r"^\d\d:\d\d:\d\d W1 " + rx)
         self.assertEqual(self.ok("log", "spur", "2").out, "")
+        self.hook("spur", 2, {"hook_event_name": "Notification", "notification_type": "permission_prompt"})
+        self.assertRegex(self.ok("log", "spur", "2").out, r"^\S+ W2 notice: permission_prompt\n\S+ W2 hooks say "
+                         r"permission_prompt, the screen shows idle: the screen wins\n$")
+        self.assertEqual(self.states("spur"), ["idle", "idle"])
         recs = [json.loads(line) for line in self.ok("log", "spur", "--json").out.splitlines()]
         self.assertEqual([(r["worker"], r["hook"], r.get("foreign")) for r in recs][3], (1, "PostToolUse", 2))
         status = self.ok("status", "spur").out
