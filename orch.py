@@ -1229,7 +1229,7 @@ def watch(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
     last, nudged = {}, set()
     while True:
         rows = poll(fleet, stall, flags)
-        total, spent = fleet_cost(rows)
+        total, spent = fleet_cost(rows) if budget is not None else (0, "")
         if budget is not None and total > budget:
             interrupt(fleet, [r["n"] for r in rows])
             log_event(fleet, "budget", budget=budget, cost=total)
@@ -1263,9 +1263,12 @@ def fleet_cost(rows):
     """The fleet's known cost (USD) and how status says it."""
     known = {r["n"]: r["cost_usd"] for r in rows if r.get("cost_usd") is not None}
     total, unknown = sum(known.values()), [r["n"] for r in rows if r["n"] not in known]
-    return total, "$%.2f%s%s" % (total, " (" + ", ".join("W%d $%.2f" % kv for kv in sorted(known.items())) + ")"
-                                 if known else "", "; unknown for " + ", ".join("W%d" % n for n in unknown)
-                                 if unknown else "")
+    said = "$%.2f" % total
+    if known:
+        said += " (%s)" % ", ".join("W%d $%.2f" % kv for kv in sorted(known.items()))
+    if unknown:
+        said += "; unknown for " + ", ".join("W%d" % n for n in unknown)
+    return total, said
 
 
 def change_line(r, was, json_mode=False):
