@@ -938,14 +938,15 @@ def poll(fleet, stall=STALL, flags=None):
     every state change goes to events.jsonl. `flags` ({n: path}) replaces
     the done flags of workers briefed elsewhere (verification rounds)."""
     flags = flags or {}
+    try:
+        snap, gone = snapshot(fleet, fleet["workers"]), None
+    except OrchError as e:
+        snap, gone = {}, e
+    # The flags after the screens: an agent touches its flag before it draws idle again.
     done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
             for w in fleet["workers"]}
-    try:
-        snap = snapshot(fleet, fleet["workers"])
-    except OrchError:
-        if not all(done.values()):
-            raise
-        snap = {}                       # the session ended after every worker finished
+    if gone and not all(done.values()):
+        raise gone                      # else the session ended after every worker finished
     now, rows, foreign = time.time(), [], foreign_writes(fleet)
     with updating(fleet, "watch.json") as mem:
         for w in fleet["workers"]:
