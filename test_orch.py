@@ -3608,11 +3608,14 @@ class Truth(OrchCase):
         self.spawn("fallen", 1, None, "gemini")
         self.assertEqual(self.states("fallen"), ["busy"])
         self.assertIn("W1: delivered", self.ok("send", "fallen", "1", "after your turn").out)
-        self.assertEqual(self.sb.text(keys), "dropped took")
         screen = self.read("fallen", 1)
         self.assertIn("Queued (press ↑ to edit): after your turn", screen)
         self.assertIn(" >   Type your message", screen)
-        self.assertEqual([(e["enters"], e["confirmed"]) for e in self.sb.events("fallen", "send")], [(2, True)])
+        # A slow machine may see the box full once more and press again: an Enter on an empty box.
+        sends = [(e["enters"] >= 2, e["confirmed"]) for e in self.sb.events("fallen", "send")]
+        self.assertEqual(sends, [(True, True)])
+        self.assertEqual(self.sb.text(keys).split()[:2], ["dropped", "took"])
+        self.assertEqual(screen.count("Queued (press"), 1)
 
     def test_a_limited_worker_is_resumed_after_its_reset_and_never_before(self):
         limit = os.path.join(self.sb.root, "limit.ansi.txt")
