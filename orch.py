@@ -8,40 +8,7 @@ other's findings before anything is reported.
 
 usage: python3 orch.py <command> [args]      (orch <command> after `install`)
 
-commands:
-  spawn <name> <N> [workdir]      start N workers  [--agent A] [--per-window K]
-                                  [--timeout S] [--force]
-  add <name> [K]                  add K workers to a live fleet  [--agent A]
-                                  [--timeout S] [--refresh-env]
-  send <name> <n|all> MESSAGE...  deliver and submit a message  [--file PATH | -]
-                                  [--interrupt]
-  brief <name> <n> --goal TEXT    write agent-<n>.task.md  [--role R]
-                                  [--constraint TEXT]... [--send]
-  read <name> <n|all> [lines]     the last lines of worker screens
-  log <name> [n] [--json]         what workers did (Claude hooks): prompts, tools, files
-  status [name] [--json]          every fleet, or one fleet's workers and bus
-                                  [--stall S]
-  wait <name> [n...]              poll until done flags  [--timeout S]
-                                  [--interval S] [--stall S] [--nudge] [--json]
-                                  [--budget USD]
-  nudge <name> <n> [MESSAGE]      clear the input box, remind a worker of its brief
-  bus <name> [-n N] [--new] [--follow] [--as WHO]   read the message bus
-  bus <name> post [--as WHO] MESSAGE                 append one line to it
-  verify <name>                   adversarial verification: checked evidence, majority
-                                  [--rounds R] [--by v,...] [--timeout S] [--budget USD]
-  report <name>                   write and print report.md
-  respawn <name> <n>              restart a worker, re-send its brief
-                                  [--timeout S] [--refresh-env]
-  kill <name> | --all             save scrollback to logs/, end the tmux session
-  attach <name>                   watch a fleet, read-only
-  demo [workdir] [--agent A]      a 4-worker self-verifying audit, end to end
-                                  [--seed S]
-  doctor [--agent A]              check python, tmux, agent, credentials, ORCH_HOME
-  install [--bin-dir D]           copy orch to ~/.local/bin, SKILL.md to ~/.claude
-  worker <name> <n> [--home H]    internal: the pane command that starts the agent
-  hook                            internal: Claude Code's hooks and status line
-  sim [--lie N] [--verifier KIND] [--seed S] [--delay S] [--no-bracketed-paste]
-                                  internal: the built-in simulated agent
+commands: (written out from COMMANDS, at the end of this file)
 
 agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
   or any command line; words after a known name are passed to it ("sim --lie 2").
@@ -52,51 +19,34 @@ exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
 environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
   tracebacks)
 """
-import argparse
-import codecs
+import collections
 import contextlib
-import datetime
-import fcntl
-import glob
-import hashlib
-import io
 import json
 import os
-import random
 import re
-import secrets
-import select
-import shlex
-import shutil
-import signal
 import stat
-import subprocess
-import tempfile
 import sys
-import termios
-import threading
 import time
-import tty
-import uuid
-try:
-    import zoneinfo             # Python 3.9+: a limit's reset time in a named zone
-except ImportError:
-    zoneinfo = None
+# Each command imports the rest where it needs them: a start pays only for what it uses.
 
 
-# --- constants and agents ------------------------------------------------------
+# --- constants -----------------------------------------------------------------
 
 VERSION = "0.3"
 SCHEMA = 1                      # fleet.json "version"
 ORCH = os.path.abspath(__file__)
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-BOOTED = ("idle", "busy", "draft")   # past booting and dialogs (a draft is typed text)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"   # a fleet's name (patterns compile at first use)
+PAST_BOOT = ("idle", "busy", "draft")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
 ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
 CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the work on
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
+# Characters no worker text carries raw to a pane or a terminal: C0 controls but
+# newline and tab, DEL, C1; and, where a person reads, the bidi controls too.
+CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f"
+BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 
 # Keys that clear a draft, the same for every agent: end of line, kill to line
 # start (C-u in Claude, Codex, Gemini, prompt_toolkit), join the previous line;
@@ -110,14 +60,124 @@ CLEAR_KEYS = ["C-e", "C-u", "BSpace"]
 class OrchError(Exception):
     """The one failure: a message for the user, an exit code, for tmux failures
     a kind ("server" gone, "target" gone) callers turn into states, and the
-    lines of what did succeed before it (main prints them first)."""
+    lines of what did succeed before it (main prints them first); a failed
+    tmux batch also carries what its commands before the failure printed."""
 
-    def __init__(self, message, code=1, kind=None, said=()):
+    def __init__(self, message, code=1, kind=None, said=(), output=""):
         super().__init__(message)
         self.code = code
         self.kind = kind
         self.said = list(said)
+        self.output = output
 
+
+# --- records -------------------------------------------------------------------
+# What passes between functions in memory, each field said once. A fleet is the
+# dict of fleet.json, and what orch writes as JSON is built from these at the door.
+
+# One pane of a snapshot: its %id, whether its program has exited, orch's tag on
+# it ("<fleet id>:<n>"), the title its program set, and its screen.
+Capture = collections.namedtuple("Capture", "pane dead tag title screen")
+
+# What a worker's status line last said: cost (USD) and context use (%), None when
+# unknown (not Claude, not reported yet): never guessed.
+Telemetry = collections.namedtuple("Telemetry", "cost_usd context_pct")
+
+# Worker n as one poll saw it, in pane `pane`. shows: the state its pane shows,
+# which delivery must respect (a done worker can still sit at a prompt, or be
+# dead); state: what status and wait report ("done" once its flag exists,
+# "stalled" when a ready screen has not moved for --stall); done: its flag
+# exists; quiet: seconds since its screen changed (None: not live); last: its
+# lowest non-blank line; screen: its text, no escapes; digest: a hash of that
+# text; resets: when its usage limit resets (epoch s, None: unknown); cost_usd,
+# context_pct: its Telemetry; foreign: [(owner, path)] of files of others its
+# agent wrote (owner 0: orch's).
+Row = collections.namedtuple("Row", "n pane shows state done quiet last screen digest resets "
+                                    "cost_usd context_pct foreign")
+
+# One fleet of ORCH_HOME for `status`: its name, whether its session is live,
+# its worker count, how many are done, its agent and workdir; or, for a fleet
+# whose fleet.json cannot be read, only name, live (False) and the error.
+Summary = collections.namedtuple("Summary", "name live workers done agent workdir error")
+
+
+class Record(object):
+    """A record whose fields are its __slots__, documented where it is defined,
+    made by keyword; a field not given is None."""
+    __slots__ = ()
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name, None))
+        if fields:
+            raise TypeError("%s has no field %s" % (type(self).__name__, ", ".join(fields)))
+
+    def fields(self, *names):
+        return {name: getattr(self, name) for name in names}
+
+
+class Finding(Record):
+    """F<k> of worker `worker` (id W<n>.F<k>): a claim about path:line-end (path
+    None: not about one place) and the quote said to lie there. `rest` is the
+    text after the location as written: a '|' in it may belong to the claim or
+    to the quote, so the citation check tries each split (splits()). Once
+    verified: citation (what that check said), rounds (its Verdicts, in the
+    order they were asked for) and final (its FINALS word)."""
+    __slots__ = ("worker", "k", "path", "line", "end", "claim", "quote", "rest", "citation", "rounds",
+                 "final")
+    HEAD, FIRST = "claim", 1            # its cells: a claim of one cell at least, then the quote
+
+    @property
+    def id(self):
+        return "W%d.F%d" % (self.worker, self.k)
+
+    def json(self):
+        return dict(self.fields("path", "line", "end", "worker", "k", "claim", "quote"), id=self.id,
+                    rounds=[v.json() for v in self.rounds or []], citation=self.citation, final=self.final)
+
+
+class Verdict(Record):
+    """One verdict on a finding: CONFIRMED, REFUTED, UNVERIFIABLE, or MISSING
+    (none given), written at `at` (file:line). Its evidence is the place
+    path:line-end the verifier read, the `why` and the quote from there, with
+    `rest` as for a Finding; `evidence` is its text after the verdict word (the
+    old grammar gave only that). Once counted: round, verifier, check ("checked",
+    "unsupported", "missing", "fabricated: ..." or "not W<v>'s: ..."), counts
+    (it is one of the votes), why_not (why it is not, "" if it is), and forged
+    (why its round file is not its verifier's, None if it is)."""
+    __slots__ = ("verdict", "path", "line", "end", "why", "quote", "rest", "at", "evidence", "round",
+                 "verifier", "check", "counts", "why_not", "forged")
+    HEAD, FIRST = "why", 0              # its cells: a why that may be left out, then the quote
+
+    def json(self):
+        out = self.fields("path", "line", "end", "verdict", "why", "quote", "at", "evidence", "round",
+                          "verifier", "check")
+        out.update(unsupported=self.check != "checked", counts=self.counts, why_not=self.why_not)
+        if self.forged:
+            out["forged"] = self.forged
+        return out
+
+
+# What one verification round gave: {verifier: {finding id: Verdict}} from each
+# verifier reached, why the round is incomplete (lines, also in problems), and
+# {verifier: digests of its round file and done flag as orch read them}.
+RoundOutcome = collections.namedtuple("RoundOutcome", "verdicts incomplete digests")
+
+# How far one worker's word held, as finder and as verifier (counts), and
+# whether it was dropped for fabricated evidence.
+RELIABILITY = ("findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
+               "unsupported", "missing", "fabricated", "outvoted")
+Reliability = collections.namedtuple("Reliability", RELIABILITY + ("dropped",))
+
+# A verification's outcome, as matrix.json holds it: the fleet, how many rounds
+# ran, the verdicts each finding needed, the verifier pool, the Findings, the
+# tally {FINALS word: count}, {dropped verifier: why}, {worker: Reliability},
+# why it is incomplete, the findings left undecided by that, problems met, when.
+Matrix = collections.namedtuple("Matrix", "fleet rounds need pool findings tally dropped reliability "
+                                          "incomplete undecided problems written")
+
+
+# --- agents ------------------------------------------------------------------
 
 # Each agent's setup hooks. "seed" runs once per fleet in the lead, before any
 # pane starts (workers booting together must not race to write one config), so
@@ -148,12 +208,8 @@ WORKER_COMMANDS = ("touch", "echo", "cat", "ls", "grep", "head", "tail", "wc",
                    "git status", "git diff", "git log", "git show")
 
 
-CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
-                "Notification", "PreCompact")
-WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
-
-
 def claude_seed(fleet, agent):
+    import shlex
     config = os.path.join(fleet["run"], "claude")
     if os.path.exists(os.path.join(config, ".claude.json")):
         return
@@ -192,6 +248,8 @@ def claude_seed(fleet, agent):
 
 
 def claude_setup(fleet, w):
+    import glob
+    import shlex
     config = os.path.join(fleet["run"], "claude")
     resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
     args = ["--add-dir", os.path.realpath(shared_dir(fleet)),
@@ -208,6 +266,7 @@ def codex_setup(fleet, w):
     its own with the user's config, the workdir trusted, and a link to the login.
     Its own, as `resume --last` takes a home's newest session of the cwd (which
     all workers share): a respawn resumes the worker's own, once it has one."""
+    import glob
     home = os.path.join(fleet["run"], "codex", "w%d" % w["n"])
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
     if not os.path.exists(os.path.join(home, "config.toml")):
@@ -259,6 +318,7 @@ def gemini_setup(fleet, w):
     ~/.gemini/policies), and auto_edit unless the lead chose a mode: like
     Claude's acceptEdits, write_file and replace within the workdir and shared
     dir, and an allowed command may redirect (`echo ... >> bus.md`)."""
+    import shlex
     mine = os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", "policies")
     args = ["--include-directories", os.path.realpath(shared_dir(fleet))]
     args += ["--policy", mine] if os.path.isdir(mine) else []
@@ -394,10 +454,98 @@ AGENTS = {
 }
 
 
+# --- Claude telemetry: hooks and status line -------------------------------------
+# A Claude worker's hooks and status line are `orch hook` (claude_seed): every hook
+# is an `agent` event in events.jsonl (what `log` shows), the status line's cost
+# and context go to usage-w<n>.json, and a Write into a file of another worker's
+# goes to foreign.jsonl as well, which voids that round file's verdicts.
+
+CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
+                "Notification", "PreCompact")
+WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
+HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
+              "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context"}
+
+
+def owner(fleet, path):
+    """The worker whose file `path` is in shared/ (agent-<m>.*, verify/r<k>-w<m>.*),
+    0 for orch's own (matrix.md, the rest of verify/), None for anyone's (the bus)."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(shared_dir(fleet)))
+    m = re.match(r"(?:agent-|verify/r\d+-w)(\d{1,6})\.", rel)
+    return int(m.group(1)) if m else 0 if rel == "matrix.md" or rel.startswith("verify/") else None
+
+
+def telemetry(fleet, n):
+    """Worker n's Telemetry, from what its status line last wrote."""
+    state = read_state(os.path.join(fleet["run"], "usage-w%d.json" % n))
+
+    def number(v, top):
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
+    return Telemetry(number(state.get("cost_usd"), 1e6), number(state.get("context_pct"), 100))
+
+
+def foreign_writes(fleet, since=0.0):
+    """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
+    Claude worker's Write or Edit changed since `since`, as its hooks said."""
+    found = {}
+    for line in (read_untrusted(os.path.join(fleet["run"], "foreign.jsonl"))[0] or "").splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            w, o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("worker", "owner", "file", "t"))
+            if type(w) is type(o) is int and isinstance(f, str) and f and "\0" not in f \
+                    and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
+                found.setdefault(w, []).append((o, f))
+    return found
+
+
+def record_hook(fleet, n, data):
+    """What one hook of worker n told orch (Claude Code's JSON), recorded;
+    returns the text for its status line, or None for a hook."""
+    if data.get("hook_event_name") is None:       # the status line
+        cost, context = data.get("cost") or {}, data.get("context_window") or {}
+        write_json(os.path.join(fleet["run"], "usage-w%d.json" % n), {
+            "t": now_iso(), "cost_usd": cost.get("total_cost_usd"), "context_pct": context.get("used_percentage")})
+        return "orch W%d" % n
+    tool = data.get("tool_input") if isinstance(data.get("tool_input"), dict) else {}
+    rec = {k: str(v)[:300] for k, v in (
+        ("hook", data["hook_event_name"]), ("tool", data.get("tool_name")), ("file", tool.get("file_path")),
+        ("command", tool.get("command")), ("prompt", data.get("prompt")), ("error", data.get("error")),
+        ("notice", data.get("notification_type"))) if v}
+    path = tool.get("file_path")            # whole, not the record's 300 characters
+    mine = owner(fleet, path) if rec.get("tool") in WRITE_TOOLS and isinstance(path, str) else None
+    if mine is not None and mine != n:
+        rec["foreign"] = mine
+        append_line(os.path.join(fleet["run"], "foreign.jsonl"),
+                    safe_json({"t": time.time(), "worker": n, "owner": mine, "file": path}))
+    log_event(fleet, "agent", worker=n, **rec)
+    if rec.get("notice") in ("permission_prompt", "idle_prompt"):     # the screen is the judge
+        w = pick_workers(fleet, n, allow_all=False)[0]
+        capture = capture_panes(fleet, [w]).get(n)
+        shows = capture and screen_state(w["profile"], capture.screen, capture.title)
+        if shows != rec["notice"].split("_")[0]:
+            log_event(fleet, "agent", worker=n, hook=rec["hook"], disagree=rec["notice"], screen=shows or "unknown")
+    return None
+
+
+def hook_line(rec):
+    """`log`'s line for one `agent` event, or None for any other record."""
+    if not isinstance(rec, dict) or rec.get("event") != "agent" or type(rec.get("worker")) is not int:
+        return None
+    hook = str(rec.get("hook"))
+    said = [HOOK_WORDS.get(hook, hook)] if hook != "PostToolUse" else []
+    said += [str(rec[k]) for k in ("tool", "file", "command", "prompt", "error", "notice") if k in rec]
+    if "foreign" in rec:
+        said.append("<- NOT ITS OWN: %s's file" % ("W%s" % rec["foreign"] if rec["foreign"] else "orch"))
+    if "disagree" in rec:
+        said = ["hooks say %s, the screen shows %s: the screen wins" % (rec["disagree"], rec.get("screen"))]
+    return defang("%s W%d %s" % (str(rec.get("t"))[11:19], rec["worker"], " ".join(said).replace("\n", " ")))[:300]
+
+
 # --- tmux ----------------------------------------------------------------------
 
 def tmux(*args, stdin=None):
     """Run one tmux command (or a ';' batch); return its stdout as text."""
+    import subprocess
     argv = ["tmux", "-u"] + [str(a) for a in args]     # -u: UTF-8 out, always
     try:
         r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -410,9 +558,7 @@ def tmux(*args, stdin=None):
             kind = "server"
         elif "can't find" in err or "no such" in err:
             kind = "target"
-        e = OrchError("tmux %s: %s" % (args[0], err), 1, kind)
-        e.output = r.stdout.decode("utf-8", "replace")
-        raise e
+        raise OrchError("tmux %s: %s" % (args[0], err), 1, kind, output=r.stdout.decode("utf-8", "replace"))
     return r.stdout.decode("utf-8", "replace")
 
 
@@ -444,14 +590,14 @@ def pane_tag(fleet, n):
     return "%s:%d" % (fleet.get("id", ""), n)
 
 
-def snapshot(fleet, workers, history=False, ansi=True):
-    """One poll: the session's pane listing plus a capture of each worker's
-    pane, in one tmux process. Returns {n: {"pane", "dead", "title",
-    "screen"}}; a worker missing from it has no pane of its own (gone, or its
-    id now belongs to another pane: tagged for another worker); a gone session
-    is an OrchError of kind "target". Each capture is preceded by a header
-    line carrying a random nonce, which pane text cannot forge."""
-    nonce = secrets.token_hex(8)
+def capture_panes(fleet, workers, history=False, ansi=True):
+    """One look at the fleet: the session's pane listing plus a capture of
+    each worker's pane, in one tmux process. Returns {n: Capture}; a worker
+    missing from it has no pane of its own (gone, or its id now belongs to
+    another pane: tagged for another worker); a gone session is an OrchError
+    of kind "target". Each capture is preceded by a header line carrying a
+    random nonce, which pane text cannot forge."""
+    nonce = os.urandom(8).hex()
     panes = [w["pane"] for w in workers if w["pane"]]
     listing = ["list-panes", "-s", "-t", "=" + fleet["session"], "-F",
                "%s\t#{pane_id}\t#{pane_dead}\t#{@orch_worker}\t#{pane_title}" % nonce]
@@ -465,30 +611,30 @@ def snapshot(fleet, workers, history=False, ansi=True):
         try:
             out = tmux(*argv)
         except OrchError as e:
-            if e.kind == "server" or not getattr(e, "output", ""):
+            if e.kind == "server" or not e.output:
                 raise OrchError("fleet %r is not running: its tmux session %s is gone (`orch status "
                                 "%s` shows its files, `orch respawn %s N` restarts a worker)" % (
                                     fleet["name"], fleet["session"], fleet["name"], fleet["name"]),
                                 1, "target")
             out = e.output
-        panes_info, cur = {}, None
+        listed, screens, cur = {}, {}, None
         for line in out.split("\n"):
             head = line.split("\t", 4) if line.startswith(nonce + "\t") else None
             if head and len(head) == 5:
-                panes_info[head[1]] = {"pane": head[1], "dead": head[2] == "1", "tag": head[3],
-                                       "title": head[4], "screen": []}
+                listed[head[1]] = head
+                screens[head[1]] = []
             elif line.startswith(nonce + " "):
-                cur = panes_info.get(line[len(nonce) + 1:])
+                cur = screens.get(line[len(nonce) + 1:])
             elif cur is not None:
-                cur["screen"].append(line)
-        if attempt == 2 or all(p in panes_info for p in panes):
-            for info in panes_info.values():
-                info["screen"] = "\n".join(info["screen"])
-            return {w["n"]: panes_info[w["pane"]] for w in workers if w["pane"] in panes_info and (
-                "id" not in fleet or panes_info[w["pane"]]["tag"] == pane_tag(fleet, w["n"]))}
+                cur.append(line)
+        if attempt == 2 or all(p in listed for p in panes):
+            captures = {p: Capture(p, dead == "1", tag, title, "\n".join(screens[p]))
+                        for p, (_, _, dead, tag, title) in listed.items()}
+            return {w["n"]: captures[w["pane"]] for w in workers if w["pane"] in captures and (
+                "id" not in fleet or captures[w["pane"]].tag == pane_tag(fleet, w["n"]))}
         # A pane died between listing and capture (the batch stopped there):
         # re-list once and capture only what is alive.
-        panes = [p for p in panes if p in panes_info]
+        panes = [p for p in panes if p in listed]
 
 
 # --- files ---------------------------------------------------------------------
@@ -512,7 +658,7 @@ def orch_home(create=False):
 
 
 def check_name(name):
-    if not NAME_RE.match(name or ""):
+    if not re.match(NAME_PATTERN, name or ""):
         raise OrchError("bad fleet name %r: use 1-32 letters, digits, '-' or '_', starting "
                         "with a letter or digit" % name, 2)
     return name
@@ -535,43 +681,13 @@ def is_done(fleet, n):
     return os.path.exists(worker_file(fleet, n, "done"))
 
 
-def owner(fleet, path):
-    """The worker whose file `path` is in shared/ (agent-<m>.*, verify/r<k>-w<m>.*),
-    0 for orch's own (matrix.md, the rest of verify/), None for anyone's (the bus)."""
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(shared_dir(fleet)))
-    m = re.match(r"(?:agent-|verify/r\d+-w)(\d{1,6})\.", rel)
-    return int(m.group(1)) if m else 0 if rel == "matrix.md" or rel.startswith("verify/") else None
-
-
-def usage(fleet, n):
-    """Worker n's cost (USD) and context use (%) from its last status line,
-    each None when unknown (not Claude, not reported yet): never guessed."""
-    state = read_state(os.path.join(fleet["run"], "usage-w%d.json" % n))
-    def num(v, top):
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
-    return {"cost_usd": num(state.get("cost_usd"), 1e6), "context_pct": num(state.get("context_pct"), 100)}
-
-
-def foreign_writes(fleet, since=0.0):
-    """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
-    Claude worker's Write or Edit changed since `since`, as its hooks said."""
-    found = {}
-    for line in (read_untrusted(os.path.join(fleet["run"], "foreign.jsonl"))[0] or "").splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            w, o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("worker", "owner", "file", "t"))
-            if type(w) is type(o) is int and isinstance(f, str) and f and "\0" not in f \
-                    and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
-                found.setdefault(w, []).append((o, f))
-    return found
-
-
 def bus_path(fleet):
     return os.path.join(shared_dir(fleet), "bus.md")
 
 
 def archive(path):
     """Move a run, a result or a done flag aside as <path>.old-<stamp>: archive, never truncate."""
+    import datetime
     old = "%s.old-%s" % (path, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.rename(path, old)
     return old
@@ -580,7 +696,7 @@ def archive(path):
 def write_file(path, text):
     """Atomic write (temp + rename): readers never see half a file, and a
     symlink planted at `path` is replaced, never followed."""
-    tmp = "%s.%s.tmp" % (path, secrets.token_hex(4))
+    tmp = "%s.%s.tmp" % (path, os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -592,29 +708,32 @@ def write_file(path, text):
         raise
 
 
-UNSAFE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def defang(text):
     """Worker text made safe for a terminal and for the files a person reads:
-    C0 controls but newline and tab, DEL, C1 and bidi controls are shown as
-    \\uXXXX, never passed raw (no OSC 52 clipboard write, no ESC[2J)."""
-    return UNSAFE_RE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+    CONTROLS and BIDI are shown as \\uXXXX, never passed raw (no OSC 52
+    clipboard write, no ESC[2J)."""
+    return re.sub("[%s%s]" % (CONTROLS, BIDI), lambda m: "\\u%04x" % ord(m.group()), text)
 
 
-def json_text(obj, indent=None):
+def clean_text(text):
+    """Text for a pane: CONTROLS removed, so only newline and tab survive."""
+    return re.sub("[%s]" % CONTROLS, "", text.replace("\r\n", "\n")).strip("\n")
+
+
+def safe_json(obj, indent=None):
     """JSON with non-ASCII kept readable and every unsafe character escaped
     (inside JSON strings \\uXXXX is the same character, so values do not change)."""
     return defang(json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
 def write_json(path, obj):
-    write_file(path, json_text(obj, 2) + "\n")
+    write_file(path, safe_json(obj, 2) + "\n")
 
 
 def append_line(path, line):
     """Append one whole line under an exclusive lock (bus.md, events.jsonl);
     never to a planted link or FIFO."""
+    import fcntl
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -656,6 +775,7 @@ def read_untrusted(path, start=0, raw=False):
 
 def file_digest(path):
     """What a worker-writable file holds now (None: nothing readable), to tell later whether it changed."""
+    import hashlib
     data, why = read_untrusted(path, raw=True)
     return None if data is None else hashlib.sha1(data).hexdigest() + (why or "")
 
@@ -681,6 +801,7 @@ def updating(fleet, name):
     """Read, change and write back one of orch's state files (watch.json,
     bus-cursors.json) under one lock per fleet: concurrent orch processes take
     turns, and none loses another's change."""
+    import fcntl
     fd = os.open(fleet["run"], os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -695,6 +816,7 @@ def updating(fleet, name):
 
 
 def now_iso():
+    import datetime
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
@@ -703,7 +825,7 @@ def log_event(fleet, event, **fields):
     costs the record (noted), never the command."""
     rec = dict(t=now_iso(), event=event, **fields)
     try:
-        append_line(os.path.join(fleet["run"], "events.jsonl"), json_text(rec))
+        append_line(os.path.join(fleet["run"], "events.jsonl"), safe_json(rec))
     except OSError as e:
         fleet.setdefault("notes", []).append("events.jsonl not written: %s" % e.strerror)
 
@@ -737,7 +859,7 @@ def save_fleet(fleet):
 
 def fleet_names():
     """Fleets in ORCH_HOME; archived runs (<name>.old-<stamp>) are not fleets."""
-    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if NAME_RE.match(d)]
+    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if re.match(NAME_PATTERN, d)]
 
 
 def pick_workers(fleet, spec, allow_all=True):
@@ -751,12 +873,24 @@ def pick_workers(fleet, spec, allow_all=True):
     return [workers[int(spec) - 1]]
 
 
-def bus_lines(fleet, data):
-    """Bus bytes as lines to show: split on newline only, defanged, and a line
-    that claims to be orch's or the lead's but was not posted by orch marked."""
+def read_lines(path, start=0):
+    """The whole lines of a growing file (read as untrusted) from byte `start`:
+    (lines, None if it cannot be read; the offset after the last whole one;
+    what was wrong or None). A line still being written is left for the next call."""
+    data, why = read_untrusted(path, start, raw=True)
+    if data is None:
+        return None, start, why
+    whole = data[:data.rfind(b"\n") + 1]
+    return whole.decode("utf-8", "replace").split("\n")[:-1], start + len(whole), why
+
+
+def bus_lines(fleet, lines):
+    """Bus lines to show: defanged, and a line that claims to be orch's or
+    the lead's but was not posted by orch marked."""
+    import hashlib
     posted = set((read_text(os.path.join(fleet["run"], "bus-posted"), "")).split())
     out = []
-    for line in data.decode("utf-8", "replace").split("\n"):
+    for line in lines:
         if re.match(r"\[(lead|orch)\]", line) and hashlib.sha1(line.encode()).hexdigest() not in posted:
             line = "(not posted by orch) " + line
         out.append(defang(line))
@@ -765,6 +899,7 @@ def bus_lines(fleet, data):
 
 def post(fleet, who, text):
     """Append one bus line under the lock, and remember it as orch's."""
+    import hashlib
     line = "[%s] %s" % (who, text)
     append_line(bus_path(fleet), line)
     append_line(os.path.join(fleet["run"], "bus-posted"), hashlib.sha1(line.encode()).hexdigest())
@@ -772,7 +907,7 @@ def post(fleet, who, text):
 
 def bus_tail(fleet, count=None):
     text, _ = read_untrusted(bus_path(fleet))
-    lines = bus_lines(fleet, (text or "").rstrip("\n").encode())
+    lines = bus_lines(fleet, (text or "").rstrip("\n").split("\n"))
     lines = [] if lines == [""] else lines
     return lines if count is None else lines[max(0, len(lines) - count):]
 
@@ -780,8 +915,7 @@ def bus_tail(fleet, count=None):
 # --- screens and states --------------------------------------------------------
 
 BOTTOM = 25  # rows searched when no input line is on screen (dialogs fill the lower part)
-_ESC = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[()]?[^\[\]\n]"
-_ESC_RE, _TOKENS = re.compile(_ESC), re.compile("(" + _ESC + ")")
+ESCAPE_PATTERN = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[()]?[^\[\]\n]"
 
 
 def norm(s):
@@ -790,14 +924,14 @@ def norm(s):
 
 def strip_ansi(s):
     """Remove CSI (SGR, cursor...) and OSC escapes."""
-    return _ESC_RE.sub("", s)
+    return re.sub(ESCAPE_PATTERN, "", s)
 
 
 def _visible(ansi):
     """Screen lines without dim text, with "\\0" where reverse video starts (Claude and Gemini
     draw their cursor that way). capture-pane -e carries SGR state across lines."""
     lines, dim, rev = [""], False, False
-    for n, part in enumerate(_TOKENS.split(ansi)):
+    for n, part in enumerate(re.split("(%s)" % ESCAPE_PATTERN, ansi)):
         if n % 2 == 0:
             for k, piece in enumerate(part.split("\n")):
                 if k:
@@ -823,7 +957,9 @@ def _visible(ansi):
 
 
 def screen_state(profile, ansi_screen, title):
-    """One of "permission", "limited", "dialog", "busy", "draft", "idle", or None."""
+    """What the screen of an agent of `profile` (an AGENTS name) shows: one of
+    "permission", "limited", "dialog", "busy", "draft", "idle", or None."""
+    profile = AGENTS[profile]
     plain = [line.rstrip() for line in strip_ansi(ansi_screen).split("\n")]
     vis = _visible(ansi_screen)
     rows = [i for i, line in enumerate(plain) if line.strip()]
@@ -871,55 +1007,59 @@ def screen_state(profile, ansi_screen, title):
     return "idle"
 
 
-def worker_row(w, info, seen, now, stall, done):
-    """Worker w's row from its pane's capture (None: the pane is gone) and
-    what was seen of it before (`seen`, updated in place). "shows" is the state
-    the pane shows, which is what delivery must respect: a done worker can
-    still sit at a permission prompt, or be dead; "state" is what status and
-    wait report ("done" once the done flag exists)."""
-    plain = strip_ansi(info["screen"]) if info else ""
+def worker_row(w, capture, memo, now, stall, done):
+    """Worker w's Row from its pane's Capture (None: the pane is gone) and
+    orch's memory of its screen (`memo`, watch.json's entry, updated in place:
+    the screen's hash and pane, since when it shows, whether it ever booted,
+    when its limit resets, its last state)."""
+    import hashlib
+    plain = strip_ansi(capture.screen) if capture else ""
     digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
-    if (seen.get("hash"), seen.get("pane")) != (digest, w["pane"]):
-        seen.update(hash=digest, since=now, pane=w["pane"])
-    quiet = now - seen["since"]
-    if info is None or info["dead"]:
+    if (memo.get("hash"), memo.get("pane")) != (digest, w["pane"]):
+        memo.update(hash=digest, since=now, pane=w["pane"])
+    quiet = now - memo["since"]
+    if capture is None or capture.dead:
         shows = "exited"
     elif w["profile"] == "generic":     # no markers: only screen change tells
         shows = ("busy" if quiet < 3 else "idle") if plain.strip() else None
     else:
-        shows = screen_state(AGENTS[w["profile"]], info["screen"], info["title"])
+        shows = screen_state(w["profile"], capture.screen, capture.title)
     if shows is None:                   # never typed into: busy and idle need evidence
-        shows = "unknown" if seen.get("booted") else "booting"
-    seen["booted"] = seen.get("booted") or shows in BOOTED
-    stalled = shows in BOOTED and quiet >= stall    # shows stays what delivery must respect
+        shows = "unknown" if memo.get("booted") else "booting"
+    memo["booted"] = memo.get("booted") or shows in PAST_BOOT
+    stalled = shows in PAST_BOOT and quiet >= stall    # shows stays what delivery must respect
     if shows == "limited":              # when it was first seen: "try again in 5 minutes"
-        seen.setdefault("resets", reset_time(plain, now))
+        memo.setdefault("resets", reset_time(plain, now))
     else:
-        seen.pop("resets", None)
+        memo.pop("resets", None)
     lines = [ln for ln in plain.split("\n") if ln.strip()]
-    return {"n": w["n"], "pane": w["pane"], "shows": shows,
-            "state": "done" if done else "stalled" if stalled else shows,
-            "done": done, "quiet": round(quiet, 1), "last": norm(lines[-1]) if lines else "",
-            "screen": plain, "digest": digest, "resets": seen.get("resets")}
+    return Row(n=w["n"], pane=w["pane"], shows=shows, state="done" if done else "stalled" if stalled else shows,
+               done=done, quiet=round(quiet, 1), last=norm(lines[-1]) if lines else "", screen=plain,
+               digest=digest, resets=memo.get("resets"), cost_usd=None, context_pct=None, foreign=[])
 
 
-AGAIN_RE = re.compile(r"(?i)try again in ((?:\d{1,4} ?(?:day|hour|minute|second|[dhms]\b)\w*[ ,.]*(?:and )?)+)")
-CLOCK_RE = re.compile(r"(?i)\breset(?:s| at)? (?:at )?(1[0-2]|0?[1-9])(?::([0-5]\d))? ?([ap]m)\b(?: \(([\w/+-]{1,40})\))?")
+AGAIN_PATTERN = r"(?i)try again in ((?:\d{1,4} ?(?:day|hour|minute|second|[dhms]\b)\w*[ ,.]*(?:and )?)+)"
+CLOCK_PATTERN = r"(?i)\breset(?:s| at)? (?:at )?(1[0-2]|0?[1-9])(?::([0-5]\d))? ?([ap]m)\b(?: \(([\w/+-]{1,40})\))?"
 
 
 def reset_time(screen, now):
     """When a usage limit on `screen` resets, in epoch seconds, or None when
     it does not say in a form orch can read ("try again in 4 days 6 hours",
     "resets 7pm (UTC)", "reset at 9:30am (America/Chicago)"): never guessed."""
-    m = AGAIN_RE.search(screen)
+    import datetime
+    m = re.search(AGAIN_PATTERN, screen)
     if m:
         unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
         wait = sum(int(k) * unit[u[0].lower()] for k, u in re.findall(r"(\d+) ?([a-zA-Z])", m.group(1)))
         return now + wait if wait <= 400 * 86400 else None      # a screen can say anything
-    m = CLOCK_RE.search(screen)
+    m = re.search(CLOCK_PATTERN, screen)
     if not m:
         return None
     zone = m.group(4) or ""             # none: the local time zone
+    try:
+        import zoneinfo                 # Python 3.9+
+    except ImportError:
+        zoneinfo = None
     try:
         tz = datetime.timezone.utc if zone.upper() == "UTC" else zoneinfo.ZoneInfo(zone) if zone else None
     except (AttributeError, KeyError, ValueError):     # no zoneinfo (3.8), an unknown zone
@@ -933,43 +1073,43 @@ def reset_time(screen, now):
 
 
 def poll(fleet, stall=STALL, flags=None):
-    """Every worker's row from one snapshot (one tmux process, whatever N).
-    What was seen persists in watch.json, so stalls are seen across calls;
-    every state change goes to events.jsonl. `flags` ({n: path}) replaces
-    the done flags of workers briefed elsewhere (verification rounds)."""
+    """Every worker's Row from one look (one tmux process, whatever N). What
+    was seen persists in watch.json, so stalls are seen across calls; every
+    state change goes to events.jsonl. `flags` ({n: path}) replaces the done
+    flags of workers briefed elsewhere (verification rounds)."""
     flags = flags or {}
     try:
-        snap, gone = snapshot(fleet, fleet["workers"]), None
+        captures, gone = capture_panes(fleet, fleet["workers"]), None
     except OrchError as e:
-        snap, gone = {}, e
+        captures, gone = {}, e
     # The flags after the screens: an agent touches its flag before it draws idle again.
     done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
             for w in fleet["workers"]}
     if gone and not all(done.values()):
         raise gone                      # else the session ended after every worker finished
     now, rows, foreign = time.time(), [], foreign_writes(fleet)
-    with updating(fleet, "watch.json") as mem:
+    with updating(fleet, "watch.json") as memory:
         for w in fleet["workers"]:
-            seen = mem.setdefault(str(w["n"]), {})
-            if not (isinstance(seen, dict) and all(isinstance(seen.get(k) or 0, (int, float))
+            memo = memory.setdefault(str(w["n"]), {})
+            if not (isinstance(memo, dict) and all(isinstance(memo.get(k) or 0, (int, float))
                                                    for k in ("since", "resets"))):
                 fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
-                seen = mem[str(w["n"])] = {}
-            row = worker_row(w, snap.get(w["n"]), seen, now, stall, done[w["n"]])
-            row.update(usage(fleet, w["n"]), foreign=foreign.get(w["n"], []))
-            if seen.get("state") != row["state"]:
-                log_event(fleet, "state", worker=w["n"], was=seen.get("state"), now=row["state"])
-                seen["state"] = row["state"]
+                memo = memory[str(w["n"])] = {}
+            row = worker_row(w, captures.get(w["n"]), memo, now, stall, done[w["n"]])
+            row = row._replace(foreign=foreign.get(w["n"], []), **telemetry(fleet, w["n"])._asdict())
+            if memo.get("state") != row.state:
+                log_event(fleet, "state", worker=w["n"], was=memo.get("state"), now=row.state)
+                memo["state"] = row.state
             rows.append(row)
     return rows
 
 
+def poll_by_n(fleet, flags=None):
+    """poll(), as {n: Row}."""
+    return {r.n: r for r in poll(fleet, flags=flags)}
+
+
 # --- delivery ------------------------------------------------------------------
-
-def clean_text(text):
-    """Only newline and tab survive: no ESC, no CR, no C1 control reaches a pane."""
-    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text.replace("\r\n", "\n")).strip("\n")
-
 
 def refusal(fleet, n, state):
     """Why worker n cannot take a message now, and what to do about it."""
@@ -989,29 +1129,25 @@ def refusal(fleet, n, state):
     }[state])
 
 
-def rows_by_n(fleet):
-    return {r["n"]: r for r in poll(fleet)}
-
-
 def ready_targets(fleet, ns, clear, limited=False):
     """Phase 1 of delivery: wait out booting (never type into a booting
     agent), clear drafts if asked; a limited worker is a target only when
     `limited` (its limit has reset); returns (rows, targets, {n: refusal})."""
     deadline = time.time() + BOOT_WAIT
-    rows = rows_by_n(fleet)
-    while any(rows[n]["shows"] == "booting" for n in ns) and time.time() < deadline:
+    rows = poll_by_n(fleet)
+    while any(rows[n].shows == "booting" for n in ns) and time.time() < deadline:
         time.sleep(0.2)
-        rows = rows_by_n(fleet)
+        rows = poll_by_n(fleet)
     failed, targets = {}, []
     for n in ns:
         for _ in range(20 if clear else 0):     # one line per round: multi-line drafts
-            if rows[n]["shows"] != "draft":
+            if rows[n].shows != "draft":
                 break
-            tmux("send-keys", "-t", rows[n]["pane"], *CLEAR_KEYS)
+            tmux("send-keys", "-t", rows[n].pane, *CLEAR_KEYS)
             time.sleep(0.1)
-            rows[n] = rows_by_n(fleet)[n]
-        shows = rows[n]["shows"]
-        if shows in BOOTED and shows != "draft" or limited and shows == "limited":
+            rows[n] = poll_by_n(fleet)[n]
+        shows = rows[n].shows
+        if shows in PAST_BOOT and shows != "draft" or limited and shows == "limited":
             targets.append(n)
         else:
             failed[n] = refusal(fleet, n, shows)
@@ -1023,7 +1159,7 @@ def paste(panes, text):
     process. The agent sees one paste, not keystrokes, so a newline inside
     never submits; Enter goes as a separate keystroke after. Never into a pane
     that died since the poll: tmux 3.3a crashes on that."""
-    buf = "orch-" + secrets.token_hex(4)
+    buf = "orch-" + os.urandom(4).hex()
     argv = ["load-buffer", "-b", buf, "-"]
     for pane in panes:
         argv += [";", "if-shell", "-F", "-t", pane, "#{?pane_dead,,1}",
@@ -1036,10 +1172,10 @@ def submit(fleet, rows, targets, text):
     is empty again and the screen moved on; Enter again while the text still
     sits in the box. Returns the targets it could not confirm, with rows and
     the Enters sent."""
-    before = {n: rows[n]["digest"] for n in targets}
+    before = {n: rows[n].digest for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
     profiles = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
-    keys = {n: profiles[n].get("queue_key", "Enter") if rows[n]["shows"] == "busy" else "Enter"
+    keys = {n: profiles[n].get("queue_key", "Enter") if rows[n].shows == "busy" else "Enter"
             for n in targets}
     deadline = time.time() + 8 + len(text) / 2000.0
     pending, confirmed = set(targets), {}
@@ -1047,15 +1183,15 @@ def submit(fleet, rows, targets, text):
         now = time.time()
         for n in sorted(pending):
             count, last = enters[n]
-            if count == 0 or (rows[n]["shows"] == "draft" and now - last >= 1.0
+            if count == 0 or (rows[n].shows == "draft" and now - last >= 1.0
                               and count <= ENTER_RETRIES):
-                tmux("send-keys", "-t", rows[n]["pane"], keys[n])
+                tmux("send-keys", "-t", rows[n].pane, keys[n])
                 enters[n] = [count + 1, now]
         time.sleep(0.25)
-        rows = rows_by_n(fleet)
+        rows = poll_by_n(fleet)
         for n in list(pending):     # on two polls in a row: one frame may be caught mid-redraw
-            if rows[n]["shows"] not in ("draft", "booting", "exited", "dialog", "unknown") \
-                    and rows[n]["digest"] != before[n]:
+            if rows[n].shows not in ("draft", "booting", "exited", "dialog", "unknown") \
+                    and rows[n].digest != before[n]:
                 confirmed[n] = confirmed.get(n, 0) + 1
                 if confirmed[n] == 2:
                     pending.discard(n)
@@ -1072,33 +1208,33 @@ def deliver(fleet, messages, clear=False, limited=False):
         raise OrchError("nothing to send: the message is empty", 2)
     rows, targets, failed = ready_targets(fleet, sorted(messages), clear, limited)
     for text in sorted({messages[n] for n in targets}):       # one paste per distinct text
-        paste([rows[n]["pane"] for n in targets if messages[n] == text], text)
+        paste([rows[n].pane for n in targets if messages[n] == text], text)
     pending, rows, enters = submit(fleet, rows, targets, max(messages.values(), key=len))
     for n in targets:
         log_event(fleet, "send", worker=n, chars=len(messages[n]), enters=enters[n], confirmed=n not in pending)
         if n in pending:
             failed[n] = ("W%d: could not confirm delivery (%s after %d Enter presses): look with "
-                         "`orch read %s %d`" % (n, rows[n]["shows"], enters[n], fleet["name"], n))
+                         "`orch read %s %d`" % (n, rows[n].shows, enters[n], fleet["name"], n))
     return failed
 
 
 def interrupt(fleet, ns):
     """Esc (every agent's interrupt key) to each busy worker of `ns`, then wait
     up to 10 s until none of them is busy: a message after it is not queued."""
-    rows = rows_by_n(fleet)
-    busy, deadline = [n for n in ns if rows[n]["shows"] == "busy"], time.time() + 10
+    rows = poll_by_n(fleet)
+    busy, deadline = [n for n in ns if rows[n].shows == "busy"], time.time() + 10
     for n in busy:
-        tmux("send-keys", "-t", rows[n]["pane"], "Escape")
+        tmux("send-keys", "-t", rows[n].pane, "Escape")
         log_event(fleet, "interrupt", worker=n)
     while busy and time.time() < deadline:
         time.sleep(0.2)
-        rows = rows_by_n(fleet)
-        busy = [n for n in busy if rows[n]["shows"] == "busy"]
+        rows = poll_by_n(fleet)
+        busy = [n for n in busy if rows[n].shows == "busy"]
 
 
-def delivered(fleet, ns, text, clear=False):
-    """deliver(), then one line per worker reached; the failures raise, with
-    the lines of the workers that were reached."""
+def send_text(fleet, ns, text, clear=False):
+    """deliver() one text to workers `ns`: returns one line per worker reached;
+    the failures raise, with the lines of the workers that were reached."""
     failed = deliver(fleet, dict.fromkeys(ns, text), clear)
     text = clean_text(text)
     lines = ["W%d: delivered %d line(s), %d chars" % (n, text.count("\n") + 1, len(text))
@@ -1108,11 +1244,105 @@ def delivered(fleet, ns, text, clear=False):
     return lines
 
 
+# --- waiting: the rules of `wait` -----------------------------------------------
+
+RESUME = ("Your usage limit has reset. Retry the exact step you were on when the limit stopped you; "
+          "do not work around it.")
+
+
+def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
+    """Poll until every worker in `flags` ({n: done-flag path}) has its flag,
+    calling emit(row, its last state) at each state change. Nudges a stalled
+    worker once per stall (`nudge(n)` is the text, None: never) and resumes a
+    limited one once its limit has reset. Returns 0 all done, 3 timed out, 4 a
+    worker exited without its flag; past `budget` (USD, the fleet's known cost)
+    it interrupts every busy worker and raises."""
+    deadline = time.time() + timeout if timeout else None
+    last, nudged = {}, set()
+    while True:
+        rows = poll(fleet, stall, flags)
+        total, spent = fleet_cost(rows) if budget is not None else (0, "")
+        if budget is not None and total > budget:
+            interrupt(fleet, [r.n for r in rows])
+            log_event(fleet, "budget", budget=budget, cost=total)
+            raise OrchError("over budget: the fleet's known cost is %s, past --budget $%.2f: every busy "
+                            "worker was interrupted" % (spent, budget), 5)
+        rows = [r for r in rows if r.n in flags]
+        for r in rows:
+            if last.get(r.n) != r.state:
+                emit(r, last.get(r.n))
+                last[r.n] = r.state
+            if r.state not in ("stalled", "limited"):
+                nudged.discard(r.n)
+            elif nudge and r.n not in nudged and r.state == "stalled":     # once per stall
+                nudged.add(r.n)
+                deliver(fleet, {r.n: nudge(r.n)}, clear=True)
+                log_event(fleet, "nudge", worker=r.n, why="stalled")
+            elif nudge and r.n not in nudged and time.time() >= (r.resets or float("inf")):
+                nudged.add(r.n)              # a limit that has reset, once; never before
+                deliver(fleet, {r.n: RESUME}, clear=True, limited=True)
+                log_event(fleet, "resume", worker=r.n)
+        if all(r.state == "done" for r in rows):
+            return 0
+        if any(r.state == "exited" for r in rows):
+            return 4
+        if deadline and time.time() >= deadline:
+            return 3
+        time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
+
+
+def offline_row(fleet, w, foreign=()):
+    """Worker w's Row without a look at its pane (its fleet is not live, or
+    for the report): done or exited, and its Telemetry."""
+    done = is_done(fleet, w["n"])
+    return Row(n=w["n"], pane=w["pane"], shows=None, state="done" if done else "exited", done=done, quiet=None,
+               last="", screen="", digest=None, resets=None, foreign=list(foreign), **telemetry(fleet, w["n"])._asdict())
+
+
+def money(usd, unknown="unknown"):
+    return unknown if usd is None else "$%.2f" % usd
+
+
+def percent(pct, unknown="unknown"):
+    return unknown if pct is None else "%d%%" % pct
+
+
+def fleet_cost(rows):
+    """The fleet's known cost (USD) and how status and report say it."""
+    known = {r.n: r.cost_usd for r in rows if r.cost_usd is not None}
+    total, unknown = sum(known.values()), [r.n for r in rows if r.n not in known]
+    said = money(total)
+    if known:
+        said += " (%s)" % ", ".join("W%d %s" % (n, money(usd)) for n, usd in sorted(known.items()))
+    if unknown:
+        said += "; unknown for " + ", ".join("W%d" % n for n in unknown)
+    return total, said
+
+
+def change_line(r, was, json_mode=False):
+    """wait's line for a worker whose state changed."""
+    if json_mode:
+        return safe_json({"t": now_iso(), "worker": r.n, "was": was, "state": r.state, "last": r.last,
+                          "resets": r.resets, "cost_usd": r.cost_usd, "context_pct": r.context_pct})
+    return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r.n, was or "-", r.state,
+                                  "  | " + defang(r.last[:80]) if r.last else "")
+
+
+def default_nudge(fleet, n, stem=None):
+    stem = stem or worker_file(fleet, n, "")[:-1]
+    task = ("Your brief is %s.task.md - reread it." % stem if os.path.exists(stem + ".task.md")
+            else "Finish what you were asked to do.")            # never a brief that is not there
+    return ("Reminder: you are worker %d of %d. %s Write your deliverable to %s.result.md, then "
+            "touch %s.done last. Work autonomously: do not wait for confirmation."
+            % (n, len(fleet["workers"]), task, stem, stem))
+
+
 # --- fleets --------------------------------------------------------------------
 
-def parse_agent(agent):
-    """The AGENTS entry name for an --agent value ('sim --lie 2' -> 'sim'), or
-    'generic' for any other command line, which must be on PATH."""
+def profile_of(agent):
+    """The AGENTS name for an --agent value ('sim --lie 2' -> 'sim'), or
+    'generic' for any other command line."""
+    import shlex
     try:
         words = shlex.split(agent or "")
     except ValueError as e:
@@ -1120,10 +1350,25 @@ def parse_agent(agent):
     if not words:
         raise OrchError("empty --agent: name an agent (%s) or a command"
                         % ", ".join(k for k in AGENTS if k != "generic"), 2)
-    profile = words[0] if words[0] in AGENTS and words[0] != "generic" else "generic"
-    if "command" not in AGENTS[profile] and not shutil.which(words[0]):
+    return words[0] if words[0] in AGENTS and words[0] != "generic" else "generic"
+
+
+def agent_binary(agent):
+    """The program an --agent value runs and where it is on PATH (None: not
+    found); orch's own for the agents it runs itself (sim)."""
+    import shlex
+    import shutil
+    word = shlex.split(agent)[0]
+    return word, ORCH if "command" in AGENTS[profile_of(agent)] else shutil.which(word)
+
+
+def checked_profile(agent):
+    """profile_of(agent), for an agent that must start now: on PATH."""
+    profile = profile_of(agent)
+    word, found = agent_binary(agent)
+    if not found:
         raise OrchError("agent command %r not found on PATH: install it, or pass --agent sim "
-                        "for a dry run" % words[0])
+                        "for a dry run" % word)
     return profile
 
 
@@ -1166,31 +1411,31 @@ def open_pane(fleet, n, beside=None):
 
 def wait_ready(fleet, ns, timeout):
     """Until workers `ns` are past booting and dialogs, answering the dialogs a
-    profile marks safe (trusting the workdir the lead chose), each once."""
+    profile marks safe (trusting the workdir the lead chose), each once;
+    returns the Rows of those still not ready."""
     deadline, answered, since = time.time() + timeout, set(), {}
-    workers = {w["n"]: w for w in fleet["workers"]}
+    profiles = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
     while True:
-        rows, now = [r for r in poll(fleet) if r["n"] in ns], time.time()
+        rows, now = [r for r in poll(fleet) if r.n in ns], time.time()
         for r in rows:                  # ready means settled: CLIs open dialogs a moment after idle
-            since[r["n"]] = (since.get(r["n"]) or now) if r["shows"] in BOOTED else None
-        waiting = [r for r in rows if since[r["n"]] is None
-                   or now < since[r["n"]] + AGENTS[workers[r["n"]]["profile"]].get("settle", SETTLE)]
+            since[r.n] = (since.get(r.n) or now) if r.shows in PAST_BOOT else None
+        waiting = [r for r in rows if since[r.n] is None or now < since[r.n] + profiles[r.n].get("settle", SETTLE)]
         for r in waiting:
-            for pattern, keys in AGENTS[workers[r["n"]]["profile"]].get("answer", []):
-                if r["shows"] == "dialog" and (r["n"], pattern) not in answered \
-                        and re.search(pattern, r["screen"]):
-                    tmux("send-keys", "-t", r["pane"], *keys)
-                    answered.add((r["n"], pattern))
-                    log_event(fleet, "answer", worker=r["n"], dialog=pattern, keys=" ".join(keys))
-        if now >= deadline or all(r["shows"] == "exited" for r in waiting):    # all(): none left
-            return [r for r in waiting if since[r["n"]] is None]
+            for pattern, keys in profiles[r.n].get("answer", []):
+                if r.shows == "dialog" and (r.n, pattern) not in answered and re.search(pattern, r.screen):
+                    tmux("send-keys", "-t", r.pane, *keys)
+                    answered.add((r.n, pattern))
+                    log_event(fleet, "answer", worker=r.n, dialog=pattern, keys=" ".join(keys))
+        if now >= deadline or all(r.shows == "exited" for r in waiting):    # all(): none left
+            return [r for r in waiting if since[r.n] is None]
         time.sleep(0.25)
 
 
 def add_workers(fleet, count, agent, timeout):
     """Open `count` worker panes, K per tiled window, and wait up to `timeout`
-    seconds (0: not at all) until they are ready; returns the rows of those not."""
-    profile = parse_agent(agent)
+    seconds (0: not at all) until they are ready; returns the Rows of those not."""
+    import uuid
+    profile = checked_profile(agent)
     k = fleet["per_window"]
     AGENTS[profile].get("seed", lambda fleet, agent: None)(fleet, agent)
     for _ in range(count):
@@ -1207,117 +1452,43 @@ def add_workers(fleet, count, agent, timeout):
     return wait_ready(fleet, new, timeout) if timeout else []
 
 
-def started(fleet, waiting, timeout):
-    """What spawn and add say; not-ready workers raise, after it."""
+def require_ready(fleet, waiting, timeout):
+    """The line spawn and add say; workers still not ready (`waiting`) raise, after it."""
     line = "%s: %d worker(s) in tmux session %s; shared workspace %s" % (
         fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet))
     if waiting:
         raise OrchError("not ready after %gs: %s: look with `orch read %s all`" % (
-            timeout, ", ".join("W%d %s" % (r["n"], r["shows"]) for r in waiting), fleet["name"]),
+            timeout, ", ".join("W%d %s" % (r.n, r.shows) for r in waiting), fleet["name"]),
             said=[line])
     return line
 
 
-RESUME = ("Your usage limit has reset. Retry the exact step you were on when the limit stopped you; "
-          "do not work around it.")
-
-
-def watch(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
-    """Poll until every worker in `flags` ({n: done-flag path}) has its flag.
-    Returns 0 all done, 3 timed out, 4 a worker exited without its flag;
-    past `budget` (USD, the fleet's known cost) it interrupts and raises."""
-    deadline = time.time() + timeout if timeout else None
-    last, nudged = {}, set()
-    while True:
-        rows = poll(fleet, stall, flags)
-        total, spent = fleet_cost(rows) if budget is not None else (0, "")
-        if budget is not None and total > budget:
-            interrupt(fleet, [r["n"] for r in rows])
-            log_event(fleet, "budget", budget=budget, cost=total)
-            raise OrchError("over budget: the fleet's known cost is %s, past --budget $%.2f: every busy "
-                            "worker was interrupted" % (spent, budget), 5)
-        rows = [r for r in rows if r["n"] in flags]
-        for r in rows:
-            if last.get(r["n"]) != r["state"]:
-                emit(r, last.get(r["n"]))
-                last[r["n"]] = r["state"]
-            if r["state"] not in ("stalled", "limited"):
-                nudged.discard(r["n"])
-            elif nudge and r["n"] not in nudged and r["state"] == "stalled":     # once per stall
-                nudged.add(r["n"])
-                deliver(fleet, {r["n"]: nudge(r["n"])}, clear=True)
-                log_event(fleet, "nudge", worker=r["n"], why="stalled")
-            elif nudge and r["n"] not in nudged and time.time() >= (r["resets"] or float("inf")):
-                nudged.add(r["n"])              # a limit that has reset, once; never before
-                deliver(fleet, {r["n"]: RESUME}, clear=True, limited=True)
-                log_event(fleet, "resume", worker=r["n"])
-        if all(r["state"] == "done" for r in rows):
-            return 0
-        if any(r["state"] == "exited" for r in rows):
-            return 4
-        if deadline and time.time() >= deadline:
-            return 3
-        time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
-
-
-def fleet_cost(rows):
-    """The fleet's known cost (USD) and how status says it."""
-    known = {r["n"]: r["cost_usd"] for r in rows if r.get("cost_usd") is not None}
-    total, unknown = sum(known.values()), [r["n"] for r in rows if r["n"] not in known]
-    said = "$%.2f" % total
-    if known:
-        said += " (%s)" % ", ".join("W%d $%.2f" % kv for kv in sorted(known.items()))
-    if unknown:
-        said += "; unknown for " + ", ".join("W%d" % n for n in unknown)
-    return total, said
-
-
-def change_line(r, was, json_mode=False):
-    """wait's line for a worker whose state changed."""
-    if json_mode:
-        return json_text({"t": now_iso(), "worker": r["n"], "was": was, "state": r["state"],
-                          "last": r["last"], "resets": r["resets"], "cost_usd": r["cost_usd"],
-                          "context_pct": r["context_pct"]})
-    return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r["n"], was or "-", r["state"],
-                                  "  | " + defang(r["last"][:80]) if r["last"] else "")
-
-
-def default_nudge(fleet, n, stem=None):
-    stem = stem or worker_file(fleet, n, "")[:-1]
-    task = ("Your brief is %s.task.md - reread it." % stem if os.path.exists(stem + ".task.md")
-            else "Finish what you were asked to do.")            # never a brief that is not there
-    return ("Reminder: you are worker %d of %d. %s Write your deliverable to %s.result.md, then "
-            "touch %s.done last. Work autonomously: do not wait for confirmation."
-            % (n, len(fleet["workers"]), task, stem, stem))
-
-
 def fleet_summaries():
-    """One record per fleet in ORCH_HOME, a broken one included with its error."""
+    """A Summary per fleet in ORCH_HOME, a broken one included with its error."""
     live, fleets = live_sessions(), []
     for name in fleet_names():
         try:
             f = load_fleet(name)
         except OrchError as e:
-            fleets.append({"name": name, "live": False, "error": str(e)})
+            fleets.append(Summary(name, False, None, None, None, None, str(e)))
             continue
-        fleets.append({"name": name, "live": f["session"] in live, "workers": len(f["workers"]),
-                       "done": sum(is_done(f, w["n"]) for w in f["workers"]), "agent": f["agent"],
-                       "workdir": f["workdir"]})
+        fleets.append(Summary(name, f["session"] in live, len(f["workers"]),
+                              sum(is_done(f, w["n"]) for w in f["workers"]), f["agent"], f["workdir"], None))
     return fleets
 
 
 def save_logs(fleet, why):
     """Append each pane's whole scrollback to logs/w<n>.log; return what was saved."""
     try:
-        snap = snapshot(fleet, fleet["workers"], history=True, ansi=False)
+        captures = capture_panes(fleet, fleet["workers"], history=True, ansi=False)
     except OrchError:
         return []                       # the session is gone: nothing left to save
-    for n, info in snap.items():
+    for n, capture in captures.items():
         fd = os.open(os.path.join(fleet["run"], "logs", "w%d.log" % n),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, info["pane"], info["screen"].rstrip("\n")))
-    return sorted(snap)
+            f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, capture.pane, capture.screen.rstrip("\n")))
+    return sorted(captures)
 
 
 def fleet_processes(fleet, n=None):
@@ -1343,6 +1514,7 @@ def fleet_processes(fleet, n=None):
 def end_processes(fleet, n=None):
     """End what is left of the fleet's (or worker n's) processes: detached
     daemons and children that ignore the hangup; SIGTERM, then SIGKILL."""
+    import signal
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids, deadline = fleet_processes(fleet, n), time.time() + 1.0
         for pid in pids:
@@ -1355,18 +1527,28 @@ def end_processes(fleet, n=None):
             return
 
 
-def end_fleet(fleet):
-    """Save scrollback, then kill the tmux session; returns what was saved."""
-    home = session_home(fleet["session"])
+def end_fleet(name):
+    """End fleet `name`'s tmux session and what is left of its processes,
+    saving each pane's scrollback first when its fleet.json can be read;
+    returns what was done. A session of another ORCH_HOME is never ended."""
+    session, home = session_of(name), session_home(session_of(name))
     if home and home != orch_home():
         raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
-                        "run orch with that ORCH_HOME" % (fleet["session"], home))
+                        "run orch with that ORCH_HOME" % (session, home))
+    try:
+        fleet = load_fleet(name)
+    except OrchError:               # a damaged fleet.json must not keep its agents running
+        if session not in live_sessions() or home != orch_home():
+            raise
+        tmux("kill-session", "-t", "=" + session)
+        end_processes({"name": name})
+        return "%s: killed %s; its fleet.json is damaged, so no scrollback was saved" % (name, session)
     try:                                # a full or read-only ORCH_HOME must not keep agents running
         saved, lost = save_logs(fleet, "kill"), ""
     except OSError as e:
         saved, lost = [], "; could not save the scrollback: %s" % e.strerror
     try:
-        tmux("kill-session", "-t", "=" + fleet["session"])
+        tmux("kill-session", "-t", "=" + session)
         gone = False
     except OrchError as e:
         if e.kind not in ("server", "target"):
@@ -1378,9 +1560,8 @@ def end_fleet(fleet):
     logs = os.path.join(fleet["run"], "logs")
     if gone:
         return "%s: tmux session %s was already gone; saved %d pane log(s) in %s%s" % (
-            fleet["name"], fleet["session"], len(saved), logs, lost)
-    return "%s: killed %s; scrollback of W%s in %s%s" % (
-        fleet["name"], fleet["session"], ",W".join(map(str, saved)) or "-", logs, lost)
+            name, session, len(saved), logs, lost)
+    return "%s: killed %s; scrollback of W%s in %s%s" % (name, session, ",W".join(map(str, saved)) or "-", logs, lost)
 
 
 # --- briefs and grammar --------------------------------------------------------
@@ -1418,10 +1599,11 @@ VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
   UNVERIFIABLE if you cannot settle it. Never confirm what you did not read yourself.
 - The quote is the rest of the line and may contain `|`; write a `|` inside the why as `\\|`.
 - Example:  W2.F1 | CONFIRMED | src/app.py:42 | the TODO is there | # TODO: validate input"""
-LEADING_RE = re.compile(r"\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)", re.I)
+LEADING_PATTERN = r"(?i)\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)"
 
 
 def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=()):
+    import shlex
     count = len(fleet["workers"])
     rules = ["Work only inside the workdir; do not change any file there%s." % (
         "" if role == "fixer" else " (your role is read-only)")] + list(constraints)
@@ -1463,16 +1645,47 @@ def brief_message(path, key=None):
         path, " Write this line first in your result file, exactly: orch-key: %s" % key if key else "")
 
 
-LOC_RE = re.compile(r"(.+):(\d{1,9})(?:-(\d{1,9}))?$")     # path:line[-end]; no 5,000-digit lines
+LOC_PATTERN = r"(.+):(\d{1,9})(?:-(\d{1,9}))?$"     # path:line[-end]; no 5,000-digit lines
 
 
 def clean_field(s):
     return s.strip().strip("`").strip()
 
 
-def split_fields(rest, maxsplit):
-    """The cells of a grammar line; a pipe escaped for a markdown table (\\|) is text."""
-    return [clean_field(f).replace("\0", "|") for f in rest.replace("\\|", "\0").split("|", maxsplit)]
+def unquote(quote):
+    if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
+        return quote[1:-1]
+    return quote
+
+
+def cells(text):
+    """The cells of a grammar line: split on '|', where '\\|' (a pipe escaped
+    for a markdown table) is text."""
+    return [c.replace("\0", "|") for c in text.replace("\\|", "\0").split("|")]
+
+
+def split_at(rest, i):
+    """The cells `rest` read as a head (a claim, or a verdict's why: its first
+    i cells) and a quote (the others), each cleaned."""
+    return clean_field("|".join(rest[:i])), unquote(clean_field("|".join(rest[i:])))
+
+
+def cite(record, loc_cell, rest):
+    """Fill a Finding's or a Verdict's place from its location cell and the
+    cells after it, read as a head and a quote (the first split, see splits())."""
+    loc = re.match(LOC_PATTERN, clean_field(loc_cell))
+    record.path, record.line = (loc.group(1), int(loc.group(2))) if loc else (None, None)
+    record.end = int(loc.group(3) or loc.group(2)) if loc else None
+    head, record.quote = split_at(rest, 1 if len(rest) > 1 else record.FIRST)
+    setattr(record, record.HEAD, head)
+    record.rest = rest
+    return loc
+
+
+def splits(record):
+    """Every other reading of a record's cells as head and quote, in order:
+    a claim (or why) may hold a '|' as well as a quote, and code is full of them."""
+    return (split_at(record.rest, i) for i in range(record.FIRST, len(record.rest)))
 
 
 def grammar_lines(text):
@@ -1489,7 +1702,7 @@ def grammar_lines(text):
 
 def parse_findings(text, source):
     """F<k> | <path>:<line>[-<end>] | <claim> | <quote>  (also W<n>.F<k> ids).
-    Returns (findings, problems); a line that starts like a finding but breaks
+    Returns ([Finding], problems); a line that starts like a finding but breaks
     the grammar is a problem naming its file and line, never dropped silently."""
     found, problems = [], []
     for i, line in grammar_lines(text):
@@ -1501,41 +1714,21 @@ def parse_findings(text, source):
                 problems.append("%s:%d: cites a location but has no F<k> id (want `F<k> | "
                                 "path:line | claim | quote`): %s" % (source, i, line[:80]))
             continue
-        fields = split_fields(m.group(3), 2)
-        loc = LOC_RE.match(fields[0])
-        if len(fields) < 2 or not fields[1] or not (fields[0] == "-" or loc) \
-                or (loc and int(loc.group(3) or loc.group(2)) < int(loc.group(2))):
+        parts = cells(m.group(3))
+        f = Finding(worker=int(m.group(1)) if m.group(1) else None, k=int(m.group(2)))
+        loc = cite(f, parts[0], parts[1:])
+        if len(parts) < 2 or not f.claim or not (clean_field(parts[0]) == "-" or loc) \
+                or (loc and f.end < f.line):
             problems.append("%s:%d: not a finding (want `F<k> | path:line | claim | quote`): %s"
                             % (source, i, line[:80]))
             continue
-        found.append(dict(location(loc), worker=int(m.group(1)) if m.group(1) else None,
-                          k=int(m.group(2)), claim=fields[1],
-                          quote=unquote(fields[2] if len(fields) > 2 else ""), tail=after(m.group(3), 1)))
+        found.append(f)
     return found, problems
-
-
-def after(rest, cells):
-    """The raw text after the first `cells` cells of a grammar line: the claim
-    (or why) and the quote, which settle() may split again."""
-    parts = rest.replace("\\|", "\0").split("|", cells)
-    return parts[cells].replace("\0", "\\|") if len(parts) > cells else ""
-
-
-def location(loc):
-    """A LOC_RE match (or None) as the path, line and end of a finding or verdict."""
-    return {"path": loc.group(1) if loc else None, "line": int(loc.group(2)) if loc else None,
-            "end": int(loc.group(3) or loc.group(2)) if loc else None}
-
-
-def unquote(quote):
-    if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
-        return quote[1:-1]
-    return quote
 
 
 def parse_verdicts(text, source):
     """W<n>.F<k> | CONFIRMED|REFUTED|UNVERIFIABLE | <path>:<line> | <why> | <quote>
-    -> ({id: verdict}, problems). The why may be left out; a verdict in the old
+    -> ({id: Verdict}, problems). The why may be left out; a verdict in the old
     grammar (free evidence, no location and quote) is kept with empty ones and
     reported, never dropped; a second verdict for one finding is reported and
     the first one stands."""
@@ -1544,8 +1737,8 @@ def parse_verdicts(text, source):
         m = re.match(r"(W\d{1,9}\.F\d{1,9})\s*\|(.*)$", line)
         if not m:
             continue
-        fields = split_fields(m.group(2), 3)
-        word = fields[0].upper()
+        parts = cells(m.group(2))
+        word = clean_field(parts[0]).upper()
         if word not in ("CONFIRMED", "REFUTED", "UNVERIFIABLE"):
             problems.append("%s:%d: not a verdict (want `W<n>.F<k> | CONFIRMED|REFUTED|"
                             "UNVERIFIABLE | path:line | why | quote`): %s" % (source, i, line[:80]))
@@ -1553,30 +1746,33 @@ def parse_verdicts(text, source):
         if m.group(1) in verdicts:
             problems.append("%s:%d: a second verdict for %s: the first one stands" % (source, i, m.group(1)))
             continue
-        loc = LOC_RE.match(fields[1]) if len(fields) > 2 else None
-        v = dict(location(loc), verdict=word, why="", quote="", at="%s:%d" % (source, i),
-                 evidence=" | ".join(fields[1:]))
-        if loc:
-            v.update(why=fields[2] if len(fields) > 3 else "", quote=unquote(fields[-1]), tail=after(m.group(2), 2))
-        elif word != "UNVERIFIABLE":
-            problems.append("%s:%d: %s gives no `path:line | why | quote` evidence: it counts as "
-                            "no verdict" % (source, i, m.group(1)))
+        evidence = [clean_field(c) for c in parts[1:3]] + [clean_field("|".join(parts[3:]))] * (len(parts) > 3)
+        v = Verdict(verdict=word, why="", quote="", rest=[], at="%s:%d" % (source, i), evidence=" | ".join(evidence))
+        if not (len(parts) > 2 and cite(v, parts[1], parts[2:])):
+            v.path = v.line = v.end = None
+            v.why, v.quote, v.rest = "", "", []
+            if word != "UNVERIFIABLE":
+                problems.append("%s:%d: %s gives no `path:line | why | quote` evidence: it counts as "
+                                "no verdict" % (source, i, m.group(1)))
         verdicts[m.group(1)] = v
     return verdicts, problems
 
 
 def place(f):
     """A finding's location as its finder wrote it: path:line[-end], or '-'."""
-    if f["path"] is None:
+    if f.path is None:
         return "-"
-    return "%s:%d%s" % (f["path"], f["line"], "" if f["end"] == f["line"] else "-%d" % f["end"])
+    return "%s:%d%s" % (f.path, f.line, "" if f.end == f.line else "-%d" % f.end)
 
 
 def finding_line(f):
-    return " | ".join(x for x in ("W%d.F%d" % (f["worker"], f["k"]), place(f), f["claim"], f["quote"]) if x)
+    return " | ".join(x for x in (f.id, place(f), f.claim, f.quote) if x)
 
 
 # --- verification --------------------------------------------------------------
+
+FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
+
 
 def file_lines(workdir, rel, cache):
     """The lines of a file a finding or verdict cites, read once per verify
@@ -1592,68 +1788,66 @@ def file_lines(workdir, rel, cache):
     return cache[path]
 
 
-def check_quote(workdir, at, cache, least=0):
-    """The mechanical check of a location and quote (a finding's citation, a
-    verdict's evidence): 'ok' or what is wrong. The quote, whitespace-
-    normalised, must lie within two lines of the cited range, and be `least`
-    characters long or a whole line (evidence: one letter is in any file)."""
-    lines = file_lines(workdir, at["path"], cache)
+def check_quote(workdir, cited, quote, cache, least=0):
+    """The mechanical check of a place and a quote (a finding's citation, a
+    verdict's evidence; `cited` gives path, line and end): 'ok' or what is
+    wrong. The quote, whitespace-normalised, must lie within two lines of the
+    cited range, and be `least` characters long or a whole line (evidence: one
+    letter is in any file)."""
+    lines = file_lines(workdir, cited.path, cache)
     if isinstance(lines, str):
         return lines
-    if at["line"] < 1 or at["end"] > len(lines):
-        return "line %d is past the end (%d lines)" % (at["end"], len(lines))
-    window = lines[max(0, at["line"] - 3):at["end"] + 2]        # two lines either side
-    if at["quote"] and norm(at["quote"]) not in norm(" ".join(window)):
-        return "quote not within 2 lines of line %d" % at["line"]
-    if len(norm(at["quote"])) < least and norm(at["quote"]) not in [norm(x) for x in window]:
+    if cited.line < 1 or cited.end > len(lines):
+        return "line %d is past the end (%d lines)" % (cited.end, len(lines))
+    window = lines[max(0, cited.line - 3):cited.end + 2]        # two lines either side
+    if quote and norm(quote) not in norm(" ".join(window)):
+        return "quote not within 2 lines of line %d" % cited.line
+    if len(norm(quote)) < least and norm(quote) not in [norm(x) for x in window]:
         return "quote too short to check: give the whole line"
     return "ok"
 
 
-def settle(workdir, at, head, cache, least=0):
-    """check_quote; when it fails and the claim (or a verdict's why) may have
-    held a '|' (code is full of them), the other splits of the same text are
-    tried in order and the first whose quote is in the file is kept."""
-    why = check_quote(workdir, at, cache, least)
-    pieces = at.pop("tail", "").replace("\\|", "\0").split("|")
-    text = lambda ps: clean_field("|".join(ps)).replace("\0", "|")
-    for i in range(0 if head == "why" else 1, len(pieces)):      # a why may be left out
-        alt = dict(at, **{head: text(pieces[:i]), "quote": unquote(text(pieces[i:]))})
-        if why != "ok" and check_quote(workdir, alt, cache, least) == "ok":
-            at.update(alt)
-            why = "ok"
+def check_cited(workdir, cited, cache, least=0):
+    """check_quote of a Finding or Verdict; when it fails, the other splits of
+    its cells are tried in order, and the first whose quote is in the file is
+    kept as its head and quote."""
+    why = check_quote(workdir, cited, cited.quote, cache, least)
+    for head, quote in splits(cited) if why != "ok" else ():
+        if check_quote(workdir, cited, quote, cache, least) == "ok":
+            setattr(cited, cited.HEAD, head)
+            cited.quote, why = quote, "ok"
+            break
     return why
 
 
 def check_citation(workdir, f, cache=None):
     """A finding's location: 'ok', 'n/a' (not about one place), or what is wrong."""
-    if f["path"] is None:
-        f.pop("tail", None)
+    if f.path is None:
         return "n/a"
-    return settle(workdir, f, "claim", {} if cache is None else cache)
+    return check_cited(workdir, f, {} if cache is None else cache)
 
 
 def check_evidence(workdir, v, cache):
     """A verdict's evidence: 'checked', 'unsupported' (no location and quote),
     'missing' (no verdict), or 'fabricated: <what is wrong>'."""
-    if v["verdict"] == "MISSING" or v["path"] is None or not v["quote"]:
-        v.pop("tail", None)
-        return "missing" if v["verdict"] == "MISSING" else "unsupported"
-    why = settle(workdir, v, "why", cache, least=8)
+    if v.verdict == "MISSING" or v.path is None or not v.quote:
+        return "missing" if v.verdict == "MISSING" else "unsupported"
+    why = check_cited(workdir, v, cache, least=8)
     return "checked" if why == "ok" else ("unsupported: " if "too short" in why else "fabricated: ") + why
 
 
 def next_verifier(f, pool, count, dropped, profiles):
     """The verifier to ask next about finding f: the first worker after its
-    finder in cyclic order among `pool` that has not seen f and is not
-    dropped, preferring one of another agent than the finder's; or None."""
-    seen = {c["verifier"] for c in f["rounds"]} | {f["worker"]} | set(dropped)
-    order = sorted((v for v in pool if v not in seen), key=lambda v: (v - f["worker"]) % count)
-    other = [v for v in order if profiles[v] != profiles[f["worker"]]]
+    finder in cyclic order among `pool` that has not been asked about f and is
+    not dropped, preferring one of another agent than the finder's; or None."""
+    asked = {v.verifier for v in f.rounds} | {f.worker} | set(dropped)
+    order = sorted((v for v in pool if v not in asked), key=lambda v: (v - f.worker) % count)
+    other = [v for v in order if profiles[v] != profiles[f.worker]]
     return (other or order or [None])[0]
 
 
 def collect_findings(fleet):
+    """The Findings of every worker with a done flag, and the problems met."""
     findings, problems = [], []
     for w in fleet["workers"]:
         n = w["n"]
@@ -1668,66 +1862,71 @@ def collect_findings(fleet):
             continue
         found, bad = parse_findings(text, path)
         problems += bad
-        seen = set()
+        ks = set()
         for f in found:
-            if f["k"] in seen:
-                problems.append("%s: F%d appears twice; the first one counts" % (path, f["k"]))
+            if f.k in ks:
+                problems.append("%s: F%d appears twice; the first one counts" % (path, f.k))
                 continue
-            seen.add(f["k"])
-            f.update(worker=n, id="W%d.F%d" % (n, f["k"]), rounds=[])
+            ks.add(f.k)
+            f.worker, f.rounds = n, []
             findings.append(f)
     return findings, problems
 
 
-def counts(c, dropped):
-    """A verdict counts: decisive, with checked evidence, by a verifier not dropped."""
-    return c["verdict"] in ("CONFIRMED", "REFUTED") and c["check"] == "checked" \
-        and c["verifier"] not in dropped
+def is_counted(v, dropped):
+    """A verdict is a vote: decisive, with checked evidence, by a verifier not dropped."""
+    return v.verdict in ("CONFIRMED", "REFUTED") and v.check == "checked" and v.verifier not in dropped
 
 
-def votes(f, dropped):
-    said = [c["verdict"] for c in f["rounds"] if counts(c, dropped)]
-    return said.count("CONFIRMED"), said.count("REFUTED")
-
-
-def decided(f, need, dropped):
-    """Asked enough: `need` verdicts count and one side has a strict majority."""
-    yes, no = votes(f, dropped)
-    return yes + no >= need and yes != no
+def majority(f, dropped):
+    """The votes on finding f: (how many say CONFIRMED, how many REFUTED, the
+    side with a strict majority, or DISPUTED on a tie, UNVERIFIABLE with none)."""
+    said = [v.verdict for v in f.rounds if is_counted(v, dropped)]
+    yes, no = said.count("CONFIRMED"), said.count("REFUTED")
+    return yes, no, "CONFIRMED" if yes > no else "REFUTED" if no > yes else "DISPUTED" if yes else "UNVERIFIABLE"
 
 
 def final_verdict(f, dropped):
-    """Once nobody is left to ask: BAD-CITATION; else the side with a strict
-    majority of the verdicts that count; DISPUTED on a tie; UNVERIFIABLE when
-    none counts."""
-    if f["citation"] not in ("ok", "n/a"):
-        return "BAD-CITATION"
-    yes, no = votes(f, dropped)
-    if yes != no:
-        return "CONFIRMED" if yes > no else "REFUTED"
-    return "DISPUTED" if yes else "UNVERIFIABLE"
+    """Once nobody is left to ask: BAD-CITATION, else the majority's word."""
+    return "BAD-CITATION" if f.citation not in ("ok", "n/a") else majority(f, dropped)[2]
 
 
 def adjudication(f, dropped):
     """For a brief: both sides' evidence of a finding whose verdicts disagree."""
-    sides = [c for c in f["rounds"] if counts(c, dropped)]
-    if len({c["verdict"] for c in sides}) < 2:
+    sides = [v for v in f.rounds if is_counted(v, dropped)]
+    if len({v.verdict for v in sides}) < 2:
         return []
     return ["      disputed: W%d says %s, reading %s:%d %s (%s)" % (
-        c["verifier"], c["verdict"], c["path"], c["line"], json.dumps(c["quote"], ensure_ascii=False),
-        c["why"] or "no reason given") for c in sides] + [
+        v.verifier, v.verdict, v.path, v.line, json.dumps(v.quote, ensure_ascii=False),
+        v.why or "no reason given") for v in sides] + [
         "      decide which side the file supports, from the lines themselves"]
 
 
+def round_file_forged(fleet, v, stem, key, text, flag, before, after, foreign):
+    """Why verifier v's round file (`text`, None: unreadable) is not its own
+    work, or "" if nothing says so (None: there is none): its done flag
+    (`flag`) must exist, its first line must be its round key, its screen must
+    have moved (digests `before` and `after` its brief) and no other worker's
+    agent may have written it."""
+    if not os.path.exists(flag):
+        return "no done flag: W%d did not finish it" % v
+    if text is None:
+        return None
+    if not re.match(r"\s*orch-key: %s\s*$" % key, text.split("\n", 1)[0]):
+        return "its first line is not W%d's round key: not written by W%d" % (v, v)
+    if after == before:
+        return "W%d's screen never moved after its brief was sent: it did not write them" % v
+    writer = foreign.get(os.path.realpath(stem + ".result.md")) or foreign.get(os.path.realpath(flag))
+    return "W%d wrote it (its agent's hooks say so), not W%d" % (writer, v) if writer else ""
+
+
 def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
-    """One verification round: a brief per verifier ({v: findings}, with
-    `extra` lines under a finding), sent, waited for; returns ({v: {finding
-    id: verdict}}, [why the round is incomplete]). A verifier that cannot be
-    reached, dies or runs out of time costs only its own verdicts."""
+    """One verification round: a brief per verifier ({v: [Finding]}, with
+    `extra` lines under a finding), sent, waited for; returns its
+    RoundOutcome. A verifier that cannot be reached, dies or runs out of time
+    costs only its own verdicts."""
     vdir, began = os.path.join(shared_dir(fleet), "verify"), time.time()
     stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
-    flags = {v: stem + ".done" for v, stem in stems.items()}
-    incomplete = []
     for v, fs in sorted(jobs.items()):
         stem = stems[v]
         goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
@@ -1735,60 +1934,54 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
         write_file(stem + ".task.md", defang(make_brief(       # it quotes workers; the lead may read it
             fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
             stem + ".result.md", stem + ".done", "verification round %d" % k,
-            [line for f in fs for line in [finding_line(f)] + extra.get(f["id"], [])])))
+            [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])])))
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
-    keys = {v: secrets.token_hex(8) for v in jobs}
-    before = {r["n"]: r["digest"] for r in poll(fleet)}     # a verifier that works changes its screen
-    for v, why in deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in flags}).items():
-        incomplete.append("round %d: %s" % (k, why))
-        del flags[v]                    # unreachable: its verdicts are MISSING
+    keys = {v: os.urandom(8).hex() for v in jobs}
+    before = {r.n: r.digest for r in poll(fleet)}     # a verifier that works changes its screen
+    failed = deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in jobs})
+    incomplete = ["round %d: %s" % (k, why) for why in failed.values()]
+    waiting = {v: stems[v] + ".done" for v in jobs if v not in failed}     # unreached: MISSING
     deadline = time.time() + timeout
-    while flags:
-        code = watch(fleet, flags, max(0.1, deadline - time.time()), 0.25, STALL,
-                     lambda v: default_nudge(fleet, v, stems[v]), emit, budget)
+    while waiting:
+        code = wait_loop(fleet, waiting, max(0.1, deadline - time.time()), 0.25, STALL,
+                         lambda v: default_nudge(fleet, v, stems[v]), emit, budget)
         if code != 4:
             if code == 3:
                 incomplete.append("round %d: W%s timed out after %gs" % (
-                    k, ",W".join(str(v) for v in sorted(flags) if not os.path.exists(flags[v])), timeout))
+                    k, ",W".join(str(v) for v in sorted(waiting) if not os.path.exists(waiting[v])), timeout))
             break
-        for r in poll(fleet, flags=flags):      # a verifier died: the rest go on
-            if r["n"] in flags and r["state"] == "exited":
-                incomplete.append("round %d: W%d exited without its verdicts" % (k, r["n"]))
-                del flags[r["n"]]
-    verdicts, seen, now = {v: {} for v in jobs}, {}, {}
+        for r in poll(fleet, flags=waiting):      # a verifier died: the rest go on
+            if r.n in waiting and r.state == "exited":
+                incomplete.append("round %d: W%d exited without its verdicts" % (k, r.n))
+                del waiting[r.n]
+    after = {}
     with contextlib.suppress(OrchError):
-        now = {r["n"]: r["digest"] for r in poll(fleet)}
+        after = {r.n: r.digest for r in poll(fleet)}
     foreign = {os.path.realpath(f): w for w, fs in foreign_writes(fleet, began).items() for _, f in fs}
-    for v in [v for v in jobs if v in flags or os.path.exists(stems[v] + ".done")]:   # reached
-        path = stems[v] + ".result.md"
+    verdicts, digests = {v: {} for v in jobs}, {}
+    for v in [v for v in jobs if v in waiting or os.path.exists(stems[v] + ".done")]:   # reached
+        path, flag = stems[v] + ".result.md", stems[v] + ".done"
         text, why = read_untrusted(path)
         verdicts[v], bad = parse_verdicts(text or "", path)
         problems += bad + (["%s: %s" % (path, why)] if why else [])
-        forged = None if text is None else "" if re.match(r"\s*orch-key: %s\s*$" % keys[v], text.split(
-            "\n", 1)[0]) else "its first line is not W%d's round key: not written by W%d" % (v, v)
-        if not os.path.exists(flags[v] if v in flags else stems[v] + ".done"):
-            forged = "no done flag: W%d did not finish it" % v
-        if forged == "" and now.get(v) == before[v]:
-            forged = "W%d's screen never moved after its brief was sent: it did not write them" % v
-        writer = foreign.get(os.path.realpath(path)) or foreign.get(os.path.realpath(stems[v] + ".done"))
-        if forged == "" and writer:
-            forged = "W%d wrote it (its agent's hooks say so), not W%d" % (writer, v)
+        forged = round_file_forged(fleet, v, stems[v], keys[v], text, flag, before[v], after.get(v), foreign)
         if forged:
             problems.append("%s: %s; its verdicts do not count" % (path, forged))
-            verdicts[v] = {i: dict(c, forged=forged) for i, c in verdicts[v].items()}
-        seen[v] = file_digest(path), file_digest(stems[v] + ".done")
+            for verdict in verdicts[v].values():
+                verdict.forged = forged
+        digests[v] = file_digest(path), file_digest(flag)
     problems += incomplete
-    return verdicts, incomplete, seen
+    return RoundOutcome(verdicts, incomplete, digests)
 
 
 def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     """Citation check, then rounds until every finding has `need` counted
     verdicts that agree, or a strict majority, or no verifier is left to ask;
-    returns the matrix."""
+    returns the Matrix."""
     findings, problems = collect_findings(fleet)
     cache, dropped, incomplete, digests = {}, {}, [], {}
     for f in findings:
-        f["citation"] = check_citation(fleet["workdir"], f, cache)
+        f.citation = check_citation(fleet["workdir"], f, cache)
     vdir = os.path.join(shared_dir(fleet), "verify")
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
@@ -1798,26 +1991,28 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     while True:
         jobs, extra = {}, {}
         for f in findings:
-            if f["citation"] in ("ok", "n/a") and not decided(f, need, dropped):
+            yes, no, _ = majority(f, dropped)
+            if f.citation in ("ok", "n/a") and not (yes + no >= need and yes != no):
                 v = next_verifier(f, pool, len(fleet["workers"]), dropped, profiles)
                 if v is not None:
                     jobs.setdefault(v, []).append(f)
-                    extra[f["id"]] = adjudication(f, dropped)
+                    extra[f.id] = adjudication(f, dropped)
         if not jobs:
             break
         k += 1
-        verdicts, gaps, seen = run_round(fleet, k, jobs, timeout, emit, problems, extra, budget)
-        incomplete += gaps
-        digests.update({(k, v): d for v, d in seen.items()})
+        outcome = run_round(fleet, k, jobs, timeout, emit, problems, extra, budget)
+        incomplete += outcome.incomplete
+        digests.update({(k, v): d for v, d in outcome.digests.items()})
         for v, fs in jobs.items():
             for f in fs:
-                cell = verdicts[v].get(f["id"]) or {"verdict": "MISSING", "path": None, "line": None,
-                                                   "end": None, "why": "", "quote": "", "evidence": ""}
-                cell = dict(cell, round=k, verifier=v, check=check_evidence(fleet["workdir"], cell, cache)
-                            if not cell.get("forged") else "not W%d's: %s" % (v, cell["forged"]))
-                f["rounds"].append(cell)
-                if cell["check"].startswith("fabricated") and v not in dropped:
-                    dropped[v] = "round %d: %s %s" % (k, f["id"], cell["check"])
+                verdict = outcome.verdicts[v].get(f.id) or Verdict(verdict="MISSING", why="", quote="",
+                                                                   evidence="", rest=[])
+                verdict.round, verdict.verifier = k, v
+                verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
+                    check_evidence(fleet["workdir"], verdict, cache)
+                f.rounds.append(verdict)
+                if verdict.check.startswith("fabricated") and v not in dropped:
+                    dropped[v] = "round %d: %s %s" % (k, f.id, verdict.check)
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
                   dropped=sorted(dropped))
     changed = {kv for kv, d in digests.items()
@@ -1827,94 +2022,92 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
         problems.append("verify/r%d-w%d: the round file or done flag changed after orch read it: its "
                         "verdicts do not count" % k_v)
     for f in findings:
-        for c in f["rounds"]:
-            if (c["round"], c["verifier"]) in changed:
-                c["check"] = "not W%d's: changed after orch read it" % c["verifier"]
-            c["unsupported"] = c["check"] != "checked"
-            c["counts"] = counts(c, dropped)
-            c["why_not"] = "" if c["counts"] else c["check"] if c["check"] != "checked" else (
-                "not decisive" if c["verdict"] == "UNVERIFIABLE" else "dropped: " + dropped[c["verifier"]])
-        f["final"] = final_verdict(f, dropped)
-    tally = {v: sum(f["final"] == v for f in findings) for v in FINALS}
-    undecided = [f["id"] for f in findings if f["final"] == "UNVERIFIABLE"] if incomplete else []
-    return {"fleet": fleet["name"], "rounds": k, "need": need, "pool": pool, "findings": findings,
-            "tally": tally, "dropped": dropped, "reliability": reliability(fleet, findings, dropped),
-            "incomplete": incomplete, "undecided": undecided, "problems": problems, "written": now_iso()}
-
-
-FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
-RELIABILITY = ("findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
-               "unsupported", "missing", "fabricated", "outvoted")
+        for v in f.rounds:
+            if (v.round, v.verifier) in changed:
+                v.check = "not W%d's: changed after orch read it" % v.verifier
+            v.counts = is_counted(v, dropped)
+            v.why_not = "" if v.counts else v.check if v.check != "checked" else (
+                "not decisive" if v.verdict == "UNVERIFIABLE" else "dropped: " + dropped[v.verifier])
+        f.final = final_verdict(f, dropped)
+    tally = {word: sum(f.final == word for f in findings) for word in FINALS}
+    undecided = [f.id for f in findings if f.final == "UNVERIFIABLE"] if incomplete else []
+    return Matrix(fleet["name"], k, need, pool, findings, tally, dropped, reliability(fleet, findings, dropped),
+                  incomplete, undecided, problems, now_iso())
 
 
 def reliability(fleet, findings, dropped):
-    """Per worker, as finder and as verifier: how far its word held."""
-    table = {w["n"]: dict(dict.fromkeys(RELIABILITY, 0), dropped=w["n"] in dropped) for w in fleet["workers"]}
+    """{worker: Reliability}: as finder and as verifier, how far its word held."""
+    table = {w["n"]: collections.Counter() for w in fleet["workers"]}
     for f in findings:
-        mine = table[f["worker"]]
+        mine = table[f.worker]
         mine["findings"] += 1
         key = {"BAD-CITATION": "bad_citations", "REFUTED": "refuted", "CONFIRMED": "confirmed",
-               "DISPUTED": "disputed"}.get(f["final"])
+               "DISPUTED": "disputed"}.get(f.final)
         if key:
             mine[key] += 1
-        for c in f["rounds"]:
-            t = table[c["verifier"]]
+        for v in f.rounds:
+            t = table[v.verifier]
             t["verdicts"] += 1
-            kind = c["check"].split(":")[0]
+            kind = v.check.split(":")[0]
             if kind in ("unsupported", "missing", "fabricated"):     # not "not W<v>'s": another wrote it
                 t[kind] += 1
-            elif c["counts"]:
+            elif v.counts:
                 t["decisive"] += 1
-                t["outvoted"] += f["final"] in ("CONFIRMED", "REFUTED") and c["verdict"] != f["final"]
-    return table
+                t["outvoted"] += f.final in ("CONFIRMED", "REFUTED") and v.verdict != f.final
+    return {n: Reliability(*[t[k] for k in RELIABILITY], dropped=n in dropped) for n, t in table.items()}
+
+
+def matrix_json(matrix):
+    """The Matrix as matrix.json holds it."""
+    return dict(matrix._asdict(), findings=[f.json() for f in matrix.findings],
+                reliability={n: t._asdict() for n, t in matrix.reliability.items()})
 
 
 def unreliable(matrix):
     """One line per worker whose word did not hold."""
     out = []
-    for n, t in sorted(matrix["reliability"].items(), key=lambda kv: int(kv[0])):
-        if t["bad_citations"] or t["refuted"]:
+    for n, t in sorted(matrix.reliability.items()):
+        if t.bad_citations or t.refuted:
             out.append("W%s as finder: %d of %d findings refuted, %d with bad citations"
-                       % (n, t["refuted"], t["findings"], t["bad_citations"]))
-        if t["fabricated"] or t["outvoted"] or t["unsupported"] or t["missing"]:
+                       % (n, t.refuted, t.findings, t.bad_citations))
+        if t.fabricated or t.outvoted or t.unsupported or t.missing:
             out.append("W%s as verifier: of %d verdicts %d fabricated evidence%s, %d outvoted, %d "
-                       "unsupported, %d missing" % (n, t["verdicts"], t["fabricated"],
-                                                    " (dropped)" if t["dropped"] else "",
-                                                    t["outvoted"], t["unsupported"], t["missing"]))
+                       "unsupported, %d missing" % (n, t.verdicts, t.fabricated, " (dropped)" if t.dropped else "",
+                                                    t.outvoted, t.unsupported, t.missing))
     return out
 
 
 def tally_line(matrix):
-    return "%d findings: %s" % (len(matrix["findings"]), ", ".join(
-        "%d %s" % (matrix["tally"][v], v.lower().replace("-", " ")) for v in FINALS))
+    return "%d findings: %s" % (len(matrix.findings), ", ".join(
+        "%d %s" % (matrix.tally[word], word.lower().replace("-", " ")) for word in FINALS))
 
 
 def matrix_markdown(matrix):
     """The Verification Matrix, both sides of each DISPUTED finding, the reliability table."""
     head = ["finding", "location", "claim", "citation", "verdicts", "final"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f in matrix["findings"]:
-        cells = ["r%d W%s %s%s" % (c["round"], c["verifier"], c["verdict"], " (%s)" % c["why_not"].split(":")[0]
-                                   if c["why_not"] and c["why_not"] != "not decisive" else "") for c in f["rounds"]]
-        row = [f["id"], place(f), f["claim"][:60], f["citation"], "; ".join(cells) or "-", "**%s**" % f["final"]]
+    for f in matrix.findings:
+        said = ["r%d W%s %s%s" % (v.round, v.verifier, v.verdict, " (%s)" % v.why_not.split(":")[0]
+                                  if v.why_not and v.why_not != "not decisive" else "") for v in f.rounds]
+        row = [f.id, place(f), f.claim[:60], f.citation, "; ".join(said) or "-", "**%s**" % f.final]
         rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
-    lines = ["# Verification Matrix: fleet %s" % matrix["fleet"], "", tally_line(matrix), ""] + rows
-    disputed = [f for f in matrix["findings"] if f["final"] == "DISPUTED"]
+    lines = ["# Verification Matrix: fleet %s" % matrix.fleet, "", tally_line(matrix), ""] + rows
+    disputed = [f for f in matrix.findings if f.final == "DISPUTED"]
     if disputed:
         lines += ["", "## Disputed: the lead must look", ""]
         for f in disputed:
-            lines += ["- %s %s %s" % (f["id"], place(f), f["claim"])] + [
-                "  - W%d %s: %s:%d %s (%s)" % (c["verifier"], c["verdict"], c["path"], c["line"],
-                                              json.dumps(c["quote"], ensure_ascii=False), c["why"] or "-")
-                for c in f["rounds"] if c["counts"]]
+            lines += ["- %s %s %s" % (f.id, place(f), f.claim)] + [
+                "  - W%d %s: %s:%d %s (%s)" % (v.verifier, v.verdict, v.path, v.line,
+                                              json.dumps(v.quote, ensure_ascii=False), v.why or "-")
+                for v in f.rounds if v.counts]
     head = ["worker"] + [k.replace("_", " ") for k in RELIABILITY]
     lines += ["", "## Reliability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n, t in sorted(matrix["reliability"].items(), key=lambda kv: int(kv[0])):
-        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t["dropped"] else "",
-                                         " | ".join(str(t[k]) for k in RELIABILITY)))
+    for n, t in sorted(matrix.reliability.items()):
+        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t.dropped else "",
+                                         " | ".join(str(getattr(t, k)) for k in RELIABILITY)))
     lines += [""] + ["Unreliable: " + u for u in unreliable(matrix)]
-    if matrix["problems"]:
-        lines += ["", "Problems:"] + ["- " + p for p in matrix["problems"]]
+    if matrix.problems:
+        lines += ["", "Problems:"] + ["- " + p for p in matrix.problems]
     return defang("\n".join(lines) + "\n")
 
 
@@ -1923,9 +2116,11 @@ def write_matrix(fleet, matrix):
     record report reads), and a copy to shared/ for the workers and the lead."""
     text = matrix_markdown(matrix)
     for where in (fleet["run"], shared_dir(fleet)):
-        write_json(os.path.join(where, "matrix.json"), matrix)
+        write_json(os.path.join(where, "matrix.json"), matrix_json(matrix))
         write_file(os.path.join(where, "matrix.md"), text)
 
+
+# --- report --------------------------------------------------------------------
 
 def write_report(fleet):
     """report.md from orch's own record of the matrix, each worker's result
@@ -1947,11 +2142,10 @@ def write_report(fleet):
         out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), "",
                 (text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
     out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
-    rows = [dict(usage(fleet, w["n"]), n=w["n"], agent=w["profile"]) for w in fleet["workers"]]
+    rows = [offline_row(fleet, w) for w in fleet["workers"]]
     out += ["## Cost", "", "| worker | agent | cost | context |", "|---|---|---|---|"] + [
-        "| W%d | %s | %s | %s |" % (r["n"], r["agent"], "unknown" if r["cost_usd"] is None else "$%.2f" % r["cost_usd"],
-                                  "unknown" if r["context_pct"] is None else "%d%%" % r["context_pct"])
-        for r in rows] + ["", "Known total: %s" % fleet_cost(rows)[1], ""]
+        "| W%d | %s | %s | %s |" % (r.n, w["profile"], money(r.cost_usd), percent(r.context_pct))
+        for r, w in zip(rows, fleet["workers"])] + ["", "Known total: %s" % fleet_cost(rows)[1], ""]
     text, path = defang("\n".join(out)), os.path.join(shared, "report.md")
     write_file(path, text)
     log_event(fleet, "report", path=path)
@@ -1959,6 +2153,12 @@ def write_report(fleet):
 
 
 # --- commands, in --help order -------------------------------------------------
+
+def notes(fleet):
+    """Print the notes a command gathered on the fleet's files (damaged state), once."""
+    for note in fleet.pop("notes", []):
+        print("orch: note: %s" % note, file=sys.stderr)
+
 
 def cmd_spawn(a):
     name = check_name(a.name)
@@ -1969,7 +2169,7 @@ def cmd_spawn(a):
         raise OrchError("workdir %r has a backtick, control character or trailing ';' that "
                         "briefs and tmux cannot carry: rename it or use a symlink" % workdir, 2)
     agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
-    parse_agent(agent)
+    checked_profile(agent)
     orch_home(create=True)
     rd = run_dir(name)
     live = session_of(name) in live_sessions()
@@ -1984,21 +2184,18 @@ def cmd_spawn(a):
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
         if live:
-            try:
-                print(end_fleet(load_fleet(name)))
-            except OrchError:           # a damaged fleet.json: end the session all the same
-                tmux("kill-session", "-t", "=" + session_of(name))
+            print(end_fleet(name))
         if os.path.isdir(rd):
             print("%s: archived the old run to %s" % (name, archive(rd)))
     for sub in ("shared/verify", "logs"):
         os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
-    fleet = {"version": SCHEMA, "id": secrets.token_hex(6), "name": name, "session": session_of(name),
+    fleet = {"version": SCHEMA, "id": os.urandom(6).hex(), "name": name, "session": session_of(name),
              "workdir": workdir, "agent": agent, "per_window": a.per_window, "created": now_iso(),
              "workers": [], "run": rd}
     post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
     log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
     save_env(fleet)
-    print(started(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
+    print(require_ready(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
 
 
 def cmd_add(a):
@@ -2009,7 +2206,7 @@ def cmd_add(a):
     if a.refresh_env:
         save_env(fleet)
     waiting = add_workers(fleet, a.K, fleet["agent"] if a.agent is None else a.agent, a.timeout)
-    print(started(fleet, waiting, a.timeout))
+    print(require_ready(fleet, waiting, a.timeout))
 
 
 def cmd_send(a):
@@ -2023,7 +2220,7 @@ def cmd_send(a):
         else " ".join(a.message)
     if a.interrupt:
         interrupt(fleet, ns)
-    print("\n".join(delivered(fleet, ns, text)))
+    print("\n".join(send_text(fleet, ns, text)))
 
 
 def cmd_brief(a):
@@ -2031,7 +2228,7 @@ def cmd_brief(a):
     n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
     if not a.goal.strip():
         raise OrchError("--goal is empty: say what the worker should determine", 2)
-    if LEADING_RE.search(a.goal):
+    if re.search(LEADING_PATTERN, a.goal):
         print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
               "so the worker does not invent a bug to fix", file=sys.stderr)
     path, result, done = [worker_file(fleet, n, s) for s in ("task.md", "result.md", "done")]
@@ -2043,23 +2240,19 @@ def cmd_brief(a):
     log_event(fleet, "brief", worker=n, role=a.role)
     print("W%d: brief written to %s" % (n, path))
     if a.send:
-        print("\n".join(delivered(fleet, [n], brief_message(path))))
+        print("\n".join(send_text(fleet, [n], brief_message(path))))
 
 
 def cmd_read(a):
     fleet = load_fleet(a.name)
     ws = pick_workers(fleet, a.worker)
-    snap = snapshot(fleet, ws, ansi=False)
+    captures = capture_panes(fleet, ws, ansi=False)
     for w in ws:
-        info = snap.get(w["n"])
-        lines = info["screen"].rstrip().split("\n") if info else []
+        capture = captures.get(w["n"])
+        lines = capture.screen.rstrip().split("\n") if capture else []
         if len(ws) > 1:
-            print("--- W%d %s%s" % (w["n"], w["pane"], "" if info else " (gone)"))
+            print("--- W%d %s%s" % (w["n"], w["pane"], "" if capture else " (gone)"))
         print(defang("\n".join(line.rstrip() for line in lines[-a.lines:])))
-
-
-HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
-              "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context"}
 
 
 def cmd_log(a):
@@ -2072,40 +2265,28 @@ def cmd_log(a):
     if start:
         print("orch: note: events.jsonl is over %d MB: its last %d MB follow" % ((READ_CAP >> 20,) * 2),
               file=sys.stderr)
-    for line in (read_untrusted(path, start)[0] or "").splitlines()[1 if start else 0:]:
+    for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
         with contextlib.suppress(ValueError, TypeError):
             rec = json.loads(line)
-            if not isinstance(rec, dict) or rec.get("event") != "agent" or type(rec.get("worker")) is not int \
-                    or rec["worker"] not in ns:
-                continue
-            if a.json:
-                print(json_text(rec))
-                continue
-            hook = str(rec.get("hook"))
-            said = [HOOK_WORDS.get(hook, hook)] if hook != "PostToolUse" else []
-            said += [str(rec[k]) for k in ("tool", "file", "command", "prompt", "error", "notice") if k in rec]
-            if "foreign" in rec:
-                said.append("<- NOT ITS OWN: %s's file" % ("W%s" % rec["foreign"] if rec["foreign"] else "orch"))
-            if "disagree" in rec:
-                said = ["hooks say %s, the screen shows %s: the screen wins" % (rec["disagree"], rec.get("screen"))]
-            said = " ".join(said).replace("\n", " ")
-            print(defang("%s W%d %s" % (str(rec.get("t"))[11:19], rec["worker"], said))[:300])
+            said = hook_line(rec)
+            if said is not None and rec["worker"] in ns:
+                print(safe_json(rec) if a.json else said)
 
 
 def cmd_status(a):
     if not a.name:
         fleets = fleet_summaries()
         if a.json:
-            print(json_text({"fleets": fleets}, 2))
+            print(safe_json({"fleets": [{k: v for k, v in f._asdict().items() if v is not None} for f in fleets]}, 2))
             return
         if not fleets:
             print("no fleets in %s: `orch spawn NAME N` starts one" % os.path.join(orch_home(), "runs"))
         for f in fleets:
-            if "error" in f:
-                print("%-32s  broken: %s" % (f["name"], f["error"]))
+            if f.error:
+                print("%-32s  broken: %s" % (f.name, f.error))
             else:
-                print("%-32s  %-8s %d/%d done  %s  %s" % (f["name"], "live" if f["live"] else "ended",
-                      f["done"], f["workers"], f["agent"], f["workdir"]))
+                print("%-32s  %-8s %d/%d done  %s  %s" % (f.name, "live" if f.live else "ended",
+                      f.done, f.workers, f.agent, f.workdir))
         return
     fleet = load_fleet(a.name)
     live = fleet["session"] in live_sessions()
@@ -2113,34 +2294,29 @@ def cmd_status(a):
         rows = poll(fleet, a.stall)
     else:
         foreign = foreign_writes(fleet)
-        rows = [dict(usage(fleet, w["n"]), n=w["n"], pane=w["pane"], done=is_done(fleet, w["n"]), quiet=None,
-                     last="", state="done" if is_done(fleet, w["n"]) else "exited",
-                     foreign=foreign.get(w["n"], [])) for w in fleet["workers"]]
-    bus, total = bus_tail(fleet, 5), fleet_cost(rows)[0]
-    for note in fleet.pop("notes", []):
-        print("orch: note: %s" % note, file=sys.stderr)
+        rows = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]]
+    bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
+    notes(fleet)
     if a.json:
         keep = ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd", "context_pct")
-        print(json_text({"fleet": fleet["name"], "session": fleet["session"], "live": live,
+        print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
-                         "workers": [dict({k: r.get(k) for k in keep}, foreign=[
-                             {"owner": o, "file": f} for o, f in r["foreign"]]) for r in rows], "bus": bus}, 2))
+                         "workers": [dict({k: getattr(r, k) for k in keep}, foreign=[
+                             {"owner": o, "file": f} for o, f in r.foreign]) for r in rows], "bus": bus}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
     for r in rows:
-        quiet = "-" if r["quiet"] is None else "%ds" % r["quiet"]
-        flags = time.strftime("resets %H:%M | ", time.localtime(r["resets"])) if r.get("resets") else ""
-        if (r["context_pct"] or 0) >= CONTEXT_HIGH:
-            flags += "CONTEXT %d%%: hand its work to a fresh worker | " % r["context_pct"]
+        flags = time.strftime("resets %H:%M | ", time.localtime(r.resets)) if r.resets else ""
+        if (r.context_pct or 0) >= CONTEXT_HIGH:
+            flags += "CONTEXT %d%%: hand its work to a fresh worker | " % r.context_pct
         flags += "".join("WROTE %s's %s | " % ("W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet)))
-                         for o, f in r["foreign"][:3]) + ("and %d more | " % (len(r["foreign"]) - 3)
-                                                         if len(r["foreign"]) > 3 else "")
+                         for o, f in r.foreign[:3]) + ("and %d more | " % (len(r.foreign) - 3)
+                                                       if len(r.foreign) > 3 else "")
         print("  W%-3d %-5s %-10s %-4s %6s %7s %4s  %s%s" % (
-            r["n"], r["pane"] or "-", r["state"], "done" if r["done"] else "-", quiet,
-            "-" if r["cost_usd"] is None else "$%.2f" % r["cost_usd"],
-            "-" if r["context_pct"] is None else "%d%%" % r["context_pct"], defang(flags), defang(r["last"][:100])))
-    print("cost: %s" % fleet_cost(rows)[1])
+            r.n, r.pane or "-", r.state, "done" if r.done else "-", "-" if r.quiet is None else "%ds" % r.quiet,
+            money(r.cost_usd, "-"), percent(r.context_pct, "-"), defang(flags), defang(r.last[:100])))
+    print("cost: %s" % spent)
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)
@@ -2151,9 +2327,9 @@ def cmd_wait(a):
     ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
         or [w["n"] for w in fleet["workers"]]
     flags = {n: worker_file(fleet, n, "done") for n in ns}
-    code = watch(fleet, flags, a.timeout, a.interval, a.stall,
-                 a.nudge and (lambda n: default_nudge(fleet, n)),
-                 lambda r, was: print(change_line(r, was, a.json), flush=True), a.budget)
+    code = wait_loop(fleet, flags, a.timeout, a.interval, a.stall,
+                     a.nudge and (lambda n: default_nudge(fleet, n)),
+                     lambda r, was: print(change_line(r, was, a.json), flush=True), a.budget)
     result = {0: "done", 3: "timeout", 4: "exited"}[code]
     if a.json:
         print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
@@ -2170,7 +2346,7 @@ def cmd_nudge(a):
     n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
     text = " ".join(a.message) or default_nudge(fleet, n)
     try:
-        print("\n".join(delivered(fleet, [n], text, clear=True)))
+        print("\n".join(send_text(fleet, [n], text, clear=True)))
     finally:
         log_event(fleet, "nudge", worker=n, why="lead")
 
@@ -2196,18 +2372,15 @@ def cmd_bus(a):
             fleet.setdefault("notes", []).append("bus.md shrank or was replaced since %s last read it: "
                                                  "here is all of it" % a.who)
             start = 0
-        for note in fleet.pop("notes", []):
-            print("orch: note: %s" % note, file=sys.stderr)
-        chunk, why = read_untrusted(bus, start, raw=True)
-        if chunk is None:
+        notes(fleet)
+        lines, start, why = read_lines(bus, start)      # never half a line
+        if lines is None:
             raise OrchError("cannot read %s: %s" % (bus, why or "no such file"))
-        whole = chunk[:chunk.rfind(b"\n") + 1]        # never half a line
-        lines = bus_lines(fleet, whole[:-1]) if whole else []
+        lines = bus_lines(fleet, lines)
         if not a.follow and not a.new:
             lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
         for line in lines:
             print(line, flush=True)
-        start += len(whole)
         if a.new:
             with updating(fleet, "bus-cursors.json") as cursors:    # readers of other names too
                 cursors[a.who] = start
@@ -2217,6 +2390,7 @@ def cmd_bus(a):
 
 
 def cmd_verify(a):
+    import fcntl
     fleet = load_fleet(a.name)
     count = len(fleet["workers"])
     if count < 2:
@@ -2230,17 +2404,17 @@ def cmd_verify(a):
             pool = [0]
         if not all(1 <= v <= count for v in pool):
             raise OrchError("--by %s: give worker numbers 1-%d separated by commas" % (a.by, count), 2)
-    rounds = a.rounds or max(1, min(2, len(pool) - 1))
-    if rounds > max(1, len(pool) - 1):
-        raise OrchError("--rounds %d: a finding needs that many verdicts from distinct verifiers "
-                        "other than its finder, and %d verifiers allow at most %d rounds"
-                        % (rounds, len(pool), max(1, len(pool) - 1)), 2)
+    need = a.verdicts or max(1, min(2, len(pool) - 1))
+    if need > max(1, len(pool) - 1):
+        raise OrchError("--verdicts %d: a finding needs that many verdicts from distinct verifiers "
+                        "other than its finder, and %d verifiers allow at most %d"
+                        % (need, len(pool), max(1, len(pool) - 1)), 2)
     if not any(is_done(fleet, w["n"]) for w in fleet["workers"]):
         raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
     lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        matrix = verify_fleet(fleet, rounds, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True),
+        matrix = verify_fleet(fleet, need, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True),
                               a.budget)
         write_matrix(fleet, matrix)
     except BlockingIOError:
@@ -2248,16 +2422,16 @@ def cmd_verify(a):
                         "shows it), then run this one again" % (a.name, a.name))
     finally:
         os.close(lock)
-    log_event(fleet, "verify", rounds=rounds, **{k.lower(): v for k, v in matrix["tally"].items()})
-    for p in matrix["problems"]:
-        if not (matrix["undecided"] and p in matrix["incomplete"]):      # said once, below
+    log_event(fleet, "verify", need=need, **{word.lower(): count for word, count in matrix.tally.items()})
+    for p in matrix.problems:
+        if not (matrix.undecided and p in matrix.incomplete):      # said once, below
             print("orch: warning: %s" % defang(p), file=sys.stderr)
     print(tally_line(matrix))
     print("matrix: %s" % os.path.join(shared_dir(fleet), "matrix.md"))
-    if matrix["undecided"]:
+    if matrix.undecided:
         raise OrchError("verification incomplete: %s left undecided because %s: look with `orch "
                         "status %s`, then `orch verify %s` again" % (
-                            ", ".join(matrix["undecided"]), "; ".join(matrix["incomplete"]), a.name, a.name))
+                            ", ".join(matrix.undecided), "; ".join(matrix.incomplete), a.name, a.name))
 
 
 def cmd_report(a):
@@ -2281,16 +2455,16 @@ def cmd_respawn(a):
         save_fleet(fleet)
         print("W%d: pane %s was gone; new pane %s" % (n, old, w["pane"]))
     # respawn-pane keeps the pane id: forget the old agent's screen, or the new one counts as ready
-    with updating(fleet, "watch.json") as mem:
-        mem.pop(str(n), None)
+    with updating(fleet, "watch.json") as memory:
+        memory.pop(str(n), None)
     log_event(fleet, "respawn", worker=n, pane=w["pane"])
     waiting = wait_ready(fleet, {n}, a.timeout)
     if waiting:
         raise OrchError("W%d restarted but is %s: look with `orch read %s %d`"
-                        % (n, waiting[0]["shows"], a.name, n))
+                        % (n, waiting[0].shows, a.name, n))
     brief = worker_file(fleet, n, "task.md")
     if os.path.exists(brief) and not is_done(fleet, n):
-        print("\n".join(delivered(fleet, [n], brief_message(brief))))
+        print("\n".join(send_text(fleet, [n], brief_message(brief))))
     print("W%d: restarted in pane %s" % (n, w["pane"]))
 
 
@@ -2300,17 +2474,7 @@ def cmd_kill(a):
     live = live_sessions()
     names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
     for name in names:
-        try:
-            fleet = load_fleet(name)
-        except OrchError:               # a damaged fleet.json must not keep its agents running
-            if session_of(name) not in live or session_home(session_of(name)) != orch_home():
-                raise
-            tmux("kill-session", "-t", "=" + session_of(name))
-            end_processes({"name": name})
-            print("%s: killed %s; its fleet.json is damaged, so no scrollback was saved"
-                  % (name, session_of(name)))
-            continue
-        print(end_fleet(fleet))
+        print(end_fleet(name))
     if a.all and not names:
         print("no live fleets")
 
@@ -2343,10 +2507,45 @@ DEMO_FILES = {
 }
 
 
+def run_step(argv, ok=(0,)):
+    """One command as the lead runs it: `orch.py ARGV`, a process of its own,
+    its output not shown; returns its exit code, or raises its error unless
+    the code is in `ok`."""
+    import subprocess
+    r = subprocess.run([sys.executable, ORCH] + [str(x) for x in argv], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if r.returncode not in ok:
+        said = r.stderr.decode("utf-8", "replace").strip().splitlines() or ["exit %d" % r.returncode]
+        raise OrchError("`orch %s`: %s" % (argv[0], said[-1].replace("orch: ", "", 1)), r.returncode)
+    return r.returncode
+
+
+def demo_steps(workdir, honest, liar):
+    """The demo's fleet, from spawn to kill, one real command at a time."""
+    try:
+        run_step(["spawn", "demo", 3, workdir, "--agent", honest, "--force"])
+        run_step(["add", "demo", 1, "--agent", liar])
+        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1):
+            run_step(["brief", "demo", n, "--role", "finder", "--send",
+                      "--goal", "the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
+                      "--constraint", "Look only at the files under `%s/`." % part])
+        code = run_step(["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"], ok=(0, 3, 4))
+        if code:
+            raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
+                            % ("timeout" if code == 3 else "a worker exited"))
+        run_step(["verify", "demo", "--verdicts", 2, "--timeout", 180])
+        run_step(["report", "demo"])
+    finally:
+        if session_of("demo") in live_sessions():
+            run_step(["kill", "demo"])
+
+
 def cmd_demo(a):
     """The whole idea in one command: 4 workers audit, verify each other,
     report; with sim, W4 lies as a finder and as a verifier. Each step is the
     real command; the live stream is the fleet's event log."""
+    import tempfile
+    import threading
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
     if not os.listdir(workdir):
@@ -2364,50 +2563,31 @@ def cmd_demo(a):
         if a.agent == "sim" else ""), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
-    stop, t0, out = threading.Event(), time.time(), sys.stdout    # steps mute sys.stdout, not this
+    failed, t0, offset = [], time.time(), 0
 
-    def echo():
-        f, rest = None, ""
-        while True:
-            stopping = stop.is_set()
-            if f is None and os.path.exists(events):
-                f = open(events, encoding="utf-8", errors="replace")
-                if os.fstat(f.fileno()).st_ino == last_run:
-                    f.close()
-                    f = None
-            lines, rest = (rest + (f.read() if f else "")).split("\n"), ""
-            rest = lines.pop()
-            for line in lines:
-                e = json.loads(line)
-                detail = " ".join("%s=%s" % kv for kv in e.items() if kv[0] not in ("t", "event"))
-                print("%6.1fs  %-8s %s" % (time.time() - t0, e["event"], detail), file=out, flush=True)
-            if stopping:
-                return f and f.close()
-            time.sleep(0.05)
-
-    def step(*argv):
-        with contextlib.redirect_stdout(io.StringIO()):
-            return dispatch([str(x) for x in argv])
-    follower = threading.Thread(target=echo, daemon=True)
-    follower.start()
+    def steps_or_failure():
+        try:
+            demo_steps(workdir, honest, liar)
+        except BaseException as e:          # raised here once the stream has been shown
+            failed.append(e)
+    steps = threading.Thread(target=steps_or_failure, daemon=True)
+    steps.start()
     try:
-        step("spawn", "demo", 3, workdir, "--agent", honest, "--force")
-        step("add", "demo", 1, "--agent", liar)
-        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1):
-            step("brief", "demo", n, "--role", "finder", "--send",
-                 "--goal", "the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
-                 "--constraint", "Look only at the files under `%s/`." % part)
-        code = step("wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge")
-        if code:
-            raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
-                            % ("timeout" if code == 3 else "a worker exited"))
-        step("verify", "demo", "--rounds", 2, "--timeout", 180)
-        step("report", "demo")
+        while True:
+            running = steps.is_alive()
+            if os.path.exists(events) and os.stat(events).st_ino != last_run:
+                lines, offset, _ = read_lines(events, offset)
+                for line in lines or []:
+                    e = json.loads(line)
+                    detail = " ".join("%s=%s" % kv for kv in e.items() if kv[0] not in ("t", "event"))
+                    print("%6.1fs  %-8s %s" % (time.time() - t0, e["event"], detail), flush=True)
+            if not running:
+                break
+            time.sleep(0.05)
     finally:
-        if session_of("demo") in live_sessions():
-            step("kill", "demo")
-        stop.set()
-        follower.join()
+        steps.join()
+    if failed:
+        raise failed[0]
     shared = os.path.join(os.path.dirname(events), "shared")
     print()
     print(read_text(os.path.join(shared, "matrix.md")))
@@ -2417,7 +2597,7 @@ def cmd_demo(a):
 def cmd_doctor(a):
     """One line per check, with the fix; exit 1 if something required is missing."""
     agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
-    word = (shlex.split(agent) or ["?"])[0]
+    entry = AGENTS[profile_of(agent)]
     checks = [("python", sys.version_info >= (3, 8), sys.version.split()[0], "use Python 3.8 or newer")]
     try:
         version = tmux("-V").strip()
@@ -2427,9 +2607,8 @@ def cmd_doctor(a):
     checks.append(("tmux", bool(version) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
                    version or "not found", "install tmux 3.0 or newer (apt-get install tmux, "
                    "brew install tmux)"))
-    entry = AGENTS.get(word, {})
     if "command" not in entry:
-        found = shutil.which(word)
+        word, found = agent_binary(agent)
         checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
                        entry.get("install", "install %s" % word) + ", or use --agent sim for a dry run"))
     if "credentials" in entry:
@@ -2467,6 +2646,7 @@ def allow_rules():
 
 def install_copy(src, dest, mode):
     """Copy src to dest (an installed copy may be installing itself) with `mode`."""
+    import shutil
     if not (os.path.exists(dest) and os.path.samefile(src, dest)):
         shutil.copyfile(src, dest)
     os.chmod(dest, mode)
@@ -2492,6 +2672,7 @@ def cmd_worker(a):
     """The pane command: set the worker's environment, then exec the agent.
     A pane inherits the tmux server's environment, not the lead's: the lead's
     comes from env.json, where add and respawn saved it."""
+    import shlex
     home = os.environ["ORCH_HOME"] = a.home or orch_home()
     fleet = load_fleet(a.name)
     w = pick_workers(fleet, a.n, allow_all=False)[0]
@@ -2513,50 +2694,33 @@ def cmd_worker(a):
 
 
 def cmd_hook(a):
-    """Claude Code's hooks and status line, run in a worker's environment:
-    an `agent` event per hook, the status line's cost and context in
-    usage-w<n>.json. Never an error the agent would act on: exit 0 always."""
+    """Claude Code's hooks and status line, run in a worker's environment
+    (record_hook). Never an error the agent would act on: exit 0 always."""
     with contextlib.suppress(Exception):
         data = json.loads(sys.stdin.read())     # a Write's whole content: no cap, or the JSON breaks
-        fleet, n = load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"])
-        if data.get("hook_event_name") is None:       # the status line
-            cost, context = data.get("cost") or {}, data.get("context_window") or {}
-            write_json(os.path.join(fleet["run"], "usage-w%d.json" % n), {
-                "t": now_iso(), "cost_usd": cost.get("total_cost_usd"), "context_pct": context.get("used_percentage")})
-            print("orch W%d" % n)
-            return 0
-        tool = data.get("tool_input") if isinstance(data.get("tool_input"), dict) else {}
-        rec = {k: str(v)[:300] for k, v in (
-            ("hook", data["hook_event_name"]), ("tool", data.get("tool_name")), ("file", tool.get("file_path")),
-            ("command", tool.get("command")), ("prompt", data.get("prompt")), ("error", data.get("error")),
-            ("notice", data.get("notification_type"))) if v}
-        path = tool.get("file_path")            # whole, not the record's 300 characters
-        mine = owner(fleet, path) if rec.get("tool") in WRITE_TOOLS and isinstance(path, str) else None
-        if mine is not None and mine != n:
-            rec["foreign"] = mine
-            append_line(os.path.join(fleet["run"], "foreign.jsonl"),
-                        json_text({"t": time.time(), "worker": n, "owner": mine, "file": path}))
-        log_event(fleet, "agent", worker=n, **rec)
-        if rec.get("notice") in ("permission_prompt", "idle_prompt"):     # the screen is the judge
-            w = pick_workers(fleet, n, allow_all=False)[0]
-            info = snapshot(fleet, [w]).get(n)
-            shows = info and screen_state(AGENTS[w["profile"]], info["screen"], info["title"])
-            if shows != rec["notice"].split("_")[0]:
-                log_event(fleet, "agent", worker=n, hook=rec["hook"], disagree=rec["notice"], screen=shows or "unknown")
+        shown = record_hook(load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"]), data)
+        if shown:
+            print(shown)
     return 0
 
 
 # --- sim: the built-in simulated agent -----------------------------------------
+# It reads the files and decides with code of its own, never with orch's checks,
+# so the demo's figures measure orch's verification against a second opinion.
 
-MARKER_RE = re.compile(r"\b(TODO|FIXME|HACK|XXX)\b")
+MARKER_PATTERN = r"\b(TODO|FIXME|HACK|XXX)\b"
 
 FABRICATED = ["remove the hardcoded admin password", "this leaks the session token",
               "race condition when two requests arrive", "unchecked SQL string concatenation"]
 
 
 def sim_lines(workdir, rel):
-    lines = file_lines(workdir, rel, {})
-    return [] if isinstance(lines, str) else lines
+    """The lines of a file under the workdir as the sim reads it; none for
+    anything else (outside the workdir, not a regular file)."""
+    root = os.path.realpath(workdir)
+    path = os.path.realpath(os.path.join(root, rel))
+    text = read_untrusted(path)[0] if path.startswith(root + os.sep) else None
+    return (text or "").splitlines()
 
 
 def sim_find(workdir, n, count, scope, lies, rng):
@@ -2571,7 +2735,7 @@ def sim_find(workdir, n, count, scope, lies, rng):
     for idx, rel in enumerate(files):
         mine = rel.startswith(scope.rstrip("/") + "/") if scope else idx % count == n - 1
         for i, line in enumerate(sim_lines(workdir, rel), 1):
-            m = MARKER_RE.search(line)
+            m = re.search(MARKER_PATTERN, line)
             if m:
                 claim = "%s marker: %s" % (m.group(1), line[m.end():].strip(" :-#/*") or "(no text)")
                 markers.append((mine, rel, i, claim, line.strip()))
@@ -2586,7 +2750,7 @@ def sim_find(workdir, n, count, scope, lies, rng):
             if kind == "wrong-line" and size >= 5:
                 i = i + 3 if i + 3 <= size else i - 3      # quote 3 lines away from its cite
             else:
-                word = MARKER_RE.search(quote).group(1)
+                word = re.search(MARKER_PATTERN, quote).group(1)
                 claim, quote = "%s marker: %s" % (word, rng.choice(FABRICATED)), \
                     "# %s: %s" % (word, rng.choice(FABRICATED))
         elif plain:                                 # a marker that is not there
@@ -2598,30 +2762,46 @@ def sim_find(workdir, n, count, scope, lies, rng):
     return ["F%d | %s:%d | %s | %s" % ((k,) + f) for k, f in enumerate(found, 1)]
 
 
-def sim_verify(workdir, findings, kind):
-    """Verdicts as a verifier of personality `kind` gives them: honest checks
-    the cited lines; rubber-stamp confirms everything, quoting what it did
-    not read; contrarian refutes everything with invented quotes,
-    contrarian-real with the real line; lazy cannot settle anything; silent
-    writes no verdict at all."""
+def sim_quoted(lines, line, end, cells):
+    """Whether the quote of a finding (its last cells: a claim may hold a '|'
+    too) lies on or within two lines of what it cites, as the sim reads it."""
+    near = norm(" ".join(lines[max(0, line - 3):end + 2]))
+    for i in range(1, len(cells)):
+        quote = "|".join(cells[i:]).strip().strip("`").strip()
+        if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
+            quote = quote[1:-1]
+        if norm(quote) in near:
+            return True
+    return len(cells) < 2                   # no quote: nothing to disagree with
+
+
+def sim_verify(workdir, section, kind):
+    """Verdicts on the findings of a brief's section as a verifier of
+    personality `kind` gives them: honest reads the cited lines itself;
+    rubber-stamp confirms everything, quoting what it did not read;
+    contrarian refutes everything with invented quotes, contrarian-real
+    with the real line; lazy cannot settle anything; silent writes no
+    verdict at all."""
     out = []
-    for f in findings if kind != "silent" else []:
-        fid = "W%s.F%d" % (f["worker"], f["k"])
-        word = re.match(r"(TODO|FIXME|HACK|XXX)\b", f["claim"])
-        if kind == "lazy" or f["path"] is None or not word:
+    for fid, rest in re.findall(r"^\s*(W\d+\.F\d+) \|(.*)$", section, re.M) if kind != "silent" else []:
+        cells = rest.split("|")
+        at = re.match(r"(.+):(\d+)(?:-(\d+))?$", cells[0].strip())
+        claim = cells[1].strip() if len(cells) > 1 else ""
+        word = re.match(r"(TODO|FIXME|HACK|XXX)\b", claim)
+        if kind == "lazy" or not at or not word:
             out.append("%s | UNVERIFIABLE | - | the claim names no marker at a place I can read" % fid)
             continue
-        lines = sim_lines(workdir, f["path"])
-        where = "%s:%d" % (f["path"], f["line"])
-        cited = lines[f["line"] - 1:f["end"]] or [""]
+        path, line, end = at.group(1), int(at.group(2)), int(at.group(3) or at.group(2))
+        lines, where = sim_lines(workdir, path), "%s:%d" % (path, line)
+        cited = lines[line - 1:end] or [""]
         if kind == "rubber-stamp":
-            out.append("%s | CONFIRMED | %s | looks right to me | %s, as the finder says" % (fid, where, f["claim"]))
+            out.append("%s | CONFIRMED | %s | looks right to me | %s, as the finder says" % (fid, where, claim))
             continue
         if kind == "contrarian":
             out.append("%s | REFUTED | %s | the line says something else | nothing to see here" % (fid, where))
             continue
         has = any(re.search(r"\b%s\b" % word.group(1), c) for c in cited)
-        quoted = check_citation(workdir, f) == "ok"        # a claim may hold a '|' too
+        quoted = line >= 1 and sim_quoted(lines, line, end, cells[1:])
         verdict = "CONFIRMED" if has and quoted and kind == "honest" else "REFUTED"
         why = "the marker is there" if has and quoted else (
             "no %s marker on the cited line" % word.group(1) if not has else "the quote is not on it")
@@ -2632,6 +2812,7 @@ def sim_verify(workdir, findings, kind):
 
 def sim_job(brief_path, key, lie, seed, kind):
     """Do what a brief asks, mechanically; return lines for the screen."""
+    import random
     text = read_text(brief_path, "")
     head = re.search(r"^# Worker (\d+) of (\d+) .*\((\w+)\)\s*$", text, re.M)
     paths = {}
@@ -2640,12 +2821,13 @@ def sim_job(brief_path, key, lie, seed, kind):
     if not head or len(paths) < 4:
         return ["sim: %s is not a brief I understand" % brief_path]
     n, count, role = int(head.group(1)), int(head.group(2)), head.group(3).lower()
-    post = lambda msg: append_line(paths["Bus"], "[W%d] %s" % (n, msg))
-    post("starting %s: %s" % (role, os.path.basename(brief_path)))
+
+    def say(msg):
+        append_line(paths["Bus"], "[W%d] %s" % (n, msg))
+    say("starting %s: %s" % (role, os.path.basename(brief_path)))
     if role == "verifier":
         section = text.split("## Findings to check", 1)[-1].split("\n## ", 1)[0]
-        findings, _ = parse_findings(section, brief_path)
-        result = sim_verify(paths["Workdir"], findings, kind)
+        result = sim_verify(paths["Workdir"], section, kind)
         summary = "%d verdicts" % len(result)
     elif role == "finder":
         # "files under `api/`", "files under api/." : with or without backticks and slash
@@ -2658,7 +2840,7 @@ def sim_job(brief_path, key, lie, seed, kind):
         summary = "nothing to do"
     write_file(paths["Result file"], "%s# Result of worker %d\n\n%s\n" % (
         "orch-key: %s\n" % key if key else "", n, "\n".join(result)))
-    post("done: %s in %s" % (summary, paths["Result file"]))
+    say("done: %s in %s" % (summary, paths["Result file"]))
     os.close(os.open(paths["Done flag"], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # last
     return ["sim: %s written, done flag touched" % summary]
 
@@ -2667,6 +2849,11 @@ def cmd_sim(a):
     """A TUI that behaves like the real agents where delivery is concerned:
     bracketed paste, an input box that holds text until Enter, an Enter that
     arrives in the same burst as typed text taken as a newline."""
+    import codecs
+    import select
+    import shutil
+    import termios
+    import tty
     fd, out = sys.stdin.fileno(), sys.stdout
     n, run = os.environ.get("ORCH_WORKER", "?"), None
     if os.environ.get("ORCH_FLEET") and os.environ.get("ORCH_HOME"):
@@ -2777,14 +2964,9 @@ def cmd_sim(a):
 
 # --- main ----------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):           # usage errors take the one error path
-        raise OrchError("%s (see `orch %s--help`)" % (message, self.prog.split(" ", 1)[1] + " "
-                        if " " in self.prog else ""), 2)
-
-
 def number(kind, low=0.0, integer=False):
     def parse(text):
+        import argparse
         try:
             value = int(text) if integer else float(text)
         except ValueError:
@@ -2796,96 +2978,160 @@ def number(kind, low=0.0, integer=False):
 
 
 def who_name(text):
+    import argparse
     if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
         raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
     return text
 
 
-def build_parser():
-    p = Parser(prog="orch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def arg(*names, **options):
+    """One argument of a command: its names and argparse's keywords."""
+    return names, options
+
+
+SECONDS = number("seconds")
+NAME, WORKER = arg("name"), arg("worker", metavar="n")
+STALL_ARG = arg("--stall", metavar="S", type=SECONDS, default=STALL,
+                help="seconds without a screen change that make a worker stalled (default 120)")
+BUDGET = arg("--budget", metavar="USD", type=number("--budget"),
+             help="past this known fleet cost, interrupt every busy worker and exit 5")
+REFRESH = arg("--refresh-env", action="store_true",
+              help="the workers get the lead's environment now (default: the one saved at spawn)")
+READY = arg("--timeout", metavar="S", type=SECONDS, default=BOOT_WAIT,
+            help="seconds to wait until the new workers are ready (default 60, 0: do not wait)")
+JSON = arg("--json", action="store_true", help="one JSON object per line")
+
+# Every command, in --help order: its name, what it does, its arguments. The
+# parser and the command list of --help are both made from this table.
+COMMANDS = [
+    ("spawn", "start N workers", [
+        NAME, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
+        arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
+        arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
+            help="panes per tmux window (default 4)"),
+        READY, arg("--force", action="store_true", help="end a live fleet, archive its old run dir")]),
+    ("add", "add K workers to a live fleet", [
+        NAME, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
+        arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), READY, REFRESH]),
+    ("send", "deliver and submit a message", [
+        NAME, arg("worker", metavar="n|all"), arg("message", nargs="*", metavar="MESSAGE"),
+        arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"),
+        arg("--interrupt", action="store_true", help="end a busy worker's turn first (default: queue it)")]),
+    ("brief", "write agent-<n>.task.md", [
+        NAME, WORKER, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
+        arg("--role", metavar="R", choices=sorted(ROLES), default="finder", help="the role template"),
+        arg("--constraint", metavar="TEXT", action="append", default=[], help="a hard constraint (repeatable)"),
+        arg("--send", action="store_true", help="tell the worker to read and follow it")]),
+    ("read", "the last lines of worker screens", [
+        NAME, arg("worker", metavar="n|all"), arg("lines", nargs="?", type=number("lines", 1, True), default=20)]),
+    ("log", "what workers did (Claude hooks): prompts, tools, files", [
+        NAME, arg("worker", metavar="n", nargs="?"), JSON]),
+    ("status", "every fleet, or one fleet's workers and bus", [
+        arg("name", nargs="?"), arg("--json", action="store_true", help="JSON output"), STALL_ARG]),
+    ("wait", "poll until done flags", [
+        NAME, arg("workers", nargs="*", metavar="n"),
+        arg("--timeout", metavar="S", type=SECONDS, default=0, help="give up after S seconds, exit 3 (default: never)"),
+        arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
+            help="seconds between polls (default 2)"),
+        STALL_ARG, arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"), BUDGET, JSON]),
+    ("nudge", "clear the input box, remind a worker of its brief", [
+        NAME, WORKER, arg("message", nargs="*", metavar="MESSAGE")]),
+    ("bus", "read the message bus, or post one line to it", [
+        NAME, arg("message", nargs="*", metavar="post MESSAGE"),
+        arg("-n", metavar="N", type=number("-n", 0, True), default=20, help="how many last lines (default 20)"),
+        arg("--new", action="store_true", help="only lines this reader has not seen"),
+        arg("--follow", action="store_true", help="keep printing new lines until the fleet ends"),
+        arg("--as", metavar="WHO", dest="who", default="lead", type=who_name,
+            help="who reads or posts (default lead)")]),
+    ("verify", "adversarial verification: checked evidence, majority", [
+        NAME, arg("--verdicts", metavar="V", type=number("--verdicts", 1, True),
+                  help="counted verdicts each finding needs (default 2)"),
+        arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
+        arg("--timeout", metavar="S", type=SECONDS, default=900.0, help="seconds per round (default 900)"), BUDGET]),
+    ("report", "write and print report.md", [NAME]),
+    ("respawn", "restart a worker, re-send its brief", [
+        NAME, WORKER, arg("--timeout", metavar="S", type=SECONDS, default=BOOT_WAIT,
+                          help="seconds to wait until it is ready (default 60)"), REFRESH]),
+    ("kill", "save scrollback to logs/, end the tmux session", [
+        arg("name", nargs="?"), arg("--all", action="store_true", help="every live fleet")]),
+    ("attach", "watch a fleet, read-only", [NAME]),
+    ("demo", "a 4-worker self-verifying audit, end to end", [
+        arg("workdir", nargs="?"),
+        arg("--agent", metavar="A", default="sim", choices=("sim", "claude"),
+            help="the workers' agent (default sim)"),
+        arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)")]),
+    ("doctor", "check python, tmux, agent, credentials, ORCH_HOME", [
+        arg("--agent", metavar="A", help="the agent to check (default $ORCH_AGENT or claude)")]),
+    ("install", "copy orch to ~/.local/bin, SKILL.md to ~/.claude", [
+        arg("--bin-dir", metavar="D", help="where orch goes (default ~/.local/bin)")]),
+    ("worker", "internal: the pane command that starts the agent", [
+        NAME, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME")]),
+    ("hook", "internal: Claude Code's hooks and status line", []),
+    ("sim", "internal: the built-in simulated agent", [
+        arg("--lie", metavar="N", type=number("--lie", 0, True), default=0, help="plant N false findings as a finder"),
+        arg("--verifier", metavar="KIND", default="honest", help="how it verifies", choices=(
+                "honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")),
+        arg("--seed", metavar="S", default="1", help="random seed"),
+        arg("--delay", metavar="S", type=SECONDS, default=0.5, help="seconds per job (default 0.5)"),
+        arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste")]),
+]
+
+
+def synopsis(names, options):
+    """How --help shows one argument: <name>, [workdir], [n...], [--agent A]."""
+    word = options.get("metavar") or options.get("dest") or names[0]
+    if not names[0].startswith("-"):
+        return {"?": "[%s]", "*": "[%s...]"}.get(options.get("nargs"), "<%s>") % word
+    shown = names[0] if options.get("action") == "store_true" else "%s %s" % (names[0], word)
+    return shown if options.get("required") else "[%s]%s" % (shown, "..." * (options.get("action") == "append"))
+
+
+def command_list():
+    """The commands section of --help, from COMMANDS."""
+    out = []
+    for name, what, arguments in COMMANDS:
+        words = [synopsis(*a) for a in arguments]
+        left = [w for w, a in zip(words, arguments) if not a[0][0].startswith("-") or a[1].get("required")]
+        line = "  %-32s  %s " % (" ".join([name] + left), what)
+        for word in [w for w in words if w not in left]:
+            if len(line) + 1 + len(word) > 88:
+                out.append(line.rstrip())
+                line = " " * 35
+            line += " " + word
+        out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def build_parser(only=None):
+    """The parser of every command, or of the command `only` (a start builds
+    only the one it runs)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):           # usage errors take the one error path
+            raise OrchError("%s (see `orch %s--help`)" % (message, self.prog.split(" ", 1)[1] + " "
+                            if " " in self.prog else ""), 2)
+    doc = __doc__.replace("commands: (written out from COMMANDS, at the end of this file)",
+                          "commands:\n" + command_list()) if only is None else None
+    p = Parser(prog="orch", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                usage=argparse.SUPPRESS, add_help=True)
     p.add_argument("--version", action="store_true", help="show the version and the file's digest")
     sub = p.add_subparsers(dest="command", parser_class=Parser, help=argparse.SUPPRESS)
-    secs = number("seconds")
-
-    def command(name, *arguments):
-        sp = sub.add_parser(name, prog="orch " + name)
-        for names, kw in arguments:
-            sp.add_argument(*names, **kw)
-        return sp
-    arg = lambda *names, **kw: (names, kw)
-    name, worker = arg("name"), arg("worker", metavar="n")
-    stall = arg("--stall", metavar="S", type=secs, default=STALL,
-                help="seconds without a screen change that make a worker stalled (default 120)")
-    budget = arg("--budget", metavar="USD", type=number("--budget"),
-                 help="past this known fleet cost, interrupt every busy worker and exit 5")
-    refresh = arg("--refresh-env", action="store_true",
-                  help="the workers get the lead's environment now (default: the one saved at spawn)")
-    ready = arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
-                help="seconds to wait until the new workers are ready (default 60, 0: do not wait)")
-    command("spawn", name, arg("N", type=number("N (workers)", 1, True)), arg("workdir", nargs="?"),
-            arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
-            arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
-                help="panes per tmux window (default 4)"),
-            ready, arg("--force", action="store_true", help="end a live fleet, archive its old run dir"))
-    command("add", name, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
-            arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), ready, refresh)
-    command("send", name, arg("worker", metavar="n|all"), arg("message", nargs="*"),
-            arg("--file", metavar="PATH", help="send this file's text (- in MESSAGE reads stdin)"),
-            arg("--interrupt", action="store_true", help="end a busy worker's turn first (default: queue it)"))
-    command("brief", name, worker, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
-            arg("--role", choices=sorted(ROLES), default="finder", help="the role template"),
-            arg("--constraint", metavar="TEXT", action="append", default=[], help="a hard constraint (repeatable)"),
-            arg("--send", action="store_true", help="tell the worker to read and follow it"))
-    command("read", name, arg("worker", metavar="n|all"),
-            arg("lines", nargs="?", type=number("lines", 1, True), default=20))
-    command("log", name, arg("worker", metavar="n", nargs="?"), arg("--json", action="store_true",
-                                                                  help="one JSON object per line"))
-    command("status", arg("name", nargs="?"), arg("--json", action="store_true", help="JSON output"),
-            stall)
-    command("wait", name, arg("workers", nargs="*", metavar="n"),
-            arg("--timeout", metavar="S", type=secs, default=0, help="give up after S seconds, exit 3 (default: never)"),
-            arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
-                help="seconds between polls (default 2)"),
-            stall,
-            arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"), budget,
-            arg("--json", action="store_true", help="one JSON object per line"))
-    command("nudge", name, worker, arg("message", nargs="*"))
-    command("bus", name, arg("message", nargs="*", metavar="post MESSAGE"),
-            arg("-n", metavar="N", type=number("-n", 0, True), default=20, help="how many last lines (default 20)"),
-            arg("--new", action="store_true", help="only lines this reader has not seen"),
-            arg("--follow", action="store_true", help="keep printing new lines until the fleet ends"),
-            arg("--as", metavar="WHO", dest="who", default="lead", type=who_name,
-                help="who reads or posts (default lead)"))
-    command("verify", name, arg("--rounds", metavar="R", type=number("--rounds", 1, True),
-                                help="verdicts each finding needs (default 2)"),
-            arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
-            arg("--timeout", metavar="S", type=secs, default=900.0, help="seconds per round (default 900)"), budget)
-    command("report", name)
-    command("respawn", name, worker, arg("--timeout", metavar="S", type=secs, default=BOOT_WAIT,
-                                          help="seconds to wait until it is ready (default 60)"), refresh)
-    command("demo", arg("workdir", nargs="?"),
-            arg("--agent", default="sim", choices=("sim", "claude"), help="the workers' agent (default sim)"),
-            arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)"))
-    command("kill", arg("name", nargs="?"), arg("--all", action="store_true", help="every live fleet"))
-    command("attach", name)
-    command("doctor", arg("--agent", metavar="A", help="the agent to check (default $ORCH_AGENT or claude)"))
-    command("install", arg("--bin-dir", metavar="D", help="where orch goes (default ~/.local/bin)"))
-    command("worker", name, arg("n"), arg("--home", metavar="H", help="the fleet's ORCH_HOME"))
-    command("hook")
-    command("sim", arg("--lie", metavar="N", type=number("--lie", 0, True), default=0,
-                       help="plant N false findings as a finder"),
-            arg("--verifier", default="honest", help="how it verifies", choices=(
-                "honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")),
-            arg("--seed", metavar="S", default="1", help="random seed"),
-            arg("--delay", metavar="S", type=secs, default=0.5, help="seconds per job (default 0.5)"),
-            arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste"))
+    for name, _, arguments in COMMANDS:
+        if only in (None, name):
+            sp = sub.add_parser(name, prog="orch " + name)
+            for names, options in arguments:
+                sp.add_argument(*names, **options)
     return p
 
 
 def dispatch(argv):
-    """Parse one command line (main's, or a demo step's) and run it; returns the exit code."""
-    parser = build_parser()
+    """Parse one command line: (the cmd_* function to run, its arguments), or
+    (None, what to print and the exit code) for --version and a bare `orch`."""
+    import hashlib
+    words = [w for w in argv if not w.startswith("-")]
+    known = {name for name, _, _ in COMMANDS}
+    parser = build_parser(words[0] if words and words[0] in known else None)
     # argparse fills a '*' positional before the options that follow it
     # (`bus f post --as W2 hi`): the leftover words belong to the message.
     args, extra = parser.parse_known_args(argv)
@@ -2894,20 +3140,23 @@ def dispatch(argv):
     args.message = getattr(args, "message", []) + extra
     if args.version:
         with open(ORCH, "rb") as f:     # any vendored copy can be told apart
-            print("orch %s (%s)" % (VERSION, hashlib.sha256(f.read()).hexdigest()[:12]))
-        return 0
+            return None, ("orch %s (%s)\n" % (VERSION, hashlib.sha256(f.read()).hexdigest()[:12]), 0)
     if not args.command:
-        parser.print_help()
-        return 2
+        return None, (build_parser().format_help(), 2)
     if getattr(args, "name", None) is not None:
         check_name(args.name)
-    return globals()["cmd_" + args.command](args) or 0
+    return globals()["cmd_" + args.command], args
 
 
 def main(argv=None):
     os.umask(0o077)                 # every file and directory orch makes is private
     try:
-        return dispatch(argv)
+        command, args = dispatch(sys.argv[1:] if argv is None else argv)
+        if command is None:
+            text, code = args
+            sys.stdout.write(text)
+            return code
+        return command(args) or 0
     except OrchError as e:
         if os.environ.get("ORCH_DEBUG"):
             raise

@@ -1141,12 +1141,12 @@ class Briefs(OrchCase):
             f_lines = [ln for ln in text.splitlines() if ln.startswith("F")]
             self.assertEqual(len(findings), len(f_lines), text)
             self.assertGreaterEqual(len(findings), 1, text)
-            self.assertEqual([f["k"] for f in findings], list(range(1, len(findings) + 1)))
+            self.assertEqual([f.k for f in findings], list(range(1, len(findings) + 1)))
             for f in findings:
-                word = re.search(r"\b(TODO|FIXME|HACK|XXX)\b", f["quote"]).group(1)
-                self.assertTrue(f["claim"].startswith(word + " marker"), f)
-                self.assertEqual(f["end"], f["line"])
-            got = [(f["path"], f["line"], f["quote"]) for f in findings]
+                word = re.search(r"\b(TODO|FIXME|HACK|XXX)\b", f.quote).group(1)
+                self.assertTrue(f.claim.startswith(word + " marker"), f)
+                self.assertEqual(f.end, f.line)
+            got = [(f.path, f.line, f.quote) for f in findings]
             per_worker[n] = {p for p, _, _ in got}
             union += got
             self.assertGreaterEqual(os.stat(done).st_mtime_ns, os.stat(result).st_mtime_ns)
@@ -1189,7 +1189,7 @@ class Briefs(OrchCase):
             "| F15 | `ex/README.md:10` | escaped | \"W1 \\| FIND\" |",  # 22
         ])
         found, problems = orch.parse_findings(text, "res.md")
-        got = {f["k"]: (f["worker"], f["path"], f["line"], f["end"], f["claim"], f["quote"]) for f in found}
+        got = {f.k: (f.worker, f.path, f.line, f.end, f.claim, f.quote) for f in found}
         self.assertEqual(got, {
             1: (None, "a.py", 3, 3, "bullet claim", "x = 1"),
             2: (None, "b/c.py", 10, 10, "fenced claim", "y"),
@@ -1223,7 +1223,7 @@ class Briefs(OrchCase):
             "W4.F2 | CONFIRMED | b.py:3 | z = a | b",            # 9 no why; the quote holds a pipe
         ])
         verdicts, problems = orch.parse_verdicts(text, "v.md")
-        got = {k: (v["verdict"], v["path"], v["line"], v["end"], v["quote"]) for k, v in verdicts.items()}
+        got = {k: (v.verdict, v.path, v.line, v.end, v.quote) for k, v in verdicts.items()}
         self.assertEqual(got, {"W1.F1": ("CONFIRMED", None, None, None, ""),
                                "W1.F2": ("REFUTED", None, None, None, ""),
                                "W2.F1": ("UNVERIFIABLE", None, None, None, ""),
@@ -1231,8 +1231,8 @@ class Briefs(OrchCase):
                                "W3.F2": ("CONFIRMED", "données/c.py", 2, 4, "x = 1"),
                                "W4.F1": ("REFUTED", "b.py", 2, 2, "y = 2"),
                                "W4.F2": ("CONFIRMED", "b.py", 3, 3, "b")})      # settle() re-splits it
-        self.assertEqual(verdicts["W1.F1"]["evidence"], "a.py:3 reads x = 1")
-        self.assertEqual(verdicts["W4.F1"]["why"], "x = a | b is not there")
+        self.assertEqual(verdicts["W1.F1"].evidence, "a.py:3 reads x = 1")
+        self.assertEqual(verdicts["W4.F1"].why, "x = a | b is not there")
         self.assertEqual([p.split(":")[1] for p in problems], ["1", "2", "4", "5"], problems)
         self.assertIn("gives no `path:line | why | quote` evidence", problems[0])
         self.assertTrue(problems[2].startswith("v.md:4: not a verdict"), problems)
@@ -1241,7 +1241,7 @@ class Briefs(OrchCase):
         self.addCleanup(shutil.rmtree, wd, True)
         write_tree(wd, {"b.py": "x = 1\ny = 2\nz = a | b\n"})
         self.assertEqual(orch.check_evidence(wd, verdicts["W4.F2"], {}), "checked")
-        self.assertEqual(verdicts["W4.F2"]["quote"], "z = a | b")
+        self.assertEqual(verdicts["W4.F2"].quote, "z = a | b")
         self.assertEqual(orch.check_evidence(wd, verdicts["W1.F1"], {}), "unsupported")
 
 
@@ -1377,7 +1377,7 @@ def verify_four_job(sb):
         yield sb.orch("brief", "vier", n, "--goal", "which lines carry TODO, FIXME, HACK or XXX markers",
                       "--send")
     yield sb.orch("wait", "vier", "--timeout", "30", "--interval", "0.2")
-    yield sb.orch("verify", "vier", "--rounds", "2", "--timeout", "60")
+    yield sb.orch("verify", "vier", "--verdicts", "2", "--timeout", "60")
 
 
 def shared_runs():
@@ -1537,7 +1537,7 @@ class Verification(OrchCase):
         self.ok("add", "rs", "1", "--agent", SIM)                           # W3: honest
         self.ok("brief", "rs", "1", "--goal", "app.py carries TODO, FIXME, HACK or XXX markers", "--send")
         self.ok("wait", "rs", "1", "--timeout", "30", "--interval", "0.2")
-        r = self.ok("verify", "rs", "--rounds", "1", "--timeout", "30")
+        r = self.ok("verify", "rs", "--verdicts", "1", "--timeout", "30")
         one = json.loads(self.sb.text(self.sb.shared("rs", "matrix.json")))
         lie = [f for f in one["findings"] if not finding_is_true(wd, f)]
         self.assertEqual(len(lie), 1, one["findings"])
@@ -1549,7 +1549,7 @@ class Verification(OrchCase):
         self.assertEqual(list(one["dropped"]), ["2"])
         self.assertIn("(fabricated)", self.sb.text(self.sb.shared("rs", "matrix.md")))
         self.assertIn("1 confirmed, 1 refuted", r.out)                     # the truth, checked by W3
-        self.ok("verify", "rs", "--rounds", "2", "--timeout", "30")
+        self.ok("verify", "rs", "--verdicts", "2", "--timeout", "30")
         two = json.loads(self.sb.text(self.sb.shared("rs", "matrix.json")))
         for f in two["findings"]:                  # one honest verifier left: it alone decides
             self.assertEqual(f["final"], "CONFIRMED" if finding_is_true(wd, f) else "REFUTED", f)
@@ -1565,7 +1565,7 @@ class Verification(OrchCase):
         for n in (1, 3):
             self.ok("brief", "tot", n, "--goal", "the files carry TODO or FIXME markers", "--send")
         self.ok("wait", "tot", "1", "3", "--timeout", "30", "--interval", "0.2")
-        proc = self.sb.start("verify", "tot", "--rounds", "1", "--timeout", "60")
+        proc = self.sb.start("verify", "tot", "--verdicts", "1", "--timeout", "60")
         wait_for(lambda: [e for e in self.sb.events("tot", "send") if e["worker"] == 2 and e["confirmed"]]
                  and "sim: working" in self.read("tot", 2), 20, what="W2 busy verifying")
         os.kill(self.sb.panes("tot")[1][1], signal.SIGKILL)
@@ -1583,21 +1583,21 @@ class Verification(OrchCase):
         for n in (2, 3, 5):
             pool = list(range(1, n + 1))
             for finder in pool:
-                f, got = {"worker": finder, "rounds": []}, []
+                f, got = orch.Finding(worker=finder, rounds=[]), []
                 for _ in range(n - 1):
                     got.append(orch.next_verifier(f, pool, n, {}, dict.fromkeys(pool, "sim")))
-                    f["rounds"].append({"verifier": got[-1]})
+                    f.rounds.append(orch.Verdict(verifier=got[-1]))
                 self.assertEqual(got, [((finder - 1 + k) % n) + 1 for k in range(1, n)])
                 self.assertIsNone(orch.next_verifier(f, pool, n, {}, dict.fromkeys(pool, "sim")))
 
         def order(finder, pool, count, dropped=()):
-            f, got = {"worker": finder, "rounds": []}, []
+            f, got = orch.Finding(worker=finder, rounds=[]), []
             while True:
                 got.append(orch.next_verifier(f, pool, count, dict.fromkeys(dropped, "x"),
                                               dict.fromkeys(range(1, count + 1), "sim")))
                 if got[-1] is None:
                     return got
-                f["rounds"].append({"verifier": got[-1]})
+                f.rounds.append(orch.Verdict(verifier=got[-1]))
         self.assertEqual(order(2, [2, 4], 5), [4, None])                  # never twice
         self.assertEqual(order(1, [2, 4], 5), [2, 4, None])
         self.assertEqual(order(1, [1], 3), [None])
@@ -1611,7 +1611,7 @@ class Verification(OrchCase):
         os.symlink(os.path.join(self.sb.root, "outside.py"), os.path.join(wd, "link.py"))
 
         def check(path, line, quote, end=None):
-            return orch.check_citation(wd, {"path": path, "line": line, "end": end or line, "quote": quote})
+            return orch.check_citation(wd, orch.Finding(path=path, line=line, end=end or line, quote=quote, rest=[]))
         self.assertEqual(check("src/ü.py", 5, "line 5"), "ok")
         self.assertEqual(check("src/ü.py", 5, "  line   7 "), "ok")           # two lines off, spaces
         self.assertEqual(check("src/ü.py", 5, "line 3"), "ok")
@@ -1624,7 +1624,7 @@ class Verification(OrchCase):
         self.assertIn("past the end", check("src/ü.py", 0, ""))
         for escape in ("../outside.py", os.path.join(self.sb.root, "outside.py"), "link.py", "src/../../outside.py"):
             self.assertEqual(check(escape, 1, "line 1"), "path escapes the workdir", escape)
-        self.assertEqual(orch.check_citation(wd, {"path": None, "line": None, "end": None, "quote": ""}), "n/a")
+        self.assertEqual(orch.check_citation(wd, orch.Finding(quote="", rest=[])), "n/a")
 
     def test_verify_refusals(self):
         wd = self.sb.workdir("wörk-nein", {"a.py": "# TODO: x\n"})
@@ -1633,8 +1633,8 @@ class Verification(OrchCase):
         self.assert_one_error_line(r, 1, "at least 2 workers")
         self.ok("add", "solo", "1", "--agent", SIM)
         self.assert_one_error_line(self.sb.orch("verify", "solo"), 1, "no worker of 'solo' has a done flag")
-        for argv, needle in ((["--rounds", "0"], "--rounds must be"), (["--rounds", "2"], "at most 1 rounds"),
-                             (["--by", "1,2", "--rounds", "2"], "2 verifiers allow at most 1 rounds"),
+        for argv, needle in ((["--verdicts", "0"], "--verdicts must be"), (["--verdicts", "2"], "allow at most 1"),
+                             (["--by", "1,2", "--verdicts", "2"], "2 verifiers allow at most 1"),
                              (["--by", "1,x"], "--by 1,x"), (["--by", "3"], "--by 3")):
             self.assert_one_error_line(self.sb.orch("verify", "solo", *argv), 2, needle)
         self.assertFalse(os.path.exists(self.sb.shared("solo", "matrix.json")))
@@ -2147,7 +2147,7 @@ class RealCLI(OrchCase):
         read `state` off the screen alone, and it is labelled for .ci/screens
         (fixtures are replayed without their pane title); with one, only the
         two together tell, and it is kept unlabelled."""
-        got = self.orch.screen_state(self.orch.AGENTS[self.AGENT], screen, title)
+        got = self.orch.screen_state(self.AGENT, screen, title)
         self.assertEqual(got, state, "%s reads %s:\n%s" % (fixture, got, ANSI_RE.sub("", screen)))
         if not SCREENS_OUT:
             return
@@ -2310,7 +2310,7 @@ class RealClaude(RealCLI):
         self.assertIn("queued", kept, "delivered, but never shown queued:\n%s" % ANSI_RE.sub("", frames[-1]))
         self.assertGreater(len(seen), 8)
         self.assertEqual([s for s in seen if s[0] != "busy"], [], "W1 not busy while it streams")
-        wrong = [(got, f) for got, f in ((self.orch.screen_state(self.orch.AGENTS["claude"], f, None), f)
+        wrong = [(got, f) for got, f in ((self.orch.screen_state("claude", f, None), f)
                                          for f in frames) if got != "busy"]
         self.assertEqual([(got, ANSI_RE.sub("", f)) for got, f in wrong[:1]], [],
                          "of %d frames inside the stream, %d read alone are not busy" % (len(frames), len(wrong)))
@@ -4645,13 +4645,12 @@ class Adversaries(OrchCase):
 
     def test_a_disputed_finding_about_no_one_place_is_drawn(self):
         orch = load_orch()
-        side = lambda v, word: {"round": 1, "verifier": v, "verdict": word, "path": "a.py", "line": 1,
-                                "quote": "x = 1", "why": "", "counts": True, "why_not": ""}
-        finding = {"id": "W1.F1", "worker": 1, "k": 1, "path": None, "line": None, "end": None,
-                   "claim": "no test covers a.py", "quote": "", "citation": "n/a", "final": "DISPUTED",
-                   "rounds": [side(2, "CONFIRMED"), side(3, "REFUTED")]}
-        md = orch.matrix_markdown({"fleet": "f", "findings": [finding], "problems": [], "reliability": {},
-                                   "tally": dict(dict.fromkeys(orch.FINALS, 0), DISPUTED=1)})
+        side = lambda v, word: orch.Verdict(round=1, verifier=v, verdict=word, path="a.py", line=1, end=1,
+                                            quote="x = 1", why="", counts=True, why_not="")
+        finding = orch.Finding(worker=1, k=1, claim="no test covers a.py", quote="", citation="n/a",
+                               final="DISPUTED", rounds=[side(2, "CONFIRMED"), side(3, "REFUTED")])
+        md = orch.matrix_markdown(orch.Matrix("f", 1, 2, [1, 2, 3], [finding],
+                                              dict(dict.fromkeys(orch.FINALS, 0), DISPUTED=1), {}, {}, [], [], [], ""))
         self.assertIn("| W1.F1 | - | no test covers a.py |", md)
         self.assertIn("- W1.F1 - no test covers a.py", md)
 
@@ -4702,30 +4701,30 @@ class Adversaries(OrchCase):
         orch = load_orch()
         v, problems = orch.parse_verdicts("W1.F1 | CONFIRMED | a.py:2 reads '# TODO: eins'\n"
                                           "W1.F2 | REFUTED | a.py:1 | x | b\nW1.F2 | CONFIRMED | a.py:1 | y\n", "r1.md")
-        self.assertEqual(v["W1.F1"]["path"], None)           # kept, without a checkable quote
+        self.assertEqual(v["W1.F1"].path, None)           # kept, without a checkable quote
         self.assertTrue(any(p.startswith("r1.md:1: W1.F1 gives no") for p in problems), problems)
         self.assertTrue(any(p.startswith("r1.md:3: a second verdict for W1.F2") for p in problems), problems)
-        self.assertEqual(v["W1.F2"]["verdict"], "REFUTED")
+        self.assertEqual(v["W1.F2"].verdict, "REFUTED")
         wd = tempfile.mkdtemp(prefix="orch-pipes-")
         self.addCleanup(shutil.rmtree, wd, True)
         write_tree(wd, AUDIT_FILES)
         found, _ = orch.parse_findings("F1 | web/pipes.sh:2 | HACK marker: ls | grep is fragile | "
                                        "ls -1 | grep -v '^#'   # HACK: parse ls | grep output", "x")
         self.assertEqual(orch.check_citation(wd, found[0]), "ok")
-        self.assertEqual(found[0]["claim"], "HACK marker: ls | grep is fragile")
+        self.assertEqual(found[0].claim, "HACK marker: ls | grep is fragile")
         v, _ = orch.parse_verdicts("W1.F1 | CONFIRMED | web/pipes.sh:2 | the a | b is there | "
                                    "ls -1 | grep -v '^#'   # HACK: parse ls | grep output", "r")
         self.assertEqual(orch.check_evidence(wd, v["W1.F1"], {}), "checked")
-        self.assertEqual(v["W1.F1"]["why"], "the a | b is there")
+        self.assertEqual(v["W1.F1"].why, "the a | b is there")
 
     def test_verifier_of_another_agent_preferred(self):
         orch = load_orch()
-        f = {"worker": 1, "rounds": []}
+        f = orch.Finding(worker=1, rounds=[])
         profiles = {1: "claude", 2: "claude", 3: "codex", 4: "claude"}
         self.assertEqual(orch.next_verifier(f, [1, 2, 3, 4], 4, {}, profiles), 3)
         self.assertEqual(orch.next_verifier(f, [1, 2, 3, 4], 4, {3: "x"}, profiles), 2)
         self.assertEqual(orch.next_verifier(f, [1, 2, 3, 4], 4, {}, dict.fromkeys(profiles, "sim")), 2)
-        f["rounds"] = [{"verifier": v} for v in (2, 3, 4)]
+        f.rounds = [orch.Verdict(verifier=v) for v in (2, 3, 4)]
         self.assertIsNone(orch.next_verifier(f, [1, 2, 3, 4], 4, {}, profiles))
 
 
@@ -4787,7 +4786,7 @@ class Hostile(OrchCase):
         self.ok("wait", "forge", "1", "--timeout", "20", "--interval", "0.2")
         found = self.sb.text(self.sb.shared("forge", "agent-1.result.md"))
         ids = re.findall(r"^F(\d+) \| (\S+) \|", found, re.M)
-        v = self.sb.start("verify", "forge", "--rounds", "2", "--timeout", "30")
+        v = self.sb.start("verify", "forge", "--verdicts", "2", "--timeout", "30")
         stem = self.sb.shared("forge", "verify", "r1-w2")
         wait_for(lambda: os.path.exists(stem + ".task.md"), 20, what="W2's round brief")
         with open(stem + ".result.md", "w") as f:     # the finder writes its verifier's verdicts
@@ -4816,7 +4815,7 @@ class Hostile(OrchCase):
         self.ok("add", "stumm", "1", "--agent", "mute")
         self.ok("brief", "stumm", "1", "--goal", "a.py carries TODO markers", "--send")
         self.ok("wait", "stumm", "1", "--timeout", "20", "--interval", "0.2")
-        r = self.sb.orch("verify", "stumm", "--rounds", "1", "--timeout", "10")
+        r = self.sb.orch("verify", "stumm", "--verdicts", "1", "--timeout", "10")
         self.assertNotIn("Traceback", r.err, r)
         self.assertTrue(os.path.exists(self.sb.shared("stumm", "verify", "r1-w2.done")), r)   # it did write
         self.assertIn("W2's screen never moved after its brief was sent", r.err)
