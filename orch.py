@@ -112,8 +112,11 @@ class Record(object):
         if fields:
             raise TypeError("%s has no field %s" % (type(self).__name__, ", ".join(fields)))
 
-    def fields(self, *names):
-        return {name: getattr(self, name) for name in names}
+    def json(self, *names, **more):
+        """The fields `names`, and `more`, as a dict for JSON."""
+        out = {name: getattr(self, name) for name in names}
+        out.update(more)
+        return out
 
 
 class Finding(Record):
@@ -131,9 +134,9 @@ class Finding(Record):
     def id(self):
         return "W%d.F%d" % (self.worker, self.k)
 
-    def json(self):
-        return dict(self.fields("path", "line", "end", "worker", "k", "claim", "quote"), id=self.id,
-                    rounds=[v.json() for v in self.rounds or []], citation=self.citation, final=self.final)
+    def matrix_json(self):
+        return self.json("path", "line", "end", "worker", "k", "claim", "quote", id=self.id, rounds=[
+            v.matrix_json() for v in self.rounds or []], citation=self.citation, final=self.final)
 
 
 class Verdict(Record):
@@ -149,10 +152,9 @@ class Verdict(Record):
                  "verifier", "check", "counts", "why_not", "forged")
     HEAD, FIRST = "why", 0              # its cells: a why that may be left out, then the quote
 
-    def json(self):
-        out = self.fields("path", "line", "end", "verdict", "why", "quote", "at", "evidence", "round",
-                          "verifier", "check")
-        out.update(unsupported=self.check != "checked", counts=self.counts, why_not=self.why_not)
+    def matrix_json(self):
+        out = self.json("path", "line", "end", "verdict", "why", "quote", "at", "evidence", "round", "verifier",
+                        "check", unsupported=self.check != "checked", counts=self.counts, why_not=self.why_not)
         if self.forged:
             out["forged"] = self.forged
         return out
@@ -2059,7 +2061,7 @@ def reliability(fleet, findings, dropped):
 
 def matrix_json(matrix):
     """The Matrix as matrix.json holds it."""
-    return dict(matrix._asdict(), findings=[f.json() for f in matrix.findings],
+    return dict(matrix._asdict(), findings=[f.matrix_json() for f in matrix.findings],
                 reliability={n: t._asdict() for n, t in matrix.reliability.items()})
 
 
@@ -2155,9 +2157,9 @@ def write_report(fleet):
 # --- commands, in --help order -------------------------------------------------
 
 def notes(fleet):
-    """Print the notes a command gathered on the fleet's files (damaged state), once."""
-    for note in fleet.pop("notes", []):
-        print("orch: note: %s" % note, file=sys.stderr)
+    """The notes a command gathered on the fleet's files (damaged state), as
+    lines for stderr, once."""
+    return "".join("orch: note: %s\n" % note for note in fleet.pop("notes", []))
 
 
 def cmd_spawn(a):
@@ -2296,7 +2298,7 @@ def cmd_status(a):
         foreign = foreign_writes(fleet)
         rows = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]]
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
-    notes(fleet)
+    sys.stderr.write(notes(fleet))
     if a.json:
         keep = ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd", "context_pct")
         print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
@@ -2372,7 +2374,7 @@ def cmd_bus(a):
             fleet.setdefault("notes", []).append("bus.md shrank or was replaced since %s last read it: "
                                                  "here is all of it" % a.who)
             start = 0
-        notes(fleet)
+        sys.stderr.write(notes(fleet))
         lines, start, why = read_lines(bus, start)      # never half a line
         if lines is None:
             raise OrchError("cannot read %s: %s" % (bus, why or "no such file"))
@@ -2762,17 +2764,17 @@ def sim_find(workdir, n, count, scope, lies, rng):
     return ["F%d | %s:%d | %s | %s" % ((k,) + f) for k, f in enumerate(found, 1)]
 
 
-def sim_quoted(lines, line, end, cells):
+def sim_quoted(lines, line, end, parts):
     """Whether the quote of a finding (its last cells: a claim may hold a '|'
     too) lies on or within two lines of what it cites, as the sim reads it."""
     near = norm(" ".join(lines[max(0, line - 3):end + 2]))
-    for i in range(1, len(cells)):
-        quote = "|".join(cells[i:]).strip().strip("`").strip()
+    for i in range(1, len(parts)):
+        quote = "|".join(parts[i:]).strip().strip("`").strip()
         if len(quote) > 1 and quote[0] == quote[-1] and quote[0] in "\"'":
             quote = quote[1:-1]
         if norm(quote) in near:
             return True
-    return len(cells) < 2                   # no quote: nothing to disagree with
+    return len(parts) < 2                   # no quote: nothing to disagree with
 
 
 def sim_verify(workdir, section, kind):
@@ -2784,9 +2786,9 @@ def sim_verify(workdir, section, kind):
     verdict at all."""
     out = []
     for fid, rest in re.findall(r"^\s*(W\d+\.F\d+) \|(.*)$", section, re.M) if kind != "silent" else []:
-        cells = rest.split("|")
-        at = re.match(r"(.+):(\d+)(?:-(\d+))?$", cells[0].strip())
-        claim = cells[1].strip() if len(cells) > 1 else ""
+        parts = rest.split("|")
+        at = re.match(r"(.+):(\d+)(?:-(\d+))?$", parts[0].strip())
+        claim = parts[1].strip() if len(parts) > 1 else ""
         word = re.match(r"(TODO|FIXME|HACK|XXX)\b", claim)
         if kind == "lazy" or not at or not word:
             out.append("%s | UNVERIFIABLE | - | the claim names no marker at a place I can read" % fid)
@@ -2801,7 +2803,7 @@ def sim_verify(workdir, section, kind):
             out.append("%s | REFUTED | %s | the line says something else | nothing to see here" % (fid, where))
             continue
         has = any(re.search(r"\b%s\b" % word.group(1), c) for c in cited)
-        quoted = line >= 1 and sim_quoted(lines, line, end, cells[1:])
+        quoted = line >= 1 and sim_quoted(lines, line, end, parts[1:])
         verdict = "CONFIRMED" if has and quoted and kind == "honest" else "REFUTED"
         why = "the marker is there" if has and quoted else (
             "no %s marker on the cited line" % word.group(1) if not has else "the quote is not on it")

@@ -22,6 +22,7 @@ import glob
 import hashlib
 import http.server
 import importlib
+import io
 import json
 import os
 import random
@@ -1028,20 +1029,23 @@ class Bus(OrchCase):
         self.assertEqual(self.ok("bus", "neu").out.splitlines(), everything)
         self.assertEqual(self.ok("bus", "neu", "-n", "2").out.splitlines(), everything[-2:])
 
+    def posted(self, name, *posts):
+        """A one-worker fleet's bus lines after spawn's, once each `bus` argv of `posts` ran."""
+        self.spawn(name, 1)
+        for argv in posts:
+            self.ok("bus", name, *argv)
+        return self.sb.text(self.sb.shared(name, "bus.md")).splitlines()[1:]
+
     def test_post_as_in_documented_order(self):
         """`orch bus <name> post [--as WHO] MESSAGE`, as the help says."""
-        self.spawn("doc", 1)
-        self.ok("bus", "doc", "post", "--as", "W2", "Nachricht über Umwege")
-        self.ok("bus", "doc", "--as", "W3", "post", "noch eine")
-        lines = self.sb.text(self.sb.shared("doc", "bus.md")).splitlines()
-        self.assertEqual(lines[1:], ["[W2] Nachricht über Umwege", "[W3] noch eine"])
+        self.assertEqual(self.posted("doc", ["post", "--as", "W2", "Nachricht über Umwege"],
+                                     ["--as", "W3", "post", "noch eine"]),
+                         ["[W2] Nachricht über Umwege", "[W3] noch eine"])
 
     def test_multiline_post_becomes_one_line(self):
-        self.spawn("ml", 1)
-        self.ok("bus", "ml", "post", "erste Zeile\nzweite\tZeile\r\n\x1b[31mdritte ü", "--as", "W2")
-        self.ok("bus", "ml", "post", "kurz", "und", "bündig")
-        lines = self.sb.text(self.sb.shared("ml", "bus.md")).splitlines()
-        self.assertEqual(lines[1:], ["[W2] erste Zeile zweite Zeile [31mdritte ü", "[lead] kurz und bündig"])
+        self.assertEqual(self.posted("ml", ["post", "erste Zeile\nzweite\tZeile\r\n\x1b[31mdritte ü", "--as", "W2"],
+                                     ["post", "kurz", "und", "bündig"]),
+                         ["[W2] erste Zeile zweite Zeile [31mdritte ü", "[lead] kurz und bündig"])
         r = self.sb.orch("bus", "ml", "post", " \n\t ")
         self.assert_one_error_line(r, 2, "nothing to post")
         self.assertEqual(len(self.sb.text(self.sb.shared("ml", "bus.md")).splitlines()), 3)
@@ -4503,10 +4507,11 @@ class Bench(OrchCase):
             workers = json.loads(self.ok("status", name, "--json").out)["workers"]
             self.assertEqual(len(workers), n)
             table.append((n, bare, status, poll))
-        out = ["", "bench: N  bare list-panes  status (x bare)  one poll (x bare)"]
+        python = median(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), 9)
+        out = ["", "bench: N  bare list-panes  status (x bare)  one poll (x bare)  status (x python3 -c pass)"]
         for n, bare, st, poll in table:
-            out.append("  %5d  %8.1f ms  %8.1f ms (%4.1fx)  %8.1f ms (%4.1fx)"
-                       % (n, bare * 1e3, st * 1e3, st / bare, poll * 1e3, poll / bare))
+            out.append("  %5d  %8.1f ms  %8.1f ms (%4.1fx)  %8.1f ms (%4.1fx)  %4.2fx of %.1f ms"
+                       % (n, bare * 1e3, st * 1e3, st / bare, poll * 1e3, poll / bare, st / python, python * 1e3))
         sys.stderr.write("\n".join(out) + "\n")
         self.assertLess(table[-1][3] / table[-1][1], 100)     # loose: one poll is a few tmux calls
 
@@ -5089,11 +5094,145 @@ class AgentEntry(OrchCase):
         self.assertIn("pip install fakecli", run("doctor", "--agent", "fakecli").out)
         run("kill", "fake")
 
+
+# =============================================================================
+# Structure: how orch.py is built, checked from its source and its running calls
+# =============================================================================
+
+def orch_functions(tree):
+    """{name: node} of orch.py's top-level functions."""
+    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def section(src, first, last):
+    """The top-level function names between two banners of orch.py."""
+    part = src.split("\n# --- %s" % first, 1)[1].split("\n# --- %s" % last, 1)[0]
+    return set(re.findall(r"^def (\w+)", part, re.M))
+
+
+def record_like(value):
+    """A dict that does a record's work: more than five keys, all of them names."""
+    return isinstance(value, dict) and len(value) > 5 and all(
+        isinstance(k, str) and k.isidentifier() for k in value)
+
+
+class Structure(OrchCase):
+    """orch.py reads in layers: only commands print, records are named, the sim
+    decides on its own."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(ORCH_PY, encoding="utf-8") as f:
+            cls.src = f.read()
+        cls.tree = ast.parse(cls.src)
+
+    def test_only_commands_print(self):
+        printing = []
+        for name, node in orch_functions(self.tree).items():
+            if name.startswith("cmd_") or name == "main":
+                continue
+            for sub in ast.walk(node):
+                call = sub.func if isinstance(sub, ast.Call) else None
+                if isinstance(call, ast.Name) and call.id == "print" or isinstance(call, ast.Attribute) and \
+                        call.attr == "write" and isinstance(call.value, ast.Attribute) and \
+                        getattr(call.value.value, "id", None) == "sys" and call.value.attr in ("stdout", "stderr"):
+                    printing.append("%s:%d" % (name, sub.lineno))
+        self.assertEqual(printing, [])
+
+    def test_the_sims_verifier_uses_nothing_of_orchs_verification(self):
+        verification = section(self.src, "briefs and grammar", "report")
+        self.assertIn("check_citation", verification)
+        self.assertIn("parse_findings", verification)
+        used = {}
+        for name, node in orch_functions(self.tree).items():
+            if name.startswith("sim_") or name == "cmd_sim":
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & verification
+                if names:
+                    used[name] = sorted(names)
+        self.assertEqual(used, {})
+
+    def test_an_honest_sim_refutes_a_real_line_under_a_false_claim(self):
+        """The quote is the cited line, so orch's citation check passes; the
+        claim (a TODO marker there) is false, and the sim reads that itself."""
+        wd = self.sb.workdir("wörk-echt", {"a.py": "x = 1\n# TODO: eins\n"})
+        self.spawn("echt", 3, wd)
+        for n in (1, 2, 3):
+            self.ok("brief", "echt", n, "--goal", "the files carry TODO markers", "--send")
+        self.ok("wait", "echt", "--timeout", "30", "--interval", "0.2")
+        result = self.sb.shared("echt", "agent-1.result.md")
+        with open(result, "w", encoding="utf-8") as f:
+            f.write("F1 | a.py:1 | TODO marker: x is never validated | x = 1\n")
+        for n in (2, 3):
+            os.remove(self.sb.shared("echt", "agent-%d.done" % n))      # only W1's finding
+        self.ok("verify", "echt", "--timeout", "30")
+        (f,) = json.loads(self.sb.text(self.sb.run("echt", "matrix.json")))["findings"]
+        self.assertEqual((f["id"], f["citation"], f["final"]), ("W1.F1", "ok", "REFUTED"), f)
+        self.assertEqual([(v["verifier"], v["verdict"], v["why"], v["check"]) for v in f["rounds"]],
+                         [(2, "REFUTED", "no TODO marker on the cited line", "checked"),
+                          (3, "REFUTED", "no TODO marker on the cited line", "checked")])
+
+    def test_no_record_passes_as_a_dict(self):
+        """While orch runs its commands in this process, no dict of more than five
+        named keys is an argument or a return value of one of its functions, but the
+        fleet (fleet.json), a file's content as read (json.loads, read_state) and what
+        is written as JSON (write_json, safe_json, log_event)."""
+        orch = load_orch()
+        wd = self.sb.workdir("wörk-rec", {"a.py": "# TODO: eins\n", "b.py": "x = 1\n# FIXME: zwei\n"})
+        self.spawn("rec", 3, wd)
+        for n in (1, 2, 3):
+            self.ok("brief", "rec", n, "--goal", "the files carry TODO or FIXME markers", "--send")
+        saved = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(), os.environ.update(saved)))
+        os.environ.clear()
+        os.environ.update(self.sb.env)
+        state, written, seen, found = set(), set(), [], []     # ids of dicts read and written as JSON
+
+        def ids(value):
+            if isinstance(value, dict):
+                return {id(value)}.union(*[ids(v) for v in value.values()])
+            return set().union(*[ids(v) for v in value]) if isinstance(value, (list, tuple)) else set()
+
+        def watch(frame, event, value):
+            code = frame.f_code
+            if code.co_name == "loads" and event == "return" and frame.f_globals.get("__name__") == "json":
+                state.update(ids(value))        # a file's content as read (fleet.json, events.jsonl)
+            if code.co_filename != orch.__file__:
+                return
+            seen.append(code.co_name)
+            if event == "call" and code.co_name in ("write_json", "safe_json", "log_event"):
+                written.update(ids(dict(frame.f_locals)))
+            elif event == "call":
+                for name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+                    arg = frame.f_locals.get(name)
+                    if record_like(arg):
+                        found.append(("%s(%s=%s)" % (code.co_name, name, sorted(arg)), arg))
+            elif event == "return" and code.co_name == "read_state" and isinstance(value, dict):
+                state.update(ids(value))
+            elif event == "return" and record_like(value):
+                found.append(("%s returned %s" % (code.co_name, sorted(value)), value))
+        out = io.StringIO()
+        sys.setprofile(watch)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                codes = [orch.main(argv) for argv in (
+                    ["wait", "rec", "--timeout", "30", "--interval", "0.2"], ["status"], ["status", "--json"],
+                    ["status", "rec"], ["status", "rec", "--json"], ["read", "rec", "all"], ["bus", "rec"],
+                    ["log", "rec"], ["verify", "rec", "--timeout", "30"], ["report", "rec"], [])]
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(codes, [0] * 10 + [2], out.getvalue())
+        for name in ("poll", "worker_row", "capture_panes", "parse_findings", "parse_verdicts", "check_evidence",
+                     "run_round", "verify_fleet", "matrix_markdown", "write_report", "fleet_summaries"):
+            self.assertIn(name, seen)
+        self.assertEqual([what for what, value in found if not (id(value) in state | written or "workers" in value
+                                                                and "version" in value)], [])
+
+
 # Seconds each class takes here, to split the suite in PARTS even parts that
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 82 s here, 90 s in three parts). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
+COST = {"Structure": 8, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
         "AgentEntry": 3, "BadInput": 3, "Spend": 10}
 PARTS = 5
