@@ -19,8 +19,10 @@ exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
 environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
   tracebacks)
 """
+import argparse
 import collections
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -601,7 +603,8 @@ def capture_panes(fleet, workers, history=False, ansi=True):
     random nonce, which pane text cannot forge."""
     nonce = os.urandom(8).hex()
     panes = [w["pane"] for w in workers if w["pane"]]
-    listing = ["list-panes", "-s", "-t", "=" + fleet["session"], "-F",
+    # "=<session>:" - list-panes takes a window target, and a bare "=orch-a" finds orch-ab (tmux 3.3a).
+    listing = ["list-panes", "-s", "-t", "=%s:" % fleet["session"], "-F",
                "%s\t#{pane_id}\t#{pane_dead}\t#{@orch_worker}\t#{pane_title}" % nonce]
     for attempt in (1, 2):
         argv = list(listing)
@@ -735,7 +738,6 @@ def write_json(path, obj):
 def append_line(path, line):
     """Append one whole line under an exclusive lock (bus.md, events.jsonl);
     never to a planted link or FIFO."""
-    import fcntl
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -803,7 +805,6 @@ def updating(fleet, name):
     """Read, change and write back one of orch's state files (watch.json,
     bus-cursors.json) under one lock per fleet: concurrent orch processes take
     turns, and none loses another's change."""
-    import fcntl
     fd = os.open(fleet["run"], os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -926,7 +927,7 @@ def norm(s):
 
 def strip_ansi(s):
     """Remove CSI (SGR, cursor...) and OSC escapes."""
-    return re.sub(ESCAPE_PATTERN, "", s)
+    return "".join(re.split("(%s)" % ESCAPE_PATTERN, s)[::2])
 
 
 def _visible(ansi):
@@ -1014,9 +1015,9 @@ def worker_row(w, capture, memo, now, stall, done):
     orch's memory of its screen (`memo`, watch.json's entry, updated in place:
     the screen's hash and pane, since when it shows, whether it ever booted,
     when its limit resets, its last state)."""
-    import hashlib
+    import zlib
     plain = strip_ansi(capture.screen) if capture else ""
-    digest = hashlib.sha1(plain.encode("utf-8", "replace")).hexdigest()[:16]
+    digest = "%08x" % zlib.crc32(plain.encode("utf-8", "replace"))     # tells a change, nothing more
     if (memo.get("hash"), memo.get("pane")) != (digest, w["pane"]):
         memo.update(hash=digest, since=now, pane=w["pane"])
     quiet = now - memo["since"]
@@ -1074,11 +1075,12 @@ def reset_time(screen, now):
     return at.timestamp()
 
 
-def poll(fleet, stall=STALL, flags=None):
+def poll(fleet, stall=STALL, flags=None, ended_ok=True):
     """Every worker's Row from one look (one tmux process, whatever N). What
     was seen persists in watch.json, so stalls are seen across calls; every
     state change goes to events.jsonl. `flags` ({n: path}) replaces the done
-    flags of workers briefed elsewhere (verification rounds)."""
+    flags of workers briefed elsewhere (verification rounds). A gone session
+    raises, unless every worker had finished and `ended_ok`."""
     flags = flags or {}
     try:
         captures, gone = capture_panes(fleet, fleet["workers"]), None
@@ -1087,7 +1089,7 @@ def poll(fleet, stall=STALL, flags=None):
     # The flags after the screens: an agent touches its flag before it draws idle again.
     done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
             for w in fleet["workers"]}
-    if gone and not all(done.values()):
+    if gone and not (ended_ok and all(done.values())):
         raise gone                      # else the session ended after every worker finished
     now, rows, foreign = time.time(), [], foreign_writes(fleet)
     with updating(fleet, "watch.json") as memory:
@@ -1176,8 +1178,8 @@ def submit(fleet, rows, targets, text):
     the Enters sent."""
     before = {n: rows[n].digest for n in targets}
     enters = {n: [0, 0.0] for n in targets}          # Enters sent, time of last
-    profiles = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
-    keys = {n: profiles[n].get("queue_key", "Enter") if rows[n].shows == "busy" else "Enter"
+    entries = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
+    keys = {n: entries[n].get("queue_key", "Enter") if rows[n].shows == "busy" else "Enter"
             for n in targets}
     deadline = time.time() + 8 + len(text) / 2000.0
     pending, confirmed = set(targets), {}
@@ -1416,14 +1418,14 @@ def wait_ready(fleet, ns, timeout):
     profile marks safe (trusting the workdir the lead chose), each once;
     returns the Rows of those still not ready."""
     deadline, answered, since = time.time() + timeout, set(), {}
-    profiles = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
+    entries = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
     while True:
         rows, now = [r for r in poll(fleet) if r.n in ns], time.time()
         for r in rows:                  # ready means settled: CLIs open dialogs a moment after idle
             since[r.n] = (since.get(r.n) or now) if r.shows in PAST_BOOT else None
-        waiting = [r for r in rows if since[r.n] is None or now < since[r.n] + profiles[r.n].get("settle", SETTLE)]
+        waiting = [r for r in rows if since[r.n] is None or now < since[r.n] + entries[r.n].get("settle", SETTLE)]
         for r in waiting:
-            for pattern, keys in profiles[r.n].get("answer", []):
+            for pattern, keys in entries[r.n].get("answer", []):
                 if r.shows == "dialog" and (r.n, pattern) not in answered and re.search(pattern, r.screen):
                     tmux("send-keys", "-t", r.pane, *keys)
                     answered.add((r.n, pattern))
@@ -2291,12 +2293,13 @@ def cmd_status(a):
                       f.done, f.workers, f.agent, f.workdir))
         return
     fleet = load_fleet(a.name)
-    live = fleet["session"] in live_sessions()
-    if live:
-        rows = poll(fleet, a.stall)
-    else:
+    try:
+        rows, live = poll(fleet, a.stall, ended_ok=False), True
+    except OrchError as e:
+        if e.kind != "target":
+            raise
         foreign = foreign_writes(fleet)
-        rows = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]]
+        rows, live = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]], False
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
     sys.stderr.write(notes(fleet))
     if a.json:
@@ -2392,7 +2395,6 @@ def cmd_bus(a):
 
 
 def cmd_verify(a):
-    import fcntl
     fleet = load_fleet(a.name)
     count = len(fleet["workers"])
     if count < 2:
@@ -2509,45 +2511,12 @@ DEMO_FILES = {
 }
 
 
-def run_step(argv, ok=(0,)):
-    """One command as the lead runs it: `orch.py ARGV`, a process of its own,
-    its output not shown; returns its exit code, or raises its error unless
-    the code is in `ok`."""
-    import subprocess
-    r = subprocess.run([sys.executable, ORCH] + [str(x) for x in argv], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if r.returncode not in ok:
-        said = r.stderr.decode("utf-8", "replace").strip().splitlines() or ["exit %d" % r.returncode]
-        raise OrchError("`orch %s`: %s" % (argv[0], said[-1].replace("orch: ", "", 1)), r.returncode)
-    return r.returncode
-
-
-def demo_steps(workdir, honest, liar):
-    """The demo's fleet, from spawn to kill, one real command at a time."""
-    try:
-        run_step(["spawn", "demo", 3, workdir, "--agent", honest, "--force"])
-        run_step(["add", "demo", 1, "--agent", liar])
-        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1):
-            run_step(["brief", "demo", n, "--role", "finder", "--send",
-                      "--goal", "the files under `%s/` carry TODO, FIXME, HACK or XXX markers" % part,
-                      "--constraint", "Look only at the files under `%s/`." % part])
-        code = run_step(["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"], ok=(0, 3, 4))
-        if code:
-            raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
-                            % ("timeout" if code == 3 else "a worker exited"))
-        run_step(["verify", "demo", "--verdicts", 2, "--timeout", 180])
-        run_step(["report", "demo"])
-    finally:
-        if session_of("demo") in live_sessions():
-            run_step(["kill", "demo"])
-
-
 def cmd_demo(a):
     """The whole idea in one command: 4 workers audit, verify each other,
     report; with sim, W4 lies as a finder and as a verifier. Each step is the
-    real command; the live stream is the fleet's event log."""
+    real command, run as the lead runs it; the live stream is the fleet's event log."""
+    import subprocess
     import tempfile
-    import threading
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
     if not os.listdir(workdir):
@@ -2565,31 +2534,42 @@ def cmd_demo(a):
         if a.agent == "sim" else ""), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
-    failed, t0, offset = [], time.time(), 0
+    steps = [["spawn", "demo", 3, workdir, "--agent", honest, "--force"], ["add", "demo", 1, "--agent", liar]] + [
+        ["brief", "demo", n, "--role", "finder", "--send", "--goal", "the files under `%s/` carry TODO, FIXME, "
+         "HACK or XXX markers" % part, "--constraint", "Look only at the files under `%s/`." % part]
+        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1)] + [
+        ["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"],
+        ["verify", "demo", "--verdicts", 2, "--timeout", 180], ["report", "demo"]]
+    t0, offset = time.time(), 0
 
-    def steps_or_failure():
-        try:
-            demo_steps(workdir, honest, liar)
-        except BaseException as e:          # raised here once the stream has been shown
-            failed.append(e)
-    steps = threading.Thread(target=steps_or_failure, daemon=True)
-    steps.start()
-    try:
+    def run(argv):
+        """One step, its own process, while the stream goes on; its error raises."""
+        nonlocal offset
+        step = subprocess.Popen([sys.executable, ORCH] + [str(x) for x in argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while True:
-            running = steps.is_alive()
+            done = step.poll() is not None
             if os.path.exists(events) and os.stat(events).st_ino != last_run:
                 lines, offset, _ = read_lines(events, offset)
-                for line in lines or []:
-                    e = json.loads(line)
+                for e in map(json.loads, lines or []):
                     detail = " ".join("%s=%s" % kv for kv in e.items() if kv[0] not in ("t", "event"))
                     print("%6.1fs  %-8s %s" % (time.time() - t0, e["event"], detail), flush=True)
-            if not running:
+            if done:
                 break
             time.sleep(0.05)
+        said = step.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        if argv[0] == "wait" and step.returncode in (3, 4):
+            raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
+                            % ("timeout" if step.returncode == 3 else "a worker exited"))
+        if step.returncode:
+            raise OrchError("`orch %s`: %s" % (argv[0], (said or ["exit %d" % step.returncode])[-1].replace("orch: ", "", 1)),
+                            step.returncode)
+    try:
+        for argv in steps:
+            run(argv)
     finally:
-        steps.join()
-    if failed:
-        raise failed[0]
+        if session_of("demo") in live_sessions():
+            run(["kill", "demo"])
     shared = os.path.join(os.path.dirname(events), "shared")
     print()
     print(read_text(os.path.join(shared, "matrix.md")))
@@ -2968,7 +2948,6 @@ def cmd_sim(a):
 
 def number(kind, low=0.0, integer=False):
     def parse(text):
-        import argparse
         try:
             value = int(text) if integer else float(text)
         except ValueError:
@@ -2980,7 +2959,6 @@ def number(kind, low=0.0, integer=False):
 
 
 def who_name(text):
-    import argparse
     if not re.match(r"[A-Za-z0-9_-]{1,32}\Z", text):
         raise argparse.ArgumentTypeError("--as wants a short name like W2 or lead, not %r" % text)
     return text
@@ -3107,7 +3085,6 @@ def command_list():
 def build_parser(only=None):
     """The parser of every command, or of the command `only` (a start builds
     only the one it runs)."""
-    import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):           # usage errors take the one error path
