@@ -594,9 +594,10 @@ def pane_tag(fleet, n):
     return "%s:%d" % (fleet.get("id", ""), n)
 
 
-def capture_panes(fleet, workers, history=False, ansi=True):
+def capture_panes(fleet, workers, history=False, ansi=True, then=()):
     """One look at the fleet: the session's pane listing plus a capture of
-    each worker's pane, in one tmux process. Returns {n: Capture}; a worker
+    each worker's pane, in one tmux process, with the commands `then` (a `;`
+    batch's tail) run after them. Returns {n: Capture}; a worker
     missing from it has no pane of its own (gone, or its id now belongs to
     another pane: tagged for another worker); a gone session is an OrchError
     of kind "target". Each capture is preceded by a header line carrying a
@@ -614,7 +615,7 @@ def capture_panes(fleet, workers, history=False, ansi=True):
                      ";", "capture-pane", "-p", "-t", p] + (["-e"] if ansi else []) \
                 + (["-S", "-", "-E", "-"] if history else [])
         try:
-            out = tmux(*argv)
+            out = tmux(*(argv + list(then)))
         except OrchError as e:
             if e.kind == "server" or not e.output:
                 raise OrchError("fleet %r is not running: its tmux session %s is gone (`orch status "
@@ -1082,17 +1083,17 @@ def poll(fleet, stall=STALL, flags=None, ended_ok=True):
     flags of workers briefed elsewhere (verification rounds). A gone session
     raises, unless every worker had finished and `ended_ok`."""
     flags = flags or {}
-    try:
-        captures, gone = capture_panes(fleet, fleet["workers"]), None
-    except OrchError as e:
-        captures, gone = {}, e
-    # The flags after the screens: an agent touches its flag before it draws idle again.
-    done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
-            for w in fleet["workers"]}
-    if gone and not (ended_ok and all(done.values())):
-        raise gone                      # else the session ended after every worker finished
-    now, rows, foreign = time.time(), [], foreign_writes(fleet)
     with updating(fleet, "watch.json") as memory:
+        try:
+            captures, gone = capture_panes(fleet, fleet["workers"], then=label_commands(fleet, memory)), None
+        except OrchError as e:
+            captures, gone = {}, e
+        # The flags after the screens: an agent touches its flag before it draws idle again.
+        done = {w["n"]: os.path.exists(flags[w["n"]]) if w["n"] in flags else is_done(fleet, w["n"])
+                for w in fleet["workers"]}
+        if gone and not (ended_ok and all(done.values())):
+            raise gone                      # else the session ended after every worker finished
+        now, rows, foreign = time.time(), [], foreign_writes(fleet)
         for w in fleet["workers"]:
             memo = memory.setdefault(str(w["n"]), {})
             if not (isinstance(memo, dict) and all(isinstance(memo.get(k) or 0, (int, float))
@@ -1105,12 +1106,71 @@ def poll(fleet, stall=STALL, flags=None, ended_ok=True):
                 log_event(fleet, "state", worker=w["n"], was=memo.get("state"), now=row.state)
                 memo["state"] = row.state
             rows.append(row)
+        memory["tally"] = tally_label(fleet, rows)
     return rows
 
 
 def poll_by_n(fleet, flags=None):
     """poll(), as {n: Row}."""
     return {r.n: r for r in poll(fleet, flags=flags)}
+
+
+# --- labels: what a person attached to a fleet sees ------------------------------
+# Each pane's top border shows orch's own label, never the title a worker's agent
+# sets: its task (W<n>, and its role and goal once briefed), set at spawn and at
+# brief, and its state, set when a poll sees it change; the session's status line
+# shows the fleet's tally. A change rides in the next poll's batch (a poll stays one
+# tmux process), and `wait` shows its last poll's before it returns.
+
+BORDER = " #{@orch_task} · #{@orch_state} "
+NEEDS_LEAD = ("permission", "dialog", "unknown", "limited", "stalled", "exited")
+
+
+def label_text(text, width=80):
+    """Worker text as tmux shows it in a label: one line, defanged, cut to
+    `width`, '#' doubled (no format, style or #(command) of a worker's runs)."""
+    text = norm(defang(text))
+    return (text if len(text) <= width else text[:width - 1] + "…").replace("#", "##")
+
+
+def task_label(fleet, n):
+    """Worker n's task for its label: W<n>, with its role and goal once briefed."""
+    brief, _ = read_untrusted(worker_file(fleet, n, "task.md"))
+    m = re.match(r"# Worker \d+ of \d+ — (.*) \((\w+)\)\s*$", (brief or "").split("\n", 1)[0])
+    return label_text("W%d %s: %s" % (n, m.group(2).lower(), m.group(1)) if m else "W%d" % n)
+
+
+def tally_label(fleet, rows):
+    """The fleet's tally for its status line: done N/M, how many need the lead, the known cost."""
+    need, total = sum(r.state in NEEDS_LEAD for r in rows), fleet_cost(rows)[0]
+    cost = "%s known" % money(total) if any(r.cost_usd is not None for r in rows) else "cost unknown"
+    return label_text("orch %s: done %d/%d · %d need%s the lead · %s" % (
+        fleet["name"], sum(r.done for r in rows), len(rows), need, "s" * (need == 1), cost))
+
+
+def label_commands(fleet, memory):
+    """The `;` batch tail that shows what changed since it was last shown (a
+    pane's state, the fleet's tally), from watch.json's `memory`, marked shown."""
+    argv = []
+    for w in fleet["workers"]:
+        memo = memory.get(str(w["n"]))
+        if isinstance(memo, dict) and w["pane"] and isinstance(memo.get("state"), str) \
+                and memo.get("label") != memo["state"]:
+            argv += [";", "set-option", "-p", "-t", w["pane"], "@orch_state", label_text(memo["state"])]
+            memo["label"] = memo["state"]
+    if isinstance(memory.get("tally"), str) and memory.get("tally_shown") != memory["tally"]:
+        argv += [";", "set-option", "-t", "=%s:" % fleet["session"], "status-right", memory["tally"]]
+        memory["tally_shown"] = memory["tally"]
+    return argv
+
+
+def show_labels(fleet):
+    """Show now what the last poll changed: `wait` has no next poll to carry it."""
+    with updating(fleet, "watch.json") as memory:
+        argv = label_commands(fleet, memory)
+        with contextlib.suppress(OrchError):        # the session is gone: nothing to show
+            if argv:
+                tmux(*argv[1:])
 
 
 # --- delivery ------------------------------------------------------------------
@@ -1286,12 +1346,11 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
                 nudged.add(r.n)              # a limit that has reset, once; never before
                 deliver(fleet, {r.n: RESUME}, clear=True, limited=True)
                 log_event(fleet, "resume", worker=r.n)
-        if all(r.state == "done" for r in rows):
-            return 0
-        if any(r.state == "exited" for r in rows):
-            return 4
-        if deadline and time.time() >= deadline:
-            return 3
+        code = 0 if all(r.state == "done" for r in rows) else 4 if any(r.state == "exited" for r in rows) \
+            else 3 if deadline and time.time() >= deadline else None
+        if code is not None:
+            show_labels(fleet)
+            return code
         time.sleep(max(0.0, min(interval, deadline - time.time())) if deadline else interval)
 
 
@@ -1395,22 +1454,29 @@ def open_pane(fleet, n, beside=None):
     # An explicit target: run from inside tmux, the batch's current pane after a
     # detached new-session is the caller's own (the lead's), not the new one.
     new = [] if beside else ["-t", "=%s:" % fleet["session"]]
-    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n) + [      # tagged in the same batch
-        ";", "set-option", "-p"] + new + ["@orch_worker", pane_tag(fleet, n)]
+    argv = ["-P", "-F", "#{pane_id}"] + pane_command(fleet, n)     # tagged and labelled in the same batch
+    for option in (["@orch_worker", pane_tag(fleet, n)], ["@orch_task", task_label(fleet, n)],
+                   ["@orch_state", "booting"]):
+        argv += [";", "set-option", "-p"] + new + option
     if beside:
         return tmux("split-window", "-t", beside, *argv, ";", "select-layout", "tiled").split()[0]
     # remain-on-exit in the same batch as the window's birth: a pane whose
     # agent dies at once still keeps its last screen; window-size manual: a
-    # client that attaches (an 80x24 terminal) never resizes the panes orch reads.
-    for option in (["remain-on-exit", "on"], ["window-size", "manual"]):
+    # client that attaches (an 80x24 terminal) never resizes the panes orch reads;
+    # each pane's top border shows orch's label of it (labels, above).
+    for option in (["remain-on-exit", "on"], ["window-size", "manual"], ["pane-border-status", "top"],
+                   ["pane-border-format", BORDER]):
         argv += [";", "set-option", "-w"] + new + option
     argv += [";", "resize-window"] + new + ["-x", "200", "-y", "50"]     # born while a client looks
     if fleet["session"] in live_sessions():
         return tmux("new-window", "-t", "=%s:" % fleet["session"], *argv).split()[0]
     # The session carries its ORCH_HOME: a fleet of the same name in another
     # home must never be killed from this one.
+    session = "=%s:" % fleet["session"]
     return tmux("new-session", "-d", "-s", fleet["session"], "-x", "200", "-y", "50", *argv,
-                ";", "set-option", "-t", "=%s:" % fleet["session"], "@orch_home", orch_home()).split()[0]
+                ";", "set-option", "-t", session, "@orch_home", orch_home(),
+                ";", "set-option", "-t", session, "status-right-length", "100",
+                ";", "set-option", "-t", session, "status-right", label_text("orch " + fleet["name"])).split()[0]
 
 
 def wait_ready(fleet, ns, timeout):
@@ -2164,6 +2230,14 @@ def notes(fleet):
     return "".join("orch: note: %s\n" % note for note in fleet.pop("notes", []))
 
 
+def row_json(r):
+    """A worker's Row as `status --json` shows it."""
+    out = {k: getattr(r, k) for k in ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd",
+                                      "context_pct")}
+    out["foreign"] = [{"owner": o, "file": f} for o, f in r.foreign]
+    return out
+
+
 def cmd_spawn(a):
     name = check_name(a.name)
     workdir = os.path.abspath(a.workdir or os.getcwd())
@@ -2242,6 +2316,9 @@ def cmd_brief(a):
     write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint],
                                 result, done))
     log_event(fleet, "brief", worker=n, role=a.role)
+    with contextlib.suppress(OrchError):        # a fleet that is not live has no pane to label
+        if n in capture_panes(fleet, [fleet["workers"][n - 1]]):     # still n's pane
+            tmux("set-option", "-p", "-t", fleet["workers"][n - 1]["pane"], "@orch_task", task_label(fleet, n))
     print("W%d: brief written to %s" % (n, path))
     if a.send:
         print("\n".join(send_text(fleet, [n], brief_message(path))))
@@ -2303,11 +2380,9 @@ def cmd_status(a):
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
     sys.stderr.write(notes(fleet))
     if a.json:
-        keep = ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd", "context_pct")
         print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
-                         "workers": [dict({k: getattr(r, k) for k in keep}, foreign=[
-                             {"owner": o, "file": f} for o, f in r.foreign]) for r in rows], "bus": bus}, 2))
+                         "workers": [row_json(r) for r in rows], "bus": bus}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))

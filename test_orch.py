@@ -832,8 +832,10 @@ class States(OrchCase):
 
     def test_poll_cost_constant_in_fleet_size(self):
         """tmux processes per poll, counted over a fixed number of polls: `status`
-        is one poll, and `wait` with every done flag present returns after exactly
-        one; neither may cost more for 12 workers than for 2."""
+        is one poll, whose batch also carries the labels the last poll changed, and
+        `wait` with every done flag present returns after exactly one (and, once,
+        one more process that shows its last poll's labels); neither may cost more
+        for 32 workers than for 4."""
         wrapdir = tempfile.mkdtemp(prefix="orch-wrap-")
         self.addCleanup(shutil.rmtree, wrapdir, True)
         write_exe(os.path.join(wrapdir, "tmux"), TMUX_COUNTER % shlex.quote(REAL_TMUX))
@@ -843,23 +845,28 @@ class States(OrchCase):
         # Only the counted orch runs log: the panes get the env of spawn, without it.
         counted = dict(sb.env, TMUX_CALL_LOG=calls)
         wd = sb.workdir("wörk-cost")
-        sizes = (("klein", 2), ("gross", 12))
+        sizes = (("klein", 4), ("gross", 32))
         for name, n in sizes:
-            r = sb.orch("spawn", name, n, wd, "--agent", SIM, "--timeout", "0")
+            r = sb.orch("spawn", name, n, wd, "--agent", SIM, "--timeout", "0", "--per-window", "8")
             self.assertEqual(r.code, 0, r)
-            wait_for(lambda: len(sb.panes(name)) == n, 10, what="%d panes" % n)
+            wait_for(lambda: len(sb.panes(name)) == n, 20, what="%d panes" % n)
 
         def count(*args):
             open(calls, "w").close()
             r = sb.orch(*args, env=counted)
             with open(calls) as f:
-                return r, len(f.read().splitlines())
-        r2, small = count("status", "klein")
-        r12, big = count("status", "gross")
-        self.assertEqual(r2.code, 0, r2)
-        self.assertEqual(r12.code, 0, r12)
-        self.assertEqual(len(json.loads(count("status", "gross", "--json")[0].out)["workers"]), 12)
-        self.assertEqual((small, big), (1, 1))        # a live fleet's status is its one poll
+                return r, f.read().splitlines()
+        for name, n in sizes:
+            for _ in range(2):                   # the second carries the labels the first changed
+                r, lines = count("status", name)
+                self.assertEqual(r.code, 0, r)
+                self.assertEqual(len(lines), 1, lines)
+            self.assertEqual(lines[0].count("@orch_state"), n, lines)
+            self.assertIn("status-right", lines[0])
+            r, lines = count("status", name)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertNotIn("@orch_state", lines[0])     # only what changed
+        self.assertEqual(len(json.loads(count("status", "gross", "--json")[0].out)["workers"]), 32)
 
         for name, n in sizes:                     # every flag there: wait polls once and ends
             for k in range(1, n + 1):
@@ -872,11 +879,9 @@ class States(OrchCase):
                 self.assertEqual(r.code, 0, r)
                 self.assertIn("%s: all done" % name, r.out)
                 self.assertEqual(len(re.findall(r"^\d\d:\d\d:\d\d W\d+ \S+ -> done", r.out, re.M)), n, r.out)
-                polls[n].append(tmux_calls)
-        self.assertEqual(polls[2], [polls[2][0]] * 3, polls)        # the same count every time
-        self.assertGreater(polls[2][0], 0, polls)
-        self.assertLessEqual(polls[2][0], 3, polls)
-        self.assertEqual(polls[12], polls[2])
+                polls[n].append(len(tmux_calls))
+        self.assertEqual(polls[4], [2, 1, 1], polls)        # one poll; the first also shows "done"
+        self.assertEqual(polls[32], polls[4])
 
     def test_status_json_fields(self):
         wd = self.sb.workdir("wörk-js")
@@ -3337,6 +3342,73 @@ class LeadInTmux(OrchCase):
         self.assertEqual(self.states("gross"), ["idle"] * 5)
 
 
+# Agents whose pane title (OSC 2) and screen try to pass for orch's labels.
+TITLE_AGENT = """#!/bin/sh
+printf '\\033]2;EVIL-TITLE #[fg=red]\\033\\\\'
+printf 'ready> '
+exec sleep 600
+"""
+
+
+class Labels(OrchCase):
+    """What a person sees who attaches: a label on top of each pane (worker,
+    role, goal, state, done) and the fleet's tally in the status line, read from
+    a real tmux client attached inside a pane of a second tmux server."""
+
+    def attached(self, name):
+        """The screen of a 220x60 terminal attached to fleet `name` (a pane of the outer server)."""
+        sb = self.sb
+        if sb.tmux("-L", "outer", "has-session").returncode:
+            self.addCleanup(sb.tmux, "-L", "outer", "kill-server")
+            sb.tmux("-L", "outer", "new-session", "-d", "-x", "220", "-y", "60", "env", "-u", "TMUX",
+                    sys.executable, ORCH_PY, "attach", name)
+            wait_for(lambda: sb.tmux("list-clients").stdout.strip(), 20, 0.1, "the terminal attached")
+        return sb.tmux("-L", "outer", "capture-pane", "-p", "-e", "-t", "0").stdout.decode("utf-8", "replace")
+
+    def seen(self, name, *wanted):
+        """The attached screen once it shows every text of `wanted` (escapes removed)."""
+        return wait_for(lambda: (lambda s: s if all(w in ANSI_RE.sub("", s) for w in wanted) else None)(
+            self.attached(name)), 10, 0.1, "the attached screen to show %r" % (wanted,))
+
+    def test_each_workers_label_and_the_tally_are_on_screen(self):
+        wd = self.sb.workdir("wörk-schild", {"auth/login.py": "# TODO: prüfen\n", "api/x.py": "# FIXME: zwei\n"})
+        self.spawn("schild", 4, wd, "sim --delay 1")
+        self.ok("status", "schild")                      # a poll: its states ride in the next one
+        self.ok("status", "schild")
+        self.seen("schild", " W1 · idle ", " W2 · idle ", " W3 · idle ", " W4 · idle ",
+                  "orch schild: done 0/4 · 0 need the lead · cost unknown")
+        self.ok("brief", "schild", 1, "--goal", "the files under auth/ validate every redirect target", "--send")
+        self.ok("brief", "schild", 2, "--role", "scribe", "--goal", "die Dateien unter api/ sind geprüft", "--send")
+        self.seen("schild", " W1 finder: the files under auth/ validate every redirect target · ",
+                  " W2 scribe: die Dateien unter api/ sind geprüft · ")
+        self.ok("wait", "schild", "1", "2", "--timeout", "30", "--interval", "0.3")
+        screen = ANSI_RE.sub("", self.seen("schild", "the files under auth/ validate every redirect target · done ",
+                                           "die Dateien unter api/ sind geprüft · done ",
+                                           "orch schild: done 2/4 · 0 need the lead · cost unknown"))
+        self.assertIn(" W3 · idle ", screen)
+        self.assertEqual(screen.count(" W1 "), 1, screen)
+
+    def test_a_hostile_goal_and_pane_title_show_as_text(self):
+        sb = self.sb
+        bindir = tempfile.mkdtemp(prefix="orch-titel-")
+        self.addCleanup(shutil.rmtree, bindir, True)
+        write_exe(os.path.join(bindir, "titler"), TITLE_AGENT)
+        sb.env["PATH"] = bindir + os.pathsep + sb.env["PATH"]
+        pwned = os.path.join(sb.root, "p")
+        self.spawn("feind", 2, None, "titler")
+        goal = "#(touch %s) #[fg=red]ROT\x1b[31m\x07#{pane_id}\u202e" % pwned      # a label shows 60 of it
+        self.ok("brief", "feind", 1, "--goal", goal)
+        self.ok("status", "feind")
+        self.ok("status", "feind")
+        raw = self.seen("feind", "W1 finder: #(touch %s) #[fg=red]ROT[31m#{pane_id}\\u202e · " % pwned, " W2 · ")
+        line = [ln for ln in raw.splitlines() if "ROT" in ln][0]
+        self.assertNotIn("\x1b[31m", line.split("ROT")[0][-40:] + line.split("ROT")[1][:40])   # no style from it
+        self.assertNotIn("EVIL-TITLE", ANSI_RE.sub("", raw))      # the title a worker sets is never shown
+        self.assertFalse(os.path.exists(pwned))
+        self.assertEqual(sb.tmux("display-message", "-p", "-t", self.pane("feind", 2), "#{pane_title}").stdout.decode().strip(),
+                         "EVIL-TITLE #[fg=red]")                 # it did set one
+
+
 class Spend(OrchCase):
     """What a Claude worker's hooks and status line tell orch (events, cost,
     context), fed to `orch hook` as Claude Code feeds it: JSON on stdin, in the
@@ -5184,6 +5256,7 @@ class Structure(OrchCase):
         os.environ.clear()
         os.environ.update(self.sb.env)
         state, written, seen, found = set(), set(), [], []     # ids of dicts read and written as JSON
+        alive = []                                              # what those ids name, so no id is reused
 
         def ids(value):
             if isinstance(value, dict):
@@ -5194,11 +5267,13 @@ class Structure(OrchCase):
             code = frame.f_code
             if code.co_name == "loads" and event == "return" and frame.f_globals.get("__name__") == "json":
                 state.update(ids(value))        # a file's content as read (fleet.json, events.jsonl)
+                alive.append(value)
             if code.co_filename != orch.__file__:
                 return
             seen.append(code.co_name)
             if event == "call" and code.co_name in ("write_json", "safe_json", "log_event"):
-                written.update(ids(dict(frame.f_locals)))
+                alive.append(dict(frame.f_locals))
+                written.update(ids(alive[-1]))
             elif event == "call":
                 for name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
                     arg = frame.f_locals.get(name)
@@ -5206,6 +5281,7 @@ class Structure(OrchCase):
                         found.append(("%s(%s=%s)" % (code.co_name, name, sorted(arg)), arg))
             elif event == "return" and code.co_name == "read_state" and isinstance(value, dict):
                 state.update(ids(value))
+                alive.append(value)
             elif event == "return" and record_like(value):
                 found.append(("%s returned %s" % (code.co_name, sorted(value)), value))
         out = io.StringIO()
@@ -5230,7 +5306,7 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 82 s here, 90 s in three parts). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Structure": 8, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
+COST = {"Labels": 10, "Structure": 8, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
         "AgentEntry": 3, "BadInput": 3, "Spend": 10}
 PARTS = 5
