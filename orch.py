@@ -1597,10 +1597,11 @@ def end_processes(fleet, n=None):
             return
 
 
-def end_fleet(name):
+def end_fleet(name, unrecorded_ok=False):
     """End fleet `name`'s tmux session and what is left of its processes,
     saving each pane's scrollback first when its fleet.json can be read;
-    returns what was done. A session of another ORCH_HOME is never ended."""
+    returns what was done. A session of another ORCH_HOME is never ended, nor,
+    unless `unrecorded_ok`, one with a damaged fleet.json that names no ORCH_HOME."""
     session, home = session_of(name), session_home(session_of(name))
     if home and home != orch_home():
         raise OrchError("tmux session %s belongs to the fleet of ORCH_HOME %s, not this one: "
@@ -1608,7 +1609,7 @@ def end_fleet(name):
     try:
         fleet = load_fleet(name)
     except OrchError:               # a damaged fleet.json must not keep its agents running
-        if session not in live_sessions() or home != orch_home():
+        if session not in live_sessions() or home not in (orch_home(), "" if unrecorded_ok else None):
             raise
         tmux("kill-session", "-t", "=" + session)
         end_processes({"name": name})
@@ -2262,7 +2263,7 @@ def cmd_spawn(a):
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
         if live:
-            print(end_fleet(name))
+            print(end_fleet(name, unrecorded_ok=True))
         if os.path.isdir(rd):
             print("%s: archived the old run to %s" % (name, archive(rd)))
     for sub in ("shared/verify", "logs"):
@@ -2590,6 +2591,7 @@ def cmd_demo(a):
     """The whole idea in one command: 4 workers audit, verify each other,
     report; with sim, W4 lies as a finder and as a verifier. Each step is the
     real command, run as the lead runs it; the live stream is the fleet's event log."""
+    import signal
     import subprocess
     import tempfile
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
@@ -2615,13 +2617,16 @@ def cmd_demo(a):
         for n, part in enumerate(("api", "core", "jobs", "jobs"), 1)] + [
         ["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"],
         ["verify", "demo", "--verdicts", 2, "--timeout", 180], ["report", "demo"]]
-    t0, offset = time.time(), 0
+    t0, offset, running = time.time(), 0, []
 
     def run(argv):
-        """One step, its own process, while the stream goes on; its error raises."""
+        """One step, its own process, while the stream goes on: its warnings are
+        shown, its error raises (with what it said it did)."""
         nonlocal offset
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()     # a pipe could fill and block it
         step = subprocess.Popen([sys.executable, ORCH] + [str(x) for x in argv], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=out, stderr=err)
+        running[:] = [step]
         while True:
             done = step.poll() is not None
             if os.path.exists(events) and os.stat(events).st_ino != last_run:
@@ -2632,17 +2637,26 @@ def cmd_demo(a):
             if done:
                 break
             time.sleep(0.05)
-        said = step.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        said = []
+        for f in (out, err):
+            f.seek(0)
+            said.append(f.read().decode("utf-8", "replace").splitlines())
+        error = said[1].pop() if step.returncode and said[1] and argv[0] != "wait" else None
+        sys.stderr.write("".join(line + "\n" for line in said[1]))
         if argv[0] == "wait" and step.returncode in (3, 4):
             raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
                             % ("timeout" if step.returncode == 3 else "a worker exited"))
         if step.returncode:
-            raise OrchError("`orch %s`: %s" % (argv[0], (said or ["exit %d" % step.returncode])[-1].replace("orch: ", "", 1)),
-                            step.returncode)
+            raise OrchError((error or "`orch %s` exit %d" % (argv[0], step.returncode)).replace("orch: ", "", 1),
+                            step.returncode, said=said[0])
     try:
         for argv in steps:
             run(argv)
-    finally:
+    finally:                                # an interrupt: the step in progress ends first
+        for step in running:
+            if step.poll() is None:
+                step.send_signal(signal.SIGINT)
+                step.wait()
         if session_of("demo") in live_sessions():
             run(["kill", "demo"])
     shared = os.path.join(os.path.dirname(events), "shared")
@@ -2654,7 +2668,6 @@ def cmd_demo(a):
 def cmd_doctor(a):
     """One line per check, with the fix; exit 1 if something required is missing."""
     agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
-    entry = AGENTS[profile_of(agent)]
     checks = [("python", sys.version_info >= (3, 8), sys.version.split()[0], "use Python 3.8 or newer")]
     try:
         version = tmux("-V").strip()
@@ -2664,10 +2677,15 @@ def cmd_doctor(a):
     checks.append(("tmux", bool(version) and (not m or (int(m.group(1)), int(m.group(2))) >= (3, 0)),
                    version or "not found", "install tmux 3.0 or newer (apt-get install tmux, "
                    "brew install tmux)"))
-    if "command" not in entry:
+    try:
+        entry = AGENTS[profile_of(agent)]
         word, found = agent_binary(agent)
-        checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
-                       entry.get("install", "install %s" % word) + ", or use --agent sim for a dry run"))
+        if "command" not in entry:
+            checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
+                           entry.get("install", "install %s" % word) + ", or use --agent sim for a dry run"))
+    except OrchError as e:              # the checks go on: doctor is what finds what is wrong
+        entry = {}
+        checks.append(("agent", False, str(e), "pass --agent NAME (or set ORCH_AGENT)"))
     if "credentials" in entry:
         creds = entry["credentials"]()
         checks.append(("credentials", bool(creds), creds or "none found", entry["login"]))
@@ -2776,7 +2794,7 @@ def sim_lines(workdir, rel):
     anything else (outside the workdir, not a regular file)."""
     root = os.path.realpath(workdir)
     path = os.path.realpath(os.path.join(root, rel))
-    text = read_untrusted(path)[0] if path.startswith(root + os.sep) else None
+    text = read_untrusted(path)[0] if os.path.commonpath([root, path]) == root else None
     return (text or "").splitlines()
 
 
@@ -3183,9 +3201,8 @@ def dispatch(argv):
     """Parse one command line: (the cmd_* function to run, its arguments), or
     (None, what to print and the exit code) for --version and a bare `orch`."""
     import hashlib
-    words = [w for w in argv if not w.startswith("-")]
     known = {name for name, _, _ in COMMANDS}
-    parser = build_parser(words[0] if words and words[0] in known else None)
+    parser = build_parser(argv[0] if argv and argv[0] in known else None)
     # argparse fills a '*' positional before the options that follow it
     # (`bus f post --as W2 hi`): the leftover words belong to the message.
     args, extra = parser.parse_known_args(argv)

@@ -5306,7 +5306,7 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 82 s here, 90 s in three parts). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Labels": 10, "Structure": 8, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
+COST = {"Labels": 5, "Structure": 9, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
         "AgentEntry": 3, "BadInput": 3, "Spend": 10}
 PARTS = 5
