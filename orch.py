@@ -15,7 +15,8 @@ agents (--agent or ORCH_AGENT): claude (default), codex, gemini, aider, sim,
 worker states: booting dialog idle draft busy permission limited stalled
   unknown exited done
 exit codes: 0 ok, 1 operation failed, 2 bad usage, 3 wait timed out,
-  4 a worker exited without its done flag, 5 over --budget, 130 interrupted
+  4 a worker exited without its done flag, 5 over --budget, 6 a worker needs the
+  lead (wait --attention), 130 interrupted
 environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
   tracebacks)
 """
@@ -96,6 +97,12 @@ Telemetry = collections.namedtuple("Telemetry", "cost_usd context_pct")
 # agent wrote (owner 0: orch's).
 Row = collections.namedtuple("Row", "n pane shows state done quiet last screen digest resets "
                                     "cost_usd context_pct foreign")
+
+# One thing `wait` reports: kind "state" (worker n's state changed: its Row and
+# its state before), "done" (its done flag), "bus" (a line to the lead), "foreign"
+# (a write into a file of another worker's), "budget"; text: what the line says
+# (bus, foreign, budget); why and command: set when it needs the lead.
+Event = collections.namedtuple("Event", "kind n row was text why command")
 
 # One fleet of ORCH_HOME for `status`: its name, whether its session is live,
 # its worker count, how many are done, its agent and workdir; or, for a fleet
@@ -721,6 +728,12 @@ def defang(text):
     return re.sub("[%s%s]" % (CONTROLS, BIDI), lambda m: "\\u%04x" % ord(m.group()), text)
 
 
+def one_line(text, width=80):
+    """Worker text in one line of at most `width` characters, defanged."""
+    text = " ".join(defang(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def clean_text(text):
     """Text for a pane: CONTROLS removed, so only newline and tab survive."""
     return re.sub("[%s]" % CONTROLS, "", text.replace("\r\n", "\n")).strip("\n")
@@ -1127,10 +1140,9 @@ NEEDS_LEAD = ("permission", "dialog", "unknown", "limited", "stalled", "exited")
 
 
 def label_text(text, width=80):
-    """Worker text as tmux shows it in a label: one line, defanged, cut to
-    `width`, '#' doubled (no format, style or #(command) of a worker's runs)."""
-    text = norm(defang(text))
-    return (text if len(text) <= width else text[:width - 1] + "…").replace("#", "##")
+    """Worker text as tmux shows it in a label: one_line(), '#' doubled (no
+    format, style or #(command) of a worker's runs)."""
+    return one_line(text, width).replace("#", "##")
 
 
 def task_label(fleet, n):
@@ -1314,40 +1326,104 @@ RESUME = ("Your usage limit has reset. Retry the exact step you were on when the
           "do not work around it.")
 
 
-def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None):
+def needs_lead(fleet, r, nudged_at=None, stall=STALL):
+    """Why worker Row r needs the lead, and the orch command that helps; or
+    None. `nudged_at` (when it was last nudged) makes a stall that the nudge
+    did not end one."""
+    name, n = fleet["name"], r.n
+    if r.state in ("permission", "dialog"):
+        return ("W%d waits at a %s: answer it in its pane (tmux attach -t orch-%s)" % (n, r.state, name),
+                "orch attach %s" % name)
+    if r.state == "unknown":
+        return "W%d shows a screen orch does not recognise" % n, "orch read %s %d" % (name, n)
+    if r.state == "exited":
+        return "W%d exited without its done flag" % n, "orch respawn %s %d" % (name, n)
+    if r.state == "limited" and r.resets is None:
+        return "W%d hit a usage limit that does not say when it resets" % n, "orch read %s %d" % (name, n)
+    if r.state == "stalled" and nudged_at and time.time() - nudged_at >= stall:
+        return "W%d is still stalled %ds after its nudge" % (n, stall), "orch read %s %d" % (name, n)
+    return None
+
+
+def lead_question(line):
+    """A bus line a worker addressed to the lead (`@lead`) as (its worker n,
+    or None, and the line as shown), or None."""
+    if "@lead" not in line or re.match(r"\[(lead|orch)\]", line):
+        return None
+    m = re.match(r"\[W(\d{1,6})\]", line)
+    return int(m.group(1)) if m else None, one_line(line, 300)
+
+
+def unanswered(fleet):
+    """The bus questions to the lead that no line of the lead's followed, as
+    (worker, why, command): for `status`."""
+    pending = []
+    for line in read_lines(bus_path(fleet))[0] or []:
+        pending = [] if line.startswith("[lead]") else pending + [q for q in [lead_question(line)] if q]
+    return [(n, "W%s asks the lead on the bus: %s" % (n or "?", text), "orch bus %s --new" % fleet["name"])
+            for n, text in pending]
+
+
+def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, attention=False):
     """Poll until every worker in `flags` ({n: done-flag path}) has its flag,
-    calling emit(row, its last state) at each state change. Nudges a stalled
-    worker once per stall (`nudge(n)` is the text, None: never) and resumes a
-    limited one once its limit has reset. Returns 0 all done, 3 timed out, 4 a
-    worker exited without its flag; past `budget` (USD, the fleet's known cost)
-    it interrupts every busy worker and raises."""
-    deadline = time.time() + timeout if timeout else None
-    last, nudged = {}, set()
+    calling emit(Event) for each event: a state change or done flag, a bus
+    line to the lead, a write into another worker's file, the fleet's cost at
+    80 % of `budget`. Nudges a stalled worker once per stall (`nudge(n)` is
+    the text, None: never) and resumes a limited one once its limit has reset.
+    Returns 0 all done, 3 timed out, 4 a worker exited without its flag and,
+    with `attention`, 6 once an event needs the lead; past `budget` (USD, the
+    fleet's known cost) it interrupts every busy worker and raises."""
+    deadline, began = time.time() + timeout if timeout else None, time.time()
+    last, nudged, nudged_at, written, warned = {}, set(), {}, set(), False
     while True:
-        rows = poll(fleet, stall, flags)
+        rows, events = poll(fleet, stall, flags), []
         total, spent = fleet_cost(rows) if budget is not None else (0, "")
         if budget is not None and total > budget:
+            emit(Event("budget", None, None, None, "the fleet's known cost is %s, past --budget $%.2f" % (
+                spent, budget), "over budget: every busy worker was interrupted", "orch status %s" % fleet["name"]))
             interrupt(fleet, [r.n for r in rows])
             log_event(fleet, "budget", budget=budget, cost=total)
             raise OrchError("over budget: the fleet's known cost is %s, past --budget $%.2f: every busy "
                             "worker was interrupted" % (spent, budget), 5)
+        if budget is not None and total >= 0.8 * budget and not warned:
+            warned = True
+            events.append(Event("budget", None, None, None, "the fleet's known cost is %s: at least 80%% of "
+                                "--budget $%.2f" % (spent, budget), None, None))
+        for w, files in sorted(foreign_writes(fleet, began).items()):
+            for o, f in [x for x in files if (w,) + x not in written]:
+                written.add((w, o, f))
+                events.append(Event("foreign", w, None, None, "W%d wrote %s's %s" % (
+                    w, "W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet))), None, None))
+        with updating(fleet, "watch.json") as memory:      # each question once, whoever waits
+            start = memory.get("bus_read") if isinstance(memory.get("bus_read"), int) else 0
+            lines, memory["bus_read"], _ = read_lines(bus_path(fleet), start)
+        events += [Event("bus", q[0], None, None, q[1], "W%s asks the lead on the bus" % (q[0] or "?"),
+                         "orch bus %s --new" % fleet["name"]) for q in map(lead_question, lines or []) if q]
         rows = [r for r in rows if r.n in flags]
         for r in rows:
-            if last.get(r.n) != r.state:
-                emit(r, last.get(r.n))
+            why = needs_lead(fleet, r, nudged_at.get(r.n), stall)
+            if last.get(r.n) != r.state or why and r.state == "stalled":
+                events.append(Event("done" if r.state == "done" else "state", r.n, r, last.get(r.n), None,
+                                    *(why or (None, None))))
                 last[r.n] = r.state
+                if why:
+                    nudged_at.pop(r.n, None)        # a stall the nudge did not end: said once
             if r.state not in ("stalled", "limited"):
                 nudged.discard(r.n)
-            elif nudge and r.n not in nudged and r.state == "stalled":     # once per stall
+            elif nudge and r.n not in nudged and r.state == "stalled" and not (attention and why):  # once per stall
                 nudged.add(r.n)
+                nudged_at[r.n] = time.time()
                 deliver(fleet, {r.n: nudge(r.n)}, clear=True)
                 log_event(fleet, "nudge", worker=r.n, why="stalled")
             elif nudge and r.n not in nudged and time.time() >= (r.resets or float("inf")):
                 nudged.add(r.n)              # a limit that has reset, once; never before
                 deliver(fleet, {r.n: RESUME}, clear=True, limited=True)
                 log_event(fleet, "resume", worker=r.n)
+        for e in events:
+            emit(e)
         code = 0 if all(r.state == "done" for r in rows) else 4 if any(r.state == "exited" for r in rows) \
-            else 3 if deadline and time.time() >= deadline else None
+            else 6 if attention and any(e.why for e in events) else 3 if deadline and time.time() >= deadline \
+            else None
         if code is not None:
             show_labels(fleet)
             return code
@@ -1382,13 +1458,22 @@ def fleet_cost(rows):
     return total, said
 
 
-def change_line(r, was, json_mode=False):
-    """wait's line for a worker whose state changed."""
+def event_line(e, json_mode=False):
+    """wait's line for one Event: JSON, or text for a person."""
     if json_mode:
-        return safe_json({"t": now_iso(), "worker": r.n, "was": was, "state": r.state, "last": r.last,
-                          "resets": r.resets, "cost_usd": r.cost_usd, "context_pct": r.context_pct})
-    return "%s W%d %s -> %s%s" % (time.strftime("%H:%M:%S"), r.n, was or "-", r.state,
-                                  "  | " + defang(r.last[:80]) if r.last else "")
+        out = {"t": now_iso(), "event": e.kind, "worker": e.n, "attention": bool(e.why)}
+        if e.row:
+            out.update(was=e.was, state=e.row.state, last=e.row.last, resets=e.row.resets,
+                       cost_usd=e.row.cost_usd, context_pct=e.row.context_pct)
+        else:
+            out["text"] = e.text
+        if e.why:
+            out.update(why=e.why, command=e.command)
+        return safe_json(out)
+    said = "W%d %s -> %s%s" % (e.n, e.was or "-", e.row.state, "  | " + defang(e.row.last[:80])
+                                if e.row.last else "") if e.row else "%s%s" % ("W%s " % e.n if e.n else "", e.text)
+    return "%s %s%s" % (time.strftime("%H:%M:%S"), said, "  ** needs the lead: %s: `%s`" % (e.why, e.command)
+                        if e.why else "")
 
 
 def default_nudge(fleet, n, stem=None):
@@ -1702,10 +1787,12 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
               "## Coordination",
               "The bus is a plain file all workers share. Read it between steps. To post, "
               "append one line that starts with [W%d], never edit it:" % n,
-              "    echo '[W%d] <one line>' >> %s" % (n, shlex.quote(bus_path(fleet))), "",
+              "    echo '[W%d] <one line>' >> %s" % (n, shlex.quote(bus_path(fleet))),
+              "Write @lead in a line only when you cannot go on without the lead's answer; "
+              "the lead answers on the bus with a line that starts with [lead].", "",
               "## Autonomy",
-              "Work autonomously to the end. Never wait for confirmation and never ask a "
-              "question: decide, note the assumption in your result, and go on.", ""]
+              "Work autonomously to the end. Never wait for confirmation: decide, note the "
+              "assumption in your result, and go on.", ""]
     return "\n".join(parts)
 
 
@@ -2379,11 +2466,13 @@ def cmd_status(a):
         foreign = foreign_writes(fleet)
         rows, live = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]], False
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
+    needs = [(r.n,) + needs_lead(fleet, r) for r in rows if live and needs_lead(fleet, r)] + unanswered(fleet)
     sys.stderr.write(notes(fleet))
     if a.json:
         print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
-                         "workers": [row_json(r) for r in rows], "bus": bus}, 2))
+                         "workers": [row_json(r) for r in rows], "bus": bus, "attention": [
+                             {"worker": n, "why": why, "command": command} for n, why, command in needs]}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
@@ -2401,24 +2490,35 @@ def cmd_status(a):
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)
+    for n, why, command in needs:
+        print("needs the lead: %s: `%s`" % (why, command))
 
 
 def cmd_wait(a):
     fleet = load_fleet(a.name)
     ns = sorted({pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}) \
         or [w["n"] for w in fleet["workers"]]
-    flags = {n: worker_file(fleet, n, "done") for n in ns}
-    code = wait_loop(fleet, flags, a.timeout, a.interval, a.stall,
-                     a.nudge and (lambda n: default_nudge(fleet, n)),
-                     lambda r, was: print(change_line(r, was, a.json), flush=True), a.budget)
-    result = {0: "done", 3: "timeout", 4: "exited"}[code]
+    flags, needs = {n: worker_file(fleet, n, "done") for n in ns}, []
+
+    def emit(e):
+        needs.extend([e] if e.why else [])
+        print(event_line(e, a.json), flush=True)
+    code = wait_loop(fleet, flags, a.timeout, a.interval, a.stall, a.nudge and (lambda n: default_nudge(fleet, n)),
+                     emit, a.budget, a.attention)
+    first = needs[0] if code == 6 else None
     if a.json:
-        print(json.dumps({"t": now_iso(), "result": result, "workers": ns}), flush=True)
+        out = {"t": now_iso(), "result": {0: "done", 3: "timeout", 4: "exited", 6: "attention"}[code], "workers": ns}
+        if first:
+            out.update(worker=first.n, state=first.row.state if first.row else first.kind, why=first.why,
+                       command=first.command)
+        print(safe_json(out), flush=True)
     else:
         print("%s %s: %s" % (time.strftime("%H:%M:%S"), fleet["name"], {
             0: "all done", 3: "timed out after %gs" % (a.timeout or 0),
             4: "a worker exited without its done flag: `orch read %s all`, `orch respawn %s N`"
-               % (fleet["name"], fleet["name"])}[code]))
+               % (fleet["name"], fleet["name"]),
+            6: first and "W%s needs the lead (%s): %s: `%s`" % (
+                first.n or "?", first.row.state if first.row else first.kind, first.why, first.command)}[code]))
     return code
 
 
@@ -2494,8 +2594,7 @@ def cmd_verify(a):
     lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        matrix = verify_fleet(fleet, need, pool, a.timeout, lambda r, was: print(change_line(r, was), flush=True),
-                              a.budget)
+        matrix = verify_fleet(fleet, need, pool, a.timeout, lambda e: print(event_line(e), flush=True), a.budget)
         write_matrix(fleet, matrix)
     except BlockingIOError:
         raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
@@ -2703,7 +2802,8 @@ def cmd_doctor(a):
     skill = os.path.join(skill_dir(), "SKILL.md")
     print("%-4s %-12s %s" % ("ok" if os.path.exists(skill) else "note", "skill", skill + (
         "" if os.path.exists(skill) else " missing: `python3 orch.py install` puts it where Claude Code reads it")))
-    print("\nallow rules for the lead's .claude/settings.json (permissions.allow):")
+    print("\nClaude Code checks a Monitor call's command against the Bash rules: these cover `wait` under Monitor.")
+    print("allow rules for the lead's .claude/settings.json (permissions.allow):")
     for rule in allow_rules():
         print("  %s" % json.dumps(rule))
     return 0 if all(c[1] for c in checks) else 1
@@ -2715,6 +2815,8 @@ def allow_rules():
     fleets' files (briefs, matrix), which lie outside the project."""
     me = "orch" if os.path.basename(ORCH) == "orch" else "python3 %s" % ORCH
     runs = os.path.join(orch_home(), "runs")
+    # Claude Code 2.1.331 checks a Monitor call's command against the Bash rules: these
+    # also let SKILL.md's `wait --json` run under Monitor with no prompt.
     return sorted({"Bash(%s:*)" % me, "Bash(python3 orch.py:*)", "Bash(orch:*)",     # and as the skill says
                    "Bash(python3 %s:*)" % os.path.join(skill_dir(), "orch.py")}) + ["Read(/%s/**)" % runs]
 
@@ -3106,7 +3208,8 @@ COMMANDS = [
         arg("--timeout", metavar="S", type=SECONDS, default=0, help="give up after S seconds, exit 3 (default: never)"),
         arg("--interval", metavar="S", type=number("--interval", 0.05), default=2.0,
             help="seconds between polls (default 2)"),
-        STALL_ARG, arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"), BUDGET, JSON]),
+        STALL_ARG, arg("--nudge", action="store_true", help="nudge a worker once each time it stalls"), BUDGET, JSON,
+        arg("--attention", action="store_true", help="exit 6 at the first event that needs the lead")]),
     ("nudge", "clear the input box, remind a worker of its brief", [
         NAME, WORKER, arg("message", nargs="*", metavar="MESSAGE")]),
     ("bus", "read the message bus, or post one line to it", [

@@ -340,6 +340,19 @@ class OrchCase(unittest.TestCase):
             self.assertNotIn("Traceback", r.err, r)
         return sb, sb.results[-1]
 
+    def fake(self, name, *screens, daemon=False):
+        """An agent `name` on PATH that shows `screens` ((gap, fixture), ...)."""
+        bindir = os.path.join(self.sb.root, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        write_exe(os.path.join(bindir, name), FAKE_SCREENS % sys.executable)
+        with open(os.path.join(bindir, name + ".screens"), "w") as f:
+            f.write("daemon\n" if daemon else "")
+            f.writelines("%s\t%s\n" % (gap, os.path.join(SCREENS, fx + ".ansi.txt") if "/" not in fx else fx)
+                         for gap, fx in screens)
+        if bindir not in self.sb.env["PATH"]:
+            self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        return os.path.join(bindir, name + ".typed")
+
     def assert_one_error_line(self, r, code, needle):
         self.assertEqual(r.code, code, r)
         self.assertNotIn("Traceback", r.err, r)
@@ -888,7 +901,9 @@ class States(OrchCase):
         self.spawn("js", 2, wd)
         self.ok("bus", "js", "post", "hallo Bus ✓", "--as", "W1")
         st = self.status("js")
-        self.assertEqual(set(st), {"fleet", "session", "live", "workdir", "shared", "workers", "bus", "cost_usd"})
+        self.assertEqual(set(st), {"fleet", "session", "live", "workdir", "shared", "workers", "bus", "cost_usd",
+                                   "attention"})
+        self.assertEqual(st["attention"], [])
         self.assertEqual(st["fleet"], "js")
         self.assertEqual(st["session"], "orch-js")
         self.assertIs(st["live"], True)
@@ -929,7 +944,9 @@ class States(OrchCase):
         self.assertGreaterEqual(len(changes), 2, r.out)
         was = None
         for rec in changes:
-            self.assertEqual(set(rec), {"t", "worker", "was", "state", "last", "resets", "cost_usd", "context_pct"}, rec)
+            self.assertEqual(set(rec), {"t", "event", "worker", "attention", "was", "state", "last", "resets", "cost_usd",
+                                        "context_pct"}, rec)
+            self.assertEqual((rec["event"], rec["attention"]), ("done" if rec["state"] == "done" else "state", False))
             self.assertIsNotNone(datetime.datetime.fromisoformat(rec["t"]).tzinfo)
             self.assertEqual(rec["worker"], 1)
             self.assertEqual(rec["was"], was, r.out)
@@ -1931,7 +1948,10 @@ CLAUDE_VERSION = "2.1.331"          # pinned: the screens orch knows were read o
 class MockAnthropic(http.server.BaseHTTPRequestHandler):
     """A scripted Anthropic Messages API (SSE). The prompt's directive lines are
     played one per model turn: `WRITE <path> <text>` -> Write, `BASH <command>`
-    -> Bash, `READ <path>` -> Read, `SKILL <name>` -> Skill; then a closing
+    -> Bash, `READ <path>` -> Read, `SKILL <name>` -> Skill, `MONITOR <command>`
+    -> Monitor; `AWAIT <text>` holds the next step back (a turn of text only)
+    until a user turn after the last tool call holds <text> (a Monitor event
+    arrives as one, server.woken keeps each such turn); then a closing
     text, streamed over S seconds if a `SLOW <S>` line is there (message_start
     at once, then the text a piece at a time, then the events that end the
     turn). The script is the last user message that holds directive lines (a
@@ -1942,7 +1962,7 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
     turn); server.finished is set once the closing text went out. Requests
     without tools are side queries (session title, the auto-mode classifier)."""
     protocol_version = "HTTP/1.1"
-    WORDS = ("WRITE", "BASH", "READ", "SKILL", "SLOW")
+    WORDS = ("WRITE", "BASH", "READ", "SKILL", "SLOW", "MONITOR", "AWAIT")
 
     def log_message(self, *args):
         pass
@@ -2037,11 +2057,23 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
                 start, steps, self.script = i, lines, text
         slow = sum(float(a) for w, a in steps if w == "SLOW")
         steps = [(w, a) for w, a in steps if w != "SLOW"]
-        turn = sum(m.get("role") == "assistant" for m in msgs[start or 0:])
+        calls = [i for i, m in enumerate(msgs) if i > (start or 0) and m.get("role") == "assistant" and any(
+            isinstance(p, dict) and p.get("type") == "tool_use" for p in m.get("content") or [])]
+        gates = [a for w, a in steps if w == "AWAIT"]
+        steps = [(w, a, gates and i and steps[i - 1][0] == "AWAIT" and steps[i - 1][1])
+                 for i, (w, a) in enumerate(steps) if w != "AWAIT"]
+        turn, since = len(calls), msgs[(calls[-1] if calls else start or 0) + 1:]
+        if start is not None and turn < len(steps) and steps[turn][2]:
+            woken = json.dumps(since, ensure_ascii=False)
+            if steps[turn][2] not in woken:
+                return [{"type": "text", "text": "Waiting for the fleet."}], "end_turn", 0.0
+            self.server.woken.append(woken)
+        steps = [(w, a) for w, a, _ in steps]
         if start is None or turn >= len(steps):
             self.server.finished = start is not None
             # Slow only as the script's own closing text: not a later turn (a queued message's).
-            return [{"type": "text", "text": "Mock done."}], "end_turn", slow if turn == len(steps) else 0.0
+            closed = any(m.get("role") == "assistant" for m in since)
+            return [{"type": "text", "text": "Mock done."}], "end_turn", 0.0 if closed else slow
         word, arg = steps[turn]
         if word == "WRITE":
             path, _, text = arg.partition(" ")
@@ -2050,6 +2082,9 @@ class MockAnthropic(http.server.BaseHTTPRequestHandler):
             call = {"name": "Read", "input": {"file_path": arg}}
         elif word == "SKILL":
             call = {"name": "Skill", "input": {"skill": arg}}
+        elif word == "MONITOR":
+            call = {"name": "Monitor", "input": {"command": arg, "description": "orch wait events",
+                                                 "timeout_ms": 300000}}
         else:
             call = {"name": "Bash", "input": {"command": arg, "description": "mock step"}}
         call.update(type="tool_use", id="toolu_%d_%d" % (len(msgs), turn))
@@ -2062,7 +2097,7 @@ def mock_api(handler=MockAnthropic, **state):
     (and requests, calls, results, finished) on the server for its handler;
     shutdown() and server_close() end it."""
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    api.requests, api.calls, api.results, api.finished = [], {}, {}, False
+    api.requests, api.calls, api.results, api.finished, api.woken = [], {}, {}, False, []
     for key, value in state.items():
         setattr(api, key, value)
     api.daemon_threads = True
@@ -2349,8 +2384,8 @@ LEAD_REPO = {
 }
 # The orch commands of SKILL.md's sh blocks a lead plays from spawn to kill
 # (nudge needs a worker that drifts), in SKILL.md's order.
-LEAD_STEPS = ["spawn", "brief", "brief", "brief", "send", "wait", "status", "read", "bus", "log", "verify", "report",
-              "kill"]
+LEAD_STEPS = ["spawn", "brief", "brief", "brief", "send", "wait", "wait", "bus", "bus", "status", "read", "log",
+              "verify", "report", "kill"]
 # What asks on the lead's screen: a permission prompt ("Do you want to
 # proceed?", "Allow this read outside the working directories?", both ending
 # "Esc to cancel · Tab to amend"), a notice ("Enter to continue"), any menu.
@@ -2401,13 +2436,15 @@ class RealLead(OrchCase):
         """The requests to auto mode's safety check."""
         return [b for b in self.api.requests if "security monitor" in json.dumps(b.get("system", ""))]
 
-    def start_lead(self, mode, leave_out=()):
+    def start_lead(self, mode, leave_out=(), monitored=False, narrow=False):
         """orch installed with `orch install`, doctor's rules (but those that
         start with a word in leave_out) in the project's .claude/settings.json,
         the real claude as the lead in pane `lead` of the test's tmux server,
-        and one prompt: SKILL.md's commands for a sim fleet on the project.
-        Returns (script, {BASH step: its line in SKILL.md as Claude Code shows
-        it, the skill's folder filled in})."""
+        and one prompt: SKILL.md's commands for a sim fleet on the project
+        (`monitored`: up to its Monitor step, then an answer on the bus once a
+        Monitor event brings a question to the lead; `narrow`: the Bash rules
+        only for spawn, brief and bus). Returns (script, {step:
+        its line in SKILL.md as Claude Code shows it, the skill's folder filled in})."""
         sb = self.sb
         home, skill_dir, project = self.home, self.skill_dir, sb.workdir("project", LEAD_REPO)
         key = "sk-ant-api03-FAKETESTKEY-0123456789abcdefghijklmnop"
@@ -2431,15 +2468,30 @@ class RealLead(OrchCase):
         self.assertIn("ok   skill        %s" % os.path.join(skill_dir, "SKILL.md"), r.stdout)
         allow = [json.loads(line) for line in r.stdout.split("permissions.allow):\n", 1)[1].splitlines()]
         allow = [rule for rule in allow if not rule.startswith(tuple(leave_out))]
+        if narrow:
+            allow = [rule.replace(":*)", " %s:*)" % word) if rule.startswith("Bash(") else rule
+                     for rule in allow for word in ("spawn", "brief", "bus")]
         write_tree(project, {".claude/settings.json": json.dumps({"permissions": {"allow": allow}})})
         blocks = re.findall(r"```sh\n(.*?)```", sb.text(os.path.join(skill_dir, "SKILL.md")), re.S)
         lines = [line.replace("${CLAUDE_SKILL_DIR}", skill_dir) for block in blocks
                  for line in block.splitlines() if line.split()[2:3] != ["nudge"]]
         self.assertEqual([line.split()[2] for line in lines], LEAD_STEPS, lines)
         self.assertTrue(all(line.startswith("python3 %s " % orch) for line in lines), lines)
+
         script, literal = ["SKILL orch"], {}
+        if monitored:
+            lines = [line for line in lines if line.split()[2] in ("spawn", "brief")] + [
+                next(line for line in lines if " wait audit --json " in line),
+                next(line for line in lines if " bus audit post " in line)]
         for line in lines:
-            cmd = line.replace("/path/to/repo", project + " --agent sim").replace("/home/me/.orch", sb.home)
+            cmd = line.replace("/path/to/repo", project + (" --agent 'sim --delay 8'" if monitored else " --agent sim"))
+            cmd = cmd.replace("/home/me/.orch", sb.home)
+            if monitored and " brief " in cmd:          # delivered at once, to slow workers
+                cmd += " --send"
+            if monitored and " wait " in cmd:           # under Monitor; the lead acts on a question
+                literal["MONITOR " + cmd] = line
+                script += ["MONITOR " + cmd, "AWAIT @lead"]
+                continue
             if " send " in cmd:              # each brief is read, then delivered by its absolute path
                 script += ["READ " + sb.shared("audit", "agent-%d.task.md" % n) for n in (1, 2, 3)]
                 sends = [cmd.replace("audit 1", "audit %d" % n).replace("agent-1", "agent-%d" % n) for n in (1, 2, 3)]
@@ -2522,10 +2574,50 @@ class RealLead(OrchCase):
         self.assertEqual(sb.tmux("has-session", "-t", "=lead").returncode, 0)   # the lead still there
         sys.stderr.write("[claude %s, %s mode: %d steps in %.1fs] " % (self.version, mode, len(script), took))
 
-    def asked(self, mode, leave_out, at):
+    def woken(self, mode):
+        """SKILL.md's Monitor step: the lead runs `wait --json` under its Monitor
+        tool, a worker's question on the bus (`@lead`) wakes it with the event
+        line itself, and it answers on the bus. Nothing asks, no tool fails."""
+        sb = self.sb
+        script, literal = self.start_lead(mode, monitored=True)
+        wait_for(lambda: os.path.exists(sb.shared("audit", "bus.md")), 60, 0.1, "the fleet")
+        question = "[W2] @lead which folder is mine, api/ or jobs/?"
+        with open(sb.shared("audit", "bus.md"), "a", encoding="utf-8") as f:   # as W2 would append it
+            f.write(question + "\n")
+
+        def answered():
+            screen = self.asking()
+            if screen:
+                self.fail("the lead was asked at %r:\n%s" % (script[len(self.api.calls) - 1], screen))
+            self.failed(script)
+            return self.api.finished and "Mock done." in self.screen()
+        wait_for(answered, 120, 0.2, "the lead woken by the question, and its answer")
+        calls = list(self.api.calls.values())
+        self.assertEqual([c["name"] for c in calls], [{"SKILL": "Skill", "BASH": "Bash", "MONITOR": "Monitor"}[
+            step.split(" ")[0]] for step in script if not step.startswith("AWAIT")])
+        monitor = next(c for c in calls if c["name"] == "Monitor")
+        self.assertIn("MONITOR " + monitor["input"]["command"], literal)          # SKILL.md's line, as it is
+        self.assertTrue(self.api.woken, "no Monitor event reached the model")
+        event = json.dumps(json.dumps({"event": "bus", "worker": 2})[1:-1])[1:-1]   # as the notification holds it
+        self.assertIn("task-notification", self.api.woken[0])
+        self.assertIn(event, self.api.woken[0])
+        self.assertIn(json.dumps(question)[1:-1], self.api.woken[0])
+        self.assertIn('\\"attention\\": true', self.api.woken[0])
+        bus = sb.text(sb.shared("audit", "bus.md")).splitlines()
+        self.assertEqual(bus[bus.index(question) + 1:][-1:], ["[lead] W2: stay in api/; the jobs are W3's"])
+        self.assertEqual(len(self.classified()), 0, "a step no rule covers went to auto mode's safety check")
+        sys.stderr.write("[claude %s, %s mode: woken by the Monitor event] " % (self.version, mode))
+
+    def test_default_mode_is_woken_by_a_question_on_the_bus(self):
+        self.woken("default")
+
+    def test_auto_mode_is_woken_by_a_question_on_the_bus(self):
+        self.woken("auto")
+
+    def asked(self, mode, leave_out, at, monitored=False, narrow=False):
         """The same run with some of doctor's rules left out: the lead is asked
         at the step that starts with `at`; returns the screen."""
-        script, _ = self.start_lead(mode, leave_out)
+        script, _ = self.start_lead(mode, leave_out, monitored, narrow)
         screen = wait_for(lambda: self.failed(script) or self.asking(), 60, 0.2,
                           "a question without the %s rules" % "/".join(leave_out))
         self.assertTrue(script[len(self.api.calls) - 1].startswith(at), (script[len(self.api.calls) - 1], screen))
@@ -2542,6 +2634,10 @@ class RealLead(OrchCase):
             self.skill_dir, "orch.py"))
         self.assertIn("Do you want to proceed?", screen)
         self.assertRegex(screen, r"don.t ask again for: python3 \*")      # what SKILL.md says to decline
+
+    def test_monitor_is_checked_against_the_bash_rules(self):
+        """Bash rules for spawn, brief and bus only: the Monitor call of `wait` asks."""
+        self.assertIn("Do you want to proceed?", self.asked("default", (), "MONITOR ", monitored=True, narrow=True))
 
     def test_without_the_read_rule_default_mode_asks_to_read_a_brief(self):
         screen = self.asked("default", ("Read",), "READ " + self.sb.shared("audit", "agent-1.task.md"))
@@ -3409,6 +3505,123 @@ class Labels(OrchCase):
                          "EVIL-TITLE #[fg=red]")                 # it did set one
 
 
+class Attention(OrchCase):
+    """`wait` wakes the lead: one line per event, "attention" on those that need
+    it, and with --attention exit 6 at the first, naming the worker, its state
+    and the command that helps; a calm fleet runs to its timeout."""
+
+    def waits(self, fleets, *extra):
+        """`wait NAME --json --attention` of each fleet at once: {name: (Result, events, result line)}."""
+        runs = self.sb.orch_each([(["wait", name, "--json", "--attention", "--interval", "0.2", "--timeout", "20"]
+                                   + list(extra), {}) for name in fleets])
+        out = {}
+        for name, r in zip(fleets, runs):
+            lines = [json.loads(line) for line in r.out.splitlines()]
+            out[name] = (r, lines[:-1], lines[-1])
+        return out
+
+    def test_each_screen_that_needs_the_lead_exits_6_naming_worker_state_and_command(self):
+        limit = os.path.join(self.sb.root, "limit.ansi.txt")
+        with open(limit, "w") as f:         # a limit that does not say when it resets
+            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro.\n\n\u203a Ask Codex to do anything\n")
+        odd, ready = os.path.join(self.sb.root, "odd.ansi.txt"), os.path.join(self.sb.root, "aider.ansi.txt")
+        with open(odd, "w") as f:
+            f.write("Quelque chose d'inattendu\n  [o]ui / [n]on ?\n")
+        with open(ready, "w") as f:
+            f.write("Aider v0.86\r\n> ")
+        cases = {"claude": ("claude-permission-bash", "permission", "orch attach erlaubnis"),
+                 "gemini": ("gemini-auth-chooser", "dialog", "orch attach dialog"),
+                 "codex": (limit, "limited", "orch read grenze 1"),
+                 "aider": (odd, "unknown", "orch read fremd 1")}
+        fleets = {"claude": "erlaubnis", "gemini": "dialog", "codex": "grenze", "aider": "fremd"}
+        for agent, (screen, _, _) in cases.items():
+            first = ready if agent == "aider" else "%s-idle" % agent
+            self.fake(agent, (0, first), (4, screen))
+            self.ok("spawn", fleets[agent], 1, self.sb.workdir("wörk-" + agent), "--agent", agent, "--timeout", "0")
+        # unknown is a screen orch does not know after one it did: seen ready first
+        wait_for(lambda: self.states("fremd") == ["idle"], 10, what="aider ready")
+        seen = self.waits(list(fleets.values()))
+        for agent, (_, state, command) in cases.items():
+            r, events, final = seen[fleets[agent]]
+            with self.subTest(agent=agent, state=state):
+                self.assertEqual(r.code, 6, r)
+                self.assertEqual((final["result"], final["worker"], final["state"], final["command"]),
+                                 ("attention", 1, state, command), r)
+                self.assertTrue(final["why"].startswith("W1 "), final)
+                last = events[-1]
+                self.assertEqual((last["event"], last["state"], last["attention"], last["command"]),
+                                 ("state", state, True, command), r)
+                self.assertEqual([e["attention"] for e in events[:-1]], [False] * (len(events) - 1), r)
+        r = self.sb.orch("wait", "erlaubnis", "--attention", "--interval", "0.2", "--timeout", "20")
+        self.assertEqual(r.code, 6, r)
+        self.assertRegex(r.out.splitlines()[-1], r"^\d\d:\d\d:\d\d erlaubnis: W1 needs the lead \(permission\): "
+                         r"W1 waits at a permission: answer it in its pane \(tmux attach -t orch-erlaubnis\): "
+                         r"`orch attach erlaubnis`$")
+        self.assertIn("needs the lead: W1 waits at a permission", self.ok("status", "erlaubnis").out)
+
+    def test_an_exit_a_stall_the_nudge_did_not_end_and_a_calm_fleet(self):
+        self.spawn("weg", 1)
+        os.kill(self.sb.panes("weg")[0][1], signal.SIGKILL)
+        self.spawn("still", 1)
+        self.spawn("ruhig", 2)
+        seen = self.waits(["weg"])
+        seen.update(self.waits(["still"], "--nudge", "--stall", "1"))
+        runs = self.sb.orch_each([(["wait", "ruhig", "--attention", "--interval", "0.2", "--timeout", "2"], {})])
+        r, events, final = seen["weg"]
+        self.assertEqual((r.code, final["result"]), (4, "exited"), r)         # exit 4 stays exit 4
+        self.assertEqual((events[-1]["state"], events[-1]["attention"], events[-1]["command"]),
+                         ("exited", True, "orch respawn weg 1"), r)
+        r, events, final = seen["still"]
+        self.assertEqual((r.code, final["state"], final["command"]), (6, "stalled", "orch read still 1"), r)
+        self.assertEqual(final["why"], "W1 is still stalled 1s after its nudge")
+        self.assertEqual(len(self.sb.events("still", "nudge")), 1)
+        self.assertEqual(runs[0].code, 3, runs[0])
+        self.assertRegex(runs[0].out, r"ruhig: timed out after 2s\n$")
+        self.assertNotIn("needs the lead", runs[0].out)
+
+    def test_a_bus_line_to_the_lead_wakes_it_once_until_it_answers(self):
+        self.spawn("frage", 2)
+        self.ok("bus", "frage", "post", "--as", "W2", "the api/ files are mine")
+        with open(self.sb.shared("frage", "bus.md"), "a") as f:          # as a worker appends
+            f.write("[W2] @lead api/ or jobs/? \x1b[31m\n")
+        r, events, final = self.waits(["frage"])["frage"]
+        self.assertEqual((r.code, final["worker"], final["state"], final["command"]), (6, 2, "bus", "orch bus frage --new"))
+        self.assertEqual([(e["event"], e["attention"], e.get("text")) for e in events if e["event"] == "bus"],
+                         [("bus", True, "[W2] @lead api/ or jobs/? \\u001b[31m")])
+        status = self.ok("status", "frage")
+        self.assertIn("needs the lead: W2 asks the lead on the bus: [W2] @lead api/ or jobs/?", status.out)
+        self.assertEqual(self.status("frage")["attention"], [{"worker": 2, "command": "orch bus frage --new",
+                         "why": "W2 asks the lead on the bus: [W2] @lead api/ or jobs/? \\u001b[31m"}])
+        r = self.sb.orch("wait", "frage", "--attention", "--interval", "0.2", "--timeout", "1")
+        self.assertEqual(r.code, 3, r)                                   # each question once
+        self.assertIn("@lead api/ or jobs/?", self.ok("bus", "frage", "--new", "--as", "lead").out)
+        self.ok("bus", "frage", "post", "W2: jobs/ is W1's; stay in api/")
+        self.assertEqual(self.status("frage")["attention"], [])          # answered
+
+    def test_the_budget_warns_at_80_percent_and_a_foreign_write_is_an_event(self):
+        self.spawn("kasse", 2)
+        hook = lambda n, payload: self.sb.orch("hook", stdin=json.dumps(payload),
+                                               env=dict(self.sb.env, ORCH_FLEET="kasse", ORCH_WORKER=str(n)))
+        proc = self.sb.start("wait", "kasse", "--json", "--attention", "--budget", "1", "--interval", "0.2",
+                             "--timeout", "30")
+        wait_for(lambda: len(proc.lines) >= 2, 10, what="the first states")
+        hook(1, {"cost": {"total_cost_usd": 0.85}})
+        hook(2, {"hook_event_name": "PostToolUse", "tool_name": "Write",
+                 "tool_input": {"file_path": self.sb.shared("kasse", "agent-1.result.md")}})
+        wait_for(lambda: len(proc.lines) >= 4, 10, what="the warning and the write")
+        hook(2, {"cost": {"total_cost_usd": 0.3}})
+        r = proc.finish(20)
+        self.assertEqual(r.code, 5, r)
+        events = [json.loads(line) for line in r.out.splitlines()]
+        said = [(e["event"], e["attention"], e.get("text")) for e in events if e["event"] != "state"]
+        self.assertEqual(said, [
+            ("budget", False, "the fleet's known cost is $0.85 (W1 $0.85); unknown for W2: at least 80% of "
+                              "--budget $1.00"),
+            ("foreign", False, "W2 wrote W1's agent-1.result.md"),
+            ("budget", True, "the fleet's known cost is $1.15 (W1 $0.85, W2 $0.30), past --budget $1.00")], r.out)
+        self.assertEqual(events[-1]["command"], "orch status kasse")
+
+
 class Spend(OrchCase):
     """What a Claude worker's hooks and status line tell orch (events, cost,
     context), fed to `orch hook` as Claude Code feeds it: JSON on stdin, in the
@@ -3627,19 +3840,6 @@ while select.select([0], [], [], 3600)[0]:
 
 class Truth(OrchCase):
     """orch never says ready, delivered or gone unless it is."""
-
-    def fake(self, name, *screens, daemon=False):
-        """An agent `name` on PATH that shows `screens` ((gap, fixture), ...)."""
-        bindir = os.path.join(self.sb.root, "bin")
-        os.makedirs(bindir, exist_ok=True)
-        write_exe(os.path.join(bindir, name), FAKE_SCREENS % sys.executable)
-        with open(os.path.join(bindir, name + ".screens"), "w") as f:
-            f.write("daemon\n" if daemon else "")
-            f.writelines("%s\t%s\n" % (gap, os.path.join(SCREENS, fx + ".ansi.txt") if "/" not in fx else fx)
-                         for gap, fx in screens)
-        if bindir not in self.sb.env["PATH"]:
-            self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
-        return os.path.join(bindir, name + ".typed")
 
     def test_a_dialog_a_moment_after_idle_is_not_ready(self):
         typed = self.fake("codex", (0, "codex-idle"), (1, "codex-login-chooser"))
@@ -5306,7 +5506,7 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 82 s here, 90 s in three parts). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Labels": 5, "Structure": 9, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
+COST = {"Attention": 12, "Labels": 5, "Structure": 9, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
         "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
         "AgentEntry": 3, "BadInput": 3, "Spend": 10}
 PARTS = 5
