@@ -5504,11 +5504,11 @@ class Structure(OrchCase):
 
 # Seconds each class takes here, to split the suite in PARTS even parts that
 # run side by side (the tests mostly wait on tmux and the agents, so four
-# processes keep 2 cores busy: 82 s here, 90 s in three parts). The classes that read the shared demo runs
+# processes keep 2 cores busy: about 95 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Attention": 12, "Labels": 5, "Structure": 9, "Hostile": 34, "Truth": 40, "Harness": 23, "States": 24, "Adversaries": 16, "Verification": 13,
-        "Security": 12, "Concurrency": 11, "Faults": 8, "Python38": 7, "Bus": 7, "Briefs": 4, "Docs": 4,
-        "AgentEntry": 3, "BadInput": 3, "Spend": 10}
+COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 14, "Harness": 25, "Verification": 25,
+        "Security": 20, "Spend": 14, "Concurrency": 14, "Adversaries": 13, "Python38": 11, "Faults": 10,
+        "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 4, "AgentEntry": 4}
 PARTS = 5
 TOGETHER = ("Verification", "Security", "Python38")
 
