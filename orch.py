@@ -134,9 +134,12 @@ class Finding(Record):
     text after the location as written: a '|' in it may belong to the claim or
     to the quote, so the citation check tries each split (splits()). Once
     verified: citation (what that check said), rounds (its Verdicts, in the
-    order they were asked for) and final (its FINALS word)."""
+    order they were asked for) and final (its FINALS word). finders: every
+    worker that reported it (the same place and quote: one finding), `also`
+    their ids but its own; canary: for a finding orch planted, known false,
+    the id of the real finding whose claim it borrows (None: a real one)."""
     __slots__ = ("worker", "k", "path", "line", "end", "claim", "quote", "rest", "citation", "rounds",
-                 "final")
+                 "final", "finders", "also", "canary")
     HEAD, FIRST = "claim", 1            # its cells: a claim of one cell at least, then the quote
 
     @property
@@ -144,8 +147,12 @@ class Finding(Record):
         return "W%d.F%d" % (self.worker, self.k)
 
     def matrix_json(self):
+        if self.canary:
+            return self.json("path", "line", "claim", "quote", id=self.id, borrowed_from=self.canary,
+                             rounds=[v.matrix_json() for v in self.rounds or []])
         return self.json("path", "line", "end", "worker", "k", "claim", "quote", id=self.id, rounds=[
-            v.matrix_json() for v in self.rounds or []], citation=self.citation, final=self.final)
+            v.matrix_json() for v in self.rounds or []], citation=self.citation, final=self.final,
+            found_by=self.finders or [self.worker])
 
 
 class Verdict(Record):
@@ -155,15 +162,17 @@ class Verdict(Record):
     `rest` as for a Finding; `evidence` is its text after the verdict word (the
     old grammar gave only that). Once counted: round, verifier, check ("checked",
     "unsupported", "missing", "fabricated: ..." or "not W<v>'s: ..."), counts
-    (it is one of the votes), why_not (why it is not, "" if it is), and forged
-    (why its round file is not its verifier's, None if it is)."""
+    (it is one of the votes), why_not (why it is not, "" if it is), forged
+    (why its round file is not its verifier's, None if it is) and family (the
+    verifier's agent)."""
     __slots__ = ("verdict", "path", "line", "end", "why", "quote", "rest", "at", "evidence", "round",
-                 "verifier", "check", "counts", "why_not", "forged")
+                 "verifier", "check", "counts", "why_not", "forged", "family")
     HEAD, FIRST = "why", 0              # its cells: a why that may be left out, then the quote
 
     def matrix_json(self):
         out = self.json("path", "line", "end", "verdict", "why", "quote", "at", "evidence", "round", "verifier",
-                        "check", unsupported=self.check != "checked", counts=self.counts, why_not=self.why_not)
+                        "family", "check", unsupported=self.check != "checked", counts=self.counts,
+                        why_not=self.why_not)
         if self.forged:
             out["forged"] = self.forged
         return out
@@ -177,15 +186,16 @@ RoundOutcome = collections.namedtuple("RoundOutcome", "verdicts incomplete diges
 # How far one worker's word held, as finder and as verifier (counts), and
 # whether it was dropped for fabricated evidence.
 RELIABILITY = ("findings", "bad_citations", "refuted", "confirmed", "disputed", "verdicts", "decisive",
-               "unsupported", "missing", "fabricated", "outvoted")
+               "unsupported", "missing", "fabricated", "outvoted", "canaries_confirmed")
 Reliability = collections.namedtuple("Reliability", RELIABILITY + ("dropped",))
 
 # A verification's outcome, as matrix.json holds it: the fleet, how many rounds
 # ran, the verdicts each finding needed, the verifier pool, the Findings, the
 # tally {FINALS word: count}, {dropped verifier: why}, {worker: Reliability},
-# why it is incomplete, the findings left undecided by that, problems met, when.
+# why it is incomplete, the findings left undecided by that, problems met, when,
+# and the canaries planted (Findings orch knows false, with the verdicts on them).
 Matrix = collections.namedtuple("Matrix", "fleet rounds need pool findings tally dropped reliability "
-                                          "incomplete undecided problems written")
+                                          "incomplete undecided problems written canaries")
 
 
 # --- agents ------------------------------------------------------------------
@@ -832,6 +842,11 @@ def updating(fleet, name):
         os.close(fd)
 
 
+def finite(v):
+    """A real number, neither NaN nor infinite: what a JSON state file may hold for a time."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
 def now_iso():
     import datetime
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -898,20 +913,29 @@ def read_lines(path, start=0):
     if data is None:
         return None, start, why
     whole = data[:data.rfind(b"\n") + 1]
+    if why and not whole:               # one line longer than READ_CAP: skipped, never read again
+        return [], start + len(data), why
     return whole.decode("utf-8", "replace").split("\n")[:-1], start + len(whole), why
+
+
+def posted_by_orch(fleet):
+    """A test of whether a bus line is one orch posted (its own, or the lead's through `bus post`)."""
+    import hashlib
+    posted = set((read_text(os.path.join(fleet["run"], "bus-posted"), "")).split())
+    return lambda line: hashlib.sha1(line.encode()).hexdigest() in posted
+
+
+def claims_orch(line):
+    """A bus line that starts like orch's or the lead's, invisible characters before it included."""
+    return re.match(r"[\W_]*\[(lead|orch)\]", line) is not None
 
 
 def bus_lines(fleet, lines):
     """Bus lines to show: defanged, and a line that claims to be orch's or
     the lead's but was not posted by orch marked."""
-    import hashlib
-    posted = set((read_text(os.path.join(fleet["run"], "bus-posted"), "")).split())
-    out = []
-    for line in lines:
-        if re.match(r"\[(lead|orch)\]", line) and hashlib.sha1(line.encode()).hexdigest() not in posted:
-            line = "(not posted by orch) " + line
-        out.append(defang(line))
-    return out
+    genuine = posted_by_orch(fleet)
+    return [defang(("(not posted by orch) " if claims_orch(line) and not genuine(line) else "") + line)
+            for line in lines]
 
 
 def post(fleet, who, text):
@@ -1109,8 +1133,7 @@ def poll(fleet, stall=STALL, flags=None, ended_ok=True):
         now, rows, foreign = time.time(), [], foreign_writes(fleet)
         for w in fleet["workers"]:
             memo = memory.setdefault(str(w["n"]), {})
-            if not (isinstance(memo, dict) and all(isinstance(memo.get(k) or 0, (int, float))
-                                                   for k in ("since", "resets"))):
+            if not (isinstance(memo, dict) and all(finite(memo.get(k) or 0) for k in ("since", "resets", "nudged"))):
                 fleet.setdefault("notes", []).append("watch.json was damaged for W%d: started afresh" % w["n"])
                 memo = memory[str(w["n"])] = {}
             row = worker_row(w, captures.get(w["n"]), memo, now, stall, done[w["n"]])
@@ -1136,7 +1159,6 @@ def poll_by_n(fleet, flags=None):
 # tmux process), and `wait` shows its last poll's before it returns.
 
 BORDER = " #{@orch_task} · #{@orch_state} "
-NEEDS_LEAD = ("permission", "dialog", "unknown", "limited", "stalled", "exited")
 
 
 def label_text(text, width=80):
@@ -1154,7 +1176,7 @@ def task_label(fleet, n):
 
 def tally_label(fleet, rows):
     """The fleet's tally for its status line: done N/M, how many need the lead, the known cost."""
-    need, total = sum(r.state in NEEDS_LEAD for r in rows), fleet_cost(rows)[0]
+    need, total = sum(needs_lead(fleet, r) is not None for r in rows), fleet_cost(rows)[0]
     cost = "%s known" % money(total) if any(r.cost_usd is not None for r in rows) else "cost unknown"
     return label_text("orch %s: done %d/%d · %d need%s the lead · %s" % (
         fleet["name"], sum(r.done for r in rows), len(rows), need, "s" * (need == 1), cost))
@@ -1168,7 +1190,8 @@ def label_commands(fleet, memory):
         memo = memory.get(str(w["n"]))
         if isinstance(memo, dict) and w["pane"] and isinstance(memo.get("state"), str) \
                 and memo.get("label") != memo["state"]:
-            argv += [";", "set-option", "-p", "-t", w["pane"], "@orch_state", label_text(memo["state"])]
+            # -q: a pane closed since the last poll must not stop the batch (tmux 3.3a stops at a failure)
+            argv += [";", "set-option", "-q", "-p", "-t", w["pane"], "@orch_state", label_text(memo["state"])]
             memo["label"] = memo["state"]
     if isinstance(memory.get("tally"), str) and memory.get("tally_shown") != memory["tally"]:
         argv += [";", "set-option", "-t", "=%s:" % fleet["session"], "status-right", memory["tally"]]
@@ -1345,23 +1368,48 @@ def needs_lead(fleet, r, nudged_at=None, stall=STALL):
     return None
 
 
-def lead_question(line):
+def lead_question(line, genuine):
     """A bus line a worker addressed to the lead (`@lead`) as (its worker n,
-    or None, and the line as shown), or None."""
-    if "@lead" not in line or re.match(r"\[(lead|orch)\]", line):
+    or None, and the line as shown), or None; `genuine` tells orch's own lines."""
+    if "@lead" not in line or genuine(line):
         return None
     m = re.match(r"\[W(\d{1,6})\]", line)
     return int(m.group(1)) if m else None, one_line(line, 300)
 
 
 def unanswered(fleet):
-    """The bus questions to the lead that no line of the lead's followed, as
-    (worker, why, command): for `status`."""
-    pending = []
-    for line in read_lines(bus_path(fleet))[0] or []:
-        pending = [] if line.startswith("[lead]") else pending + [q for q in [lead_question(line)] if q]
+    """The questions to the lead in the bus's last 16 MB that no line the lead
+    posted followed, as (worker, why, command): for `status`."""
+    path, genuine, pending = bus_path(fleet), posted_by_orch(fleet), []
+    start = max(0, os.path.getsize(path) - READ_CAP) if os.path.isfile(path) else 0
+    for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
+        if line.startswith("[lead]") and genuine(line):
+            pending = []
+        elif lead_question(line, genuine):
+            pending.append(lead_question(line, genuine))
     return [(n, "W%s asks the lead on the bus: %s" % (n or "?", text), "orch bus %s --new" % fleet["name"])
             for n, text in pending]
+
+
+def note_nudge(fleet, n, when):
+    """Keep when worker n was last nudged (None: forget it) in watch.json, for
+    every later wait; returns `when`."""
+    with updating(fleet, "watch.json") as memory:
+        if isinstance(memory.get(str(n)), dict):
+            memory[str(n)]["nudged"] = when
+    return when
+
+
+def bus_answered(fleet):
+    """The byte offset of the bus after the lead's last answer (0: none):
+    where a `wait` with no cursor of its own starts looking for questions."""
+    lines, _, _ = read_lines(bus_path(fleet))
+    genuine, offset, after = posted_by_orch(fleet), 0, 0
+    for line in lines or []:
+        offset += len(line.encode("utf-8", "replace")) + 1
+        if line.startswith("[lead]") and genuine(line):
+            after = offset
+    return after
 
 
 def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, attention=False):
@@ -1374,7 +1422,10 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
     with `attention`, 6 once an event needs the lead; past `budget` (USD, the
     fleet's known cost) it interrupts every busy worker and raises."""
     deadline, began = time.time() + timeout if timeout else None, time.time()
-    last, nudged, nudged_at, written, warned = {}, set(), {}, set(), False
+    last, resumed, written, warned = {}, set(), set(), False
+    with updating(fleet, "watch.json") as memory:        # nudges of earlier waits count: a loop of short waits
+        nudged_at = {int(n): m["nudged"] for n, m in memory.items() if n.isdigit() and isinstance(m, dict)
+                     and finite(m.get("nudged"))}
     while True:
         rows, events = poll(fleet, stall, flags), []
         total, spent = fleet_cost(rows) if budget is not None else (0, "")
@@ -1385,7 +1436,7 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
             log_event(fleet, "budget", budget=budget, cost=total)
             raise OrchError("over budget: the fleet's known cost is %s, past --budget $%.2f: every busy "
                             "worker was interrupted" % (spent, budget), 5)
-        if budget is not None and total >= 0.8 * budget and not warned:
+        if budget is not None and total >= 0.8 * budget and not warned and any(r.cost_usd is not None for r in rows):
             warned = True
             events.append(Event("budget", None, None, None, "the fleet's known cost is %s: at least 80%% of "
                                 "--budget $%.2f" % (spent, budget), None, None))
@@ -1393,12 +1444,17 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
             for o, f in [x for x in files if (w,) + x not in written]:
                 written.add((w, o, f))
                 events.append(Event("foreign", w, None, None, "W%d wrote %s's %s" % (
-                    w, "W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet))), None, None))
+                    w, "W%d" % o if o else "orch", one_line(os.path.relpath(f, shared_dir(fleet)), 200)), None, None))
         with updating(fleet, "watch.json") as memory:      # each question once, whoever waits
-            start = memory.get("bus_read") if isinstance(memory.get("bus_read"), int) else 0
+            start, size = memory.get("bus_read"), os.path.getsize(bus_path(fleet)) if os.path.isfile(
+                bus_path(fleet)) else 0
+            if type(start) is not int or not 0 <= start <= size:       # none yet, damaged, or bus.md shrank
+                start = bus_answered(fleet)
             lines, memory["bus_read"], _ = read_lines(bus_path(fleet), start)
+        genuine = posted_by_orch(fleet)
         events += [Event("bus", q[0], None, None, q[1], "W%s asks the lead on the bus" % (q[0] or "?"),
-                         "orch bus %s --new" % fleet["name"]) for q in map(lead_question, lines or []) if q]
+                         "orch bus %s --new" % fleet["name"]) for q in [lead_question(line, genuine)
+                                                                         for line in lines or []] if q]
         rows = [r for r in rows if r.n in flags]
         for r in rows:
             why = needs_lead(fleet, r, nudged_at.get(r.n), stall)
@@ -1406,17 +1462,17 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
                 events.append(Event("done" if r.state == "done" else "state", r.n, r, last.get(r.n), None,
                                     *(why or (None, None))))
                 last[r.n] = r.state
-                if why:
-                    nudged_at.pop(r.n, None)        # a stall the nudge did not end: said once
-            if r.state not in ("stalled", "limited"):
-                nudged.discard(r.n)
-            elif nudge and r.n not in nudged and r.state == "stalled" and not (attention and why):  # once per stall
-                nudged.add(r.n)
-                nudged_at[r.n] = time.time()
+                if why and r.state == "stalled":    # a stall the nudge did not end: said once, then nudged anew
+                    nudged_at[r.n] = note_nudge(fleet, r.n, None)
+            if r.state != "limited":
+                resumed.discard(r.n)
+            if nudge and r.state == "stalled" and (nudged_at.get(r.n) or 0) < time.time() - r.quiet \
+                    and not (attention and why):        # once per stall, whichever wait sees it
                 deliver(fleet, {r.n: nudge(r.n)}, clear=True)
+                nudged_at[r.n] = note_nudge(fleet, r.n, time.time())
                 log_event(fleet, "nudge", worker=r.n, why="stalled")
-            elif nudge and r.n not in nudged and time.time() >= (r.resets or float("inf")):
-                nudged.add(r.n)              # a limit that has reset, once; never before
+            elif nudge and r.state == "limited" and r.n not in resumed and time.time() >= (r.resets or float("inf")):
+                resumed.add(r.n)              # a limit that has reset, once; never before
                 deliver(fleet, {r.n: RESUME}, clear=True, limited=True)
                 log_event(fleet, "resume", worker=r.n)
         for e in events:
@@ -1471,7 +1527,7 @@ def event_line(e, json_mode=False):
             out.update(why=e.why, command=e.command)
         return safe_json(out)
     said = "W%d %s -> %s%s" % (e.n, e.was or "-", e.row.state, "  | " + defang(e.row.last[:80])
-                                if e.row.last else "") if e.row else "%s%s" % ("W%s " % e.n if e.n else "", e.text)
+                                if e.row.last else "") if e.row else "%s%s" % ("W%s " % e.n if e.n else "", one_line(e.text, 300))
     return "%s %s%s" % (time.strftime("%H:%M:%S"), said, "  ** needs the lead: %s: `%s`" % (e.why, e.command)
                         if e.why else "")
 
@@ -1550,7 +1606,7 @@ def open_pane(fleet, n, beside=None):
     # client that attaches (an 80x24 terminal) never resizes the panes orch reads;
     # each pane's top border shows orch's label of it (labels, above).
     for option in (["remain-on-exit", "on"], ["window-size", "manual"], ["pane-border-status", "top"],
-                   ["pane-border-format", BORDER]):
+                   ["pane-border-format", BORDER], ["automatic-rename", "off"]):     # no worker-chosen name
         argv += [";", "set-option", "-w"] + new + option
     argv += [";", "resize-window"] + new + ["-x", "200", "-y", "50"]     # born while a client looks
     if fleet["session"] in live_sessions():
@@ -1995,18 +2051,23 @@ def check_evidence(workdir, v, cache):
 
 
 def next_verifier(f, pool, count, dropped, profiles):
-    """The verifier to ask next about finding f: the first worker after its
-    finder in cyclic order among `pool` that has not been asked about f and is
-    not dropped, preferring one of another agent than the finder's; or None."""
-    asked = {v.verifier for v in f.rounds} | {f.worker} | set(dropped)
-    order = sorted((v for v in pool if v not in asked), key=lambda v: (v - f.worker) % count)
-    other = [v for v in order if profiles[v] != profiles[f.worker]]
-    return (other or order or [None])[0]
+    """The verifier to ask next about finding f: never one of its finders, one
+    asked about it before or one dropped; of the others, one of another agent
+    family than its finders' first, then of a family that has not yet given a
+    verdict on it (so a tie goes to another family where one is left), then
+    the first after its finder in cyclic order; or None."""
+    finders = f.finders or [f.worker]
+    asked = {v.verifier for v in f.rounds} | set(finders) | set(dropped)
+    theirs, voted = {profiles[n] for n in finders}, {profiles[v.verifier] for v in f.rounds}
+    order = sorted((v for v in pool if v not in asked),
+                   key=lambda v: (profiles[v] in theirs, profiles[v] in voted, (v - f.worker) % count))
+    return (order or [None])[0]
 
 
 def collect_findings(fleet):
-    """The Findings of every worker with a done flag, and the problems met."""
-    findings, problems = [], []
+    """The Findings of every worker with a done flag (those at the same place
+    with the same quote merged into the first), and the problems met."""
+    findings, problems, places = [], [], {}
     for w in fleet["workers"]:
         n = w["n"]
         if not is_done(fleet, n):
@@ -2026,7 +2087,14 @@ def collect_findings(fleet):
                 problems.append("%s: F%d appears twice; the first one counts" % (path, f.k))
                 continue
             ks.add(f.k)
-            f.worker, f.rounds = n, []
+            f.worker, f.rounds, f.finders, f.also = n, [], [n], []
+            same = places.get((f.path, f.line, f.end, norm(f.quote))) if f.path and f.quote else None
+            if same:                    # found again: one finding, verified once, each finder credited
+                if n not in same.finders:
+                    same.finders.append(n)
+                same.also.append(f.id)
+                continue
+            places[(f.path, f.line, f.end, norm(f.quote))] = f
             findings.append(f)
     return findings, problems
 
@@ -2132,6 +2200,30 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     return RoundOutcome(verdicts, incomplete, digests)
 
 
+def plant_canary(fleet, findings, taken, cache, rng):
+    """A canary for one verifier's brief: a finding orch knows to be false,
+    built so that it passes the citation check (the claim of a real finding on
+    another real line of a cited file, quoting that line, which shares none of
+    the claim's or the quote's words and is not near any finding's lines), with
+    an id no finding has (added to `taken`); None when no line will do."""
+    real = [f for f in findings if f.path is not None and f.citation == "ok"]
+    near = {(f.path, i) for f in real for i in range(f.line - 2, f.end + 3)}
+    words = lambda text: set(re.findall(r"\w+", text.lower()))
+    for f in rng.sample(real, len(real)):
+        for path in rng.sample(sorted({g.path for g in real}), len({g.path for g in real})):
+            lines = file_lines(fleet["workdir"], path, cache)
+            spots = [] if isinstance(lines, str) else [i for i, text in enumerate(lines, 1) if len(text.strip()) >= 8 and (
+                path, i) not in near and not words(text) & words(f.claim + " " + f.quote)]
+            if spots:
+                i, k = rng.choice(spots), max(g.k for g in findings if g.worker == f.worker) + rng.randint(1, 3)
+                while "W%d.F%d" % (f.worker, k) in taken:
+                    k += 1
+                taken.add("W%d.F%d" % (f.worker, k))
+                return Finding(worker=f.worker, k=k, path=path, line=i, end=i, claim=f.claim, rest=[],
+                               quote=lines[i - 1].strip(), citation="ok", rounds=[], canary=f.id)
+    return None
+
+
 def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     """Citation check, then rounds until every finding has `need` counted
     verdicts that agree, or a strict majority, or no verifier is left to ask;
@@ -2144,7 +2236,11 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
     os.makedirs(vdir, mode=0o700, exist_ok=True)
+    import random
     profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
+    rng, taken, canaries, stamped = random.Random(fleet.get("id", "") + fleet["name"]), set(), [], {}
+    taken.update(f.id for f in findings)
+    taken.update(a for f in findings for a in f.also)
     k = 0
     while True:
         jobs, extra = {}, {}
@@ -2158,19 +2254,39 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
         if not jobs:
             break
         k += 1
-        outcome = run_round(fleet, k, jobs, timeout, emit, problems, extra, budget)
+        planted = {v: plant_canary(fleet, findings, taken, cache, rng) for v in sorted(jobs)}
+        briefed = {}
+        for v, fs in jobs.items():          # the canary at a place among the others that varies
+            at = rng.randrange(len(fs) + 1)
+            briefed[v] = fs[:at] + [planted[v]] * bool(planted[v]) + fs[at:]
+            if not planted[v]:
+                problems.append("round %d: no canary in W%d's brief: the cited files have no line to plant "
+                                "one on" % (k, v))
+        outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget)
         incomplete += outcome.incomplete
         digests.update({(k, v): d for v, d in outcome.digests.items()})
         for v, fs in jobs.items():
             for f in fs:
                 verdict = outcome.verdicts[v].get(f.id) or Verdict(verdict="MISSING", why="", quote="",
                                                                    evidence="", rest=[])
-                verdict.round, verdict.verifier = k, v
+                verdict.round, verdict.verifier, verdict.family = k, v, profiles[v]
                 verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
                     check_evidence(fleet["workdir"], verdict, cache)
                 f.rounds.append(verdict)
                 if verdict.check.startswith("fabricated") and v not in dropped:
                     dropped[v] = "round %d: %s %s" % (k, f.id, verdict.check)
+        for v, canary in planted.items():   # a verifier that confirms a planted false finding rubber-stamps
+            if canary:
+                verdict = outcome.verdicts[v].get(canary.id) or Verdict(verdict="MISSING", why="", quote="",
+                                                                        evidence="", rest=[])
+                verdict.round, verdict.verifier, verdict.family = k, v, profiles[v]
+                verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
+                    check_evidence(fleet["workdir"], verdict, cache)
+                canary.rounds.append(verdict)
+                canaries.append(canary)
+                if verdict.verdict == "CONFIRMED" and not verdict.forged:
+                    stamped[v] = stamped.get(v, 0) + 1
+                    dropped[v] = "round %d: confirmed a planted false finding (%s)" % (k, canary.id)
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
                   dropped=sorted(dropped))
     changed = {kv for kv, d in digests.items()
@@ -2179,30 +2295,31 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     for k_v in sorted(changed):
         problems.append("verify/r%d-w%d: the round file or done flag changed after orch read it: its "
                         "verdicts do not count" % k_v)
-    for f in findings:
+    for f in findings + canaries:
         for v in f.rounds:
             if (v.round, v.verifier) in changed:
                 v.check = "not W%d's: changed after orch read it" % v.verifier
-            v.counts = is_counted(v, dropped)
-            v.why_not = "" if v.counts else v.check if v.check != "checked" else (
+            v.counts = is_counted(v, dropped) and not f.canary
+            v.why_not = "" if v.counts else v.check if v.check != "checked" else "" if f.canary else (
                 "not decisive" if v.verdict == "UNVERIFIABLE" else "dropped: " + dropped[v.verifier])
-        f.final = final_verdict(f, dropped)
+        f.final = None if f.canary else final_verdict(f, dropped)
     tally = {word: sum(f.final == word for f in findings) for word in FINALS}
     undecided = [f.id for f in findings if f.final == "UNVERIFIABLE"] if incomplete else []
-    return Matrix(fleet["name"], k, need, pool, findings, tally, dropped, reliability(fleet, findings, dropped),
-                  incomplete, undecided, problems, now_iso())
+    return Matrix(fleet["name"], k, need, pool, findings, tally, dropped,
+                  reliability(fleet, findings, dropped, stamped), incomplete, undecided, problems, now_iso(), canaries)
 
 
-def reliability(fleet, findings, dropped):
-    """{worker: Reliability}: as finder and as verifier, how far its word held."""
-    table = {w["n"]: collections.Counter() for w in fleet["workers"]}
+def reliability(fleet, findings, dropped, stamped):
+    """{worker: Reliability}: as finder (each finder of a finding found twice)
+    and as verifier (`stamped`: how many canaries it confirmed), how far its word held."""
+    table = {w["n"]: collections.Counter(canaries_confirmed=stamped.get(w["n"], 0)) for w in fleet["workers"]}
     for f in findings:
-        mine = table[f.worker]
-        mine["findings"] += 1
         key = {"BAD-CITATION": "bad_citations", "REFUTED": "refuted", "CONFIRMED": "confirmed",
                "DISPUTED": "disputed"}.get(f.final)
-        if key:
-            mine[key] += 1
+        for n in f.finders or [f.worker]:
+            table[n]["findings"] += 1
+            if key:
+                table[n][key] += 1
         for v in f.rounds:
             t = table[v.verifier]
             t["verdicts"] += 1
@@ -2218,7 +2335,8 @@ def reliability(fleet, findings, dropped):
 def matrix_json(matrix):
     """The Matrix as matrix.json holds it."""
     return dict(matrix._asdict(), findings=[f.matrix_json() for f in matrix.findings],
-                reliability={n: t._asdict() for n, t in matrix.reliability.items()})
+                reliability={n: t._asdict() for n, t in matrix.reliability.items()},
+                canaries=[c.matrix_json() for c in matrix.canaries])
 
 
 def unreliable(matrix):
@@ -2228,6 +2346,8 @@ def unreliable(matrix):
         if t.bad_citations or t.refuted:
             out.append("W%s as finder: %d of %d findings refuted, %d with bad citations"
                        % (n, t.refuted, t.findings, t.bad_citations))
+        if t.canaries_confirmed:
+            out.append("W%s as verifier: confirmed a planted false finding, so none of its verdicts count" % n)
         if t.fabricated or t.outvoted or t.unsupported or t.missing:
             out.append("W%s as verifier: of %d verdicts %d fabricated evidence%s, %d outvoted, %d "
                        "unsupported, %d missing" % (n, t.verdicts, t.fabricated, " (dropped)" if t.dropped else "",
@@ -2240,14 +2360,20 @@ def tally_line(matrix):
         "%d %s" % (matrix.tally[word], word.lower().replace("-", " ")) for word in FINALS))
 
 
+def verdict_cell(v):
+    """One verdict as the matrix shows it: round, verifier, its agent family, word, why it does not count."""
+    return "r%d W%s (%s) %s%s" % (v.round, v.verifier, v.family, v.verdict, " (%s)" % v.why_not.split(":")[0]
+                                  if v.why_not and v.why_not != "not decisive" else "")
+
+
 def matrix_markdown(matrix):
     """The Verification Matrix, both sides of each DISPUTED finding, the reliability table."""
     head = ["finding", "location", "claim", "citation", "verdicts", "final"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in matrix.findings:
-        said = ["r%d W%s %s%s" % (v.round, v.verifier, v.verdict, " (%s)" % v.why_not.split(":")[0]
-                                  if v.why_not and v.why_not != "not decisive" else "") for v in f.rounds]
-        row = [f.id, place(f), f.claim[:60], f.citation, "; ".join(said) or "-", "**%s**" % f.final]
+        said = [verdict_cell(v) for v in f.rounds]
+        row = [f.id, place(f), f.claim[:60] + (" (also %s)" % ", ".join(f.also) if f.also else ""), f.citation,
+               "; ".join(said) or "-", "**%s**" % f.final]
         rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
     lines = ["# Verification Matrix: fleet %s" % matrix.fleet, "", tally_line(matrix), ""] + rows
     disputed = [f for f in matrix.findings if f.final == "DISPUTED"]
@@ -2258,10 +2384,20 @@ def matrix_markdown(matrix):
                 "  - W%d %s: %s:%d %s (%s)" % (v.verifier, v.verdict, v.path, v.line,
                                               json.dumps(v.quote, ensure_ascii=False), v.why or "-")
                 for v in f.rounds if v.counts]
+    lines += ["", "## Canaries: findings orch planted, known false", ""]
+    if matrix.canaries:
+        lines += ["A canary borrows a real finding's claim and puts it on another line. A verifier that "
+                  "confirms one has rubber-stamped: none of its verdicts count.", "",
+                  "| canary | planted at | claim of | verdict |", "|---|---|---|---|"]
+        lines += ["| %s | %s | %s | %s |" % (c.id, place(c), c.canary, "; ".join(verdict_cell(v) for v in c.rounds))
+                  for c in matrix.canaries]
+    else:
+        lines.append("None planted.")
     head = ["worker"] + [k.replace("_", " ") for k in RELIABILITY]
     lines += ["", "## Reliability", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n, t in sorted(matrix.reliability.items()):
-        lines.append("| W%s%s | %s |" % (n, " (dropped)" if t.dropped else "",
+        lines.append("| W%s%s | %s |" % (n, " (confirmed a planted false finding)" if t.canaries_confirmed else
+                                         " (dropped)" if t.dropped else "",
                                          " | ".join(str(getattr(t, k)) for k in RELIABILITY)))
     lines += [""] + ["Unreliable: " + u for u in unreliable(matrix)]
     if matrix.problems:
@@ -2529,6 +2665,7 @@ def cmd_nudge(a):
     try:
         print("\n".join(send_text(fleet, [n], text, clear=True)))
     finally:
+        note_nudge(fleet, n, time.time())
         log_event(fleet, "nudge", worker=n, why="lead")
 
 
@@ -2956,6 +3093,7 @@ def sim_verify(workdir, section, kind):
     """Verdicts on the findings of a brief's section as a verifier of
     personality `kind` gives them: honest reads the cited lines itself;
     rubber-stamp confirms everything, quoting what it did not read;
+    stamp-real confirms everything, quoting the real cited line;
     contrarian refutes everything with invented quotes, contrarian-real
     with the real line; lazy cannot settle anything; silent writes no
     verdict at all."""
@@ -2973,6 +3111,9 @@ def sim_verify(workdir, section, kind):
         cited = lines[line - 1:end] or [""]
         if kind == "rubber-stamp":
             out.append("%s | CONFIRMED | %s | looks right to me | %s, as the finder says" % (fid, where, claim))
+            continue
+        if kind == "stamp-real":            # it reads the line, and confirms whatever the claim
+            out.append("%s | CONFIRMED | %s | the line is there | %s" % (fid, where, norm(cited[0])))
             continue
         if kind == "contrarian":
             out.append("%s | REFUTED | %s | the line says something else | nothing to see here" % (fid, where))
@@ -3246,7 +3387,7 @@ COMMANDS = [
     ("sim", "internal: the built-in simulated agent", [
         arg("--lie", metavar="N", type=number("--lie", 0, True), default=0, help="plant N false findings as a finder"),
         arg("--verifier", metavar="KIND", default="honest", help="how it verifies", choices=(
-                "honest", "rubber-stamp", "contrarian", "contrarian-real", "lazy", "silent")),
+                "honest", "rubber-stamp", "stamp-real", "contrarian", "contrarian-real", "lazy", "silent")),
         arg("--seed", metavar="S", default="1", help="random seed"),
         arg("--delay", metavar="S", type=SECONDS, default=0.5, help="seconds per job (default 0.5)"),
         arg("--no-bracketed-paste", action="store_true", help="do not ask for bracketed paste")]),
