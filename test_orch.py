@@ -5696,9 +5696,9 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: about 95 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 14, "Harness": 25, "Verification": 25,
-        "Security": 20, "Spend": 14, "Concurrency": 14, "Adversaries": 13, "Python38": 11, "Faults": 10,
-        "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 4, "AgentEntry": 4}
+COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 17, "Harness": 25, "Verification": 12,
+        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 23, "Python38": 11, "Faults": 10,
+        "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
 PARTS = 5
 TOGETHER = ("Verification", "Security", "Python38")
 
