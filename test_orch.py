@@ -1490,6 +1490,9 @@ class Verification(OrchCase):
             self.assertIn((4, "CONFIRMED"), canaries, matrix["canaries"])  # a canary caught it too
             self.assertEqual({v for c, v in canaries if c != 4}, {"REFUTED"})   # honest verifiers refute them
             self.assertEqual(matrix["reliability"]["4"]["canaries_confirmed"], 1)
+            shared = [f for f in matrix["findings"] if f["found_by"] == [3, 4]]   # W3 and W4 both audit jobs/
+            self.assertTrue(shared, matrix["findings"])
+            self.assertTrue(all(c["verifier"] not in (3, 4) for f in shared for c in f["rounds"]), shared)
             for f in lies:
                 self.assertIn(f["final"], ("REFUTED", "BAD-CITATION"), f)
                 kinds.add(f["final"])
@@ -5191,6 +5194,14 @@ class Adversaries(OrchCase):
         self.assertEqual(orch.next_verifier(f, [1, 2, 3, 4], 4, {}, dict.fromkeys(profiles, "sim")), 2)
         f.rounds = [orch.Verdict(verifier=v) for v in (2, 3, 4)]
         self.assertIsNone(orch.next_verifier(f, [1, 2, 3, 4], 4, {}, profiles))
+        # a tie goes to a family that has not voted; a finding found twice meets neither finder
+        families = {1: "claude", 2: "codex", 3: "gemini", 4: "codex", 5: "aider", 6: "claude"}
+        f = orch.Finding(worker=1, finders=[1, 6], rounds=[orch.Verdict(verifier=2), orch.Verdict(verifier=3)])
+        self.assertEqual(orch.next_verifier(f, list(families), 6, {}, families), 5)     # not codex again: 4 is nearer
+        f.rounds.append(orch.Verdict(verifier=5))
+        self.assertEqual(orch.next_verifier(f, list(families), 6, {}, families), 4)
+        f.rounds.append(orch.Verdict(verifier=4))
+        self.assertIsNone(orch.next_verifier(f, list(families), 6, {}, families))       # never W6, a finder too
 
 
 # =============================================================================
