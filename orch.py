@@ -2265,7 +2265,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
         outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget)
         incomplete += outcome.incomplete
         digests.update({(k, v): d for v, d in outcome.digests.items()})
-        for v, fs in jobs.items():
+        for v, fs in briefed.items():
             for f in fs:
                 verdict = outcome.verdicts[v].get(f.id) or Verdict(verdict="MISSING", why="", quote="",
                                                                    evidence="", rest=[])
@@ -2277,12 +2277,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                     dropped[v] = "round %d: %s %s" % (k, f.id, verdict.check)
         for v, canary in planted.items():   # a verifier that confirms a planted false finding rubber-stamps
             if canary:
-                verdict = outcome.verdicts[v].get(canary.id) or Verdict(verdict="MISSING", why="", quote="",
-                                                                        evidence="", rest=[])
-                verdict.round, verdict.verifier, verdict.family = k, v, profiles[v]
-                verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
-                    check_evidence(fleet["workdir"], verdict, cache)
-                canary.rounds.append(verdict)
+                verdict = canary.rounds[-1]
                 canaries.append(canary)
                 if verdict.verdict == "CONFIRMED" and not verdict.forged:
                     stamped[v] = stamped.get(v, 0) + 1

@@ -2511,6 +2511,17 @@ class RealLead(OrchCase):
             if res.get("is_error"):
                 self.fail("%s -> %s" % (step, json.dumps(res.get("content"), ensure_ascii=False)))
 
+    def through(self, script, timeout, what):
+        """Until the lead has played `script` to its closing text; it fails at a
+        question on its screen or a tool that failed."""
+        def finished():
+            screen = self.asking()
+            if screen:
+                self.fail("the lead was asked at %r:\n%s" % (script[len(self.api.calls) - 1], screen))
+            self.failed(script)
+            return self.api.finished and "Mock done." in self.screen()
+        wait_for(finished, timeout, 0.2, what)
+
     def classified(self):
         """The requests to auto mode's safety check."""
         return [b for b in self.api.requests if "security monitor" in json.dumps(b.get("system", ""))]
@@ -2606,14 +2617,7 @@ class RealLead(OrchCase):
         holds every finding."""
         sb = self.sb
         (script, literal), t0 = self.start_lead(mode), time.monotonic()
-
-        def finished():
-            screen = self.asking()
-            if screen:
-                self.fail("the lead was asked at %r:\n%s" % (script[len(self.api.calls) - 1], screen))
-            self.failed(script)
-            return self.api.finished and "Mock done." in self.screen()
-        wait_for(finished, 180, 0.2, "the lead through SKILL.md's %d steps" % len(script))
+        self.through(script, 180, "the lead through SKILL.md's %d steps" % len(script))
         took = time.monotonic() - t0
         tools = {"SKILL": "Skill", "READ": "Read", "BASH": "Bash"}
         calls = list(self.api.calls.values())
@@ -2663,14 +2667,7 @@ class RealLead(OrchCase):
         question = "[W2] @lead which folder is mine, api/ or jobs/?"
         with open(sb.shared("audit", "bus.md"), "a", encoding="utf-8") as f:   # as W2 would append it
             f.write(question + "\n")
-
-        def answered():
-            screen = self.asking()
-            if screen:
-                self.fail("the lead was asked at %r:\n%s" % (script[len(self.api.calls) - 1], screen))
-            self.failed(script)
-            return self.api.finished and "Mock done." in self.screen()
-        wait_for(answered, 120, 0.2, "the lead woken by the question, and its answer")
+        self.through(script, 120, "the lead woken by the question, and its answer")
         calls = list(self.api.calls.values())
         self.assertEqual([c["name"] for c in calls], [{"SKILL": "Skill", "BASH": "Bash", "MONITOR": "Monitor"}[
             step.split(" ")[0]] for step in script if not step.startswith("AWAIT")])
