@@ -571,7 +571,7 @@ def tmux(*args, stdin=None):
     try:
         r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
-        raise OrchError("tmux is not installed: install it (apt-get install tmux, brew install tmux)")
+        raise OrchError("tmux is not installed: install it (apt-get install tmux, brew install tmux)", 1, "missing")
     if r.returncode:
         err = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["exit %d" % r.returncode])[0]
         kind = None
@@ -634,6 +634,8 @@ def capture_panes(fleet, workers, history=False, ansi=True, then=()):
         try:
             out = tmux(*(argv + list(then)))
         except OrchError as e:
+            if e.kind == "missing":
+                raise
             if e.kind == "server" or not e.output:
                 raise OrchError("fleet %r is not running: its tmux session %s is gone (`orch status "
                                 "%s` shows its files, `orch respawn %s N` restarts a worker)" % (
@@ -890,8 +892,10 @@ def save_fleet(fleet):
 
 
 def fleet_names():
-    """Fleets in ORCH_HOME; archived runs (<name>.old-<stamp>) are not fleets."""
-    return [d for d in sorted(os.listdir(os.path.join(orch_home(), "runs"))) if re.match(NAME_PATTERN, d)]
+    """Fleets in ORCH_HOME (none before the first spawn); archived runs
+    (<name>.old-<stamp>) are not fleets."""
+    runs = os.path.join(orch_home(), "runs")
+    return [d for d in sorted(os.listdir(runs)) if re.match(NAME_PATTERN, d)] if os.path.isdir(runs) else []
 
 
 def pick_workers(fleet, spec, allow_all=True):
@@ -1069,10 +1073,10 @@ def worker_row(w, capture, memo, now, stall, done):
         shows = "unknown" if memo.get("booted") else "booting"
     memo["booted"] = memo.get("booted") or shows in PAST_BOOT
     stalled = shows in PAST_BOOT and quiet >= stall    # shows stays what delivery must respect
-    if shows == "limited":              # when it was first seen: "try again in 5 minutes"
-        memo.setdefault("resets", reset_time(plain, now))
-    else:
+    if shows != "limited":
         memo.pop("resets", None)
+    elif memo.get("resets") is None:    # once read, kept: "try again in 5 minutes" counts from then
+        memo["resets"] = reset_time(plain, now)
     lines = [ln for ln in plain.split("\n") if ln.strip()]
     return Row(n=w["n"], pane=w["pane"], shows=shows, state="done" if done else "stalled" if stalled else shows,
                done=done, quiet=round(quiet, 1), last=norm(lines[-1]) if lines else "", screen=plain,
@@ -2011,7 +2015,9 @@ def check_quote(workdir, cited, quote, cache, least=0):
     lines = file_lines(workdir, cited.path, cache)
     if isinstance(lines, str):
         return lines
-    if cited.line < 1 or cited.end > len(lines):
+    if cited.line < 1:
+        return "line %d does not exist: lines count from 1" % cited.line
+    if cited.end > len(lines):
         return "line %d is past the end (%d lines)" % (cited.end, len(lines))
     window = lines[max(0, cited.line - 3):cited.end + 2]        # two lines either side
     if quote and norm(quote) not in norm(" ".join(window)):
@@ -2065,8 +2071,9 @@ def next_verifier(f, pool, count, dropped, profiles):
 
 
 def collect_findings(fleet):
-    """The Findings of every worker with a done flag (those at the same place
-    with the same quote merged into the first), and the problems met."""
+    """The Findings of every worker with a done flag (one that another worker
+    reported too, at the same place with the same quote and claim, merged into
+    the first), and the problems met."""
     findings, problems, places = [], [], {}
     for w in fleet["workers"]:
         n = w["n"]
@@ -2088,13 +2095,13 @@ def collect_findings(fleet):
                 continue
             ks.add(f.k)
             f.worker, f.rounds, f.finders, f.also = n, [], [n], []
-            same = places.get((f.path, f.line, f.end, norm(f.quote))) if f.path and f.quote else None
-            if same:                    # found again: one finding, verified once, each finder credited
-                if n not in same.finders:
-                    same.finders.append(n)
+            key = (os.path.normpath(f.path), f.line, f.end, norm(f.quote), norm(f.claim)) if f.path and f.quote else None
+            same = places.get(key)
+            if same and n not in same.finders:    # found by another too: one finding, verified once, each credited
+                same.finders.append(n)
                 same.also.append(f.id)
                 continue
-            places[(f.path, f.line, f.end, norm(f.quote))] = f
+            places.setdefault(key, f)
             findings.append(f)
     return findings, problems
 
@@ -2200,27 +2207,33 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     return RoundOutcome(verdicts, incomplete, digests)
 
 
-def plant_canary(fleet, findings, taken, cache, rng):
-    """A canary for one verifier's brief: a finding orch knows to be false,
-    built so that it passes the citation check (the claim of a real finding on
-    another real line of a cited file, quoting that line, which shares none of
-    the claim's or the quote's words and is not near any finding's lines), with
-    an id no finding has (added to `taken`); None when no line will do."""
-    real = [f for f in findings if f.path is not None and f.citation == "ok"]
-    near = {(f.path, i) for f in real for i in range(f.line - 2, f.end + 3)}
-    words = lambda text: set(re.findall(r"\w+", text.lower()))
-    for f in rng.sample(real, len(real)):
+def plant_canary(fleet, findings, v, briefed, taken, cache, rng):
+    """A canary for verifier v's brief: a finding orch knows to be false, built
+    so that it passes the citation check. It borrows the claim of a real
+    finding of another worker than v (one not in v's brief where there is one),
+    whose claim is about its own line (it shares a word with its quote, and
+    names no line or file), and puts it on another line of a cited file that
+    shares none of the claim's or the quote's words and is not near any
+    finding's lines, quoting that line; its id is one that finder has not used
+    (added to `taken`). None when no finding or line will do."""
+    words = lambda text: set(re.findall(r"[a-z0-9_]{2,}", text.lower()))
+    real = [f for f in findings if f.path is not None and f.citation == "ok" and v not in f.finders
+            and words(f.claim) & words(f.quote) and not re.search(r"\bline \d|\w\.\w{1,4}\b", f.claim)]
+    near = {(os.path.normpath(f.path), i) for f in findings if f.path for i in range(f.line - 2, f.end + 3)}
+    for f in sorted(rng.sample(real, len(real)), key=lambda f: f in briefed):
         for path in rng.sample(sorted({g.path for g in real}), len({g.path for g in real})):
             lines = file_lines(fleet["workdir"], path, cache)
             spots = [] if isinstance(lines, str) else [i for i, text in enumerate(lines, 1) if len(text.strip()) >= 8 and (
-                path, i) not in near and not words(text) & words(f.claim + " " + f.quote)]
+                os.path.normpath(path), i) not in near and not words(text) & words(f.claim + " " + f.quote)]
             if spots:
-                i, k = rng.choice(spots), max(g.k for g in findings if g.worker == f.worker) + rng.randint(1, 3)
-                while "W%d.F%d" % (f.worker, k) in taken:
-                    k += 1
+                i, top = rng.choice(spots), min(max(g.k for g in findings if g.worker == f.worker) + 3, 10 ** 9 - 1)
+                k = next((k for k in (rng.randint(1, top) for _ in range(100)) if "W%d.F%d" % (f.worker, k) not in taken),
+                         None)
+                if k is None:
+                    continue
                 taken.add("W%d.F%d" % (f.worker, k))
                 return Finding(worker=f.worker, k=k, path=path, line=i, end=i, claim=f.claim, rest=[],
-                               quote=lines[i - 1].strip(), citation="ok", rounds=[], canary=f.id)
+                               quote=lines[i - 1].strip(), citation="ok", rounds=[], canary=f.id, finders=[f.worker])
     return None
 
 
@@ -2238,7 +2251,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     os.makedirs(vdir, mode=0o700, exist_ok=True)
     import random
     profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
-    rng, taken, canaries, stamped = random.Random(fleet.get("id", "") + fleet["name"]), set(), [], {}
+    rng, taken, canaries, stamped = random.Random(os.urandom(16)), set(), [], {}   # canaries a re-run cannot know
     taken.update(f.id for f in findings)
     taken.update(a for f in findings for a in f.also)
     k = 0
@@ -2254,7 +2267,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
         if not jobs:
             break
         k += 1
-        planted = {v: plant_canary(fleet, findings, taken, cache, rng) for v in sorted(jobs)}
+        planted = {v: plant_canary(fleet, findings, v, jobs[v], taken, cache, rng) for v in sorted(jobs)}
         briefed = {}
         for v, fs in jobs.items():          # the canary at a place among the others that varies
             at = rng.randrange(len(fs) + 1)
@@ -2517,7 +2530,10 @@ def cmd_send(a):
         else " ".join(a.message)
     if a.interrupt:
         interrupt(fleet, ns)
-    print("\n".join(send_text(fleet, ns, text)))
+    try:
+        print("\n".join(send_text(fleet, ns, text)))
+    finally:
+        sys.stderr.write(notes(fleet))
 
 
 def cmd_brief(a):
@@ -2637,6 +2653,7 @@ def cmd_wait(a):
     code = wait_loop(fleet, flags, a.timeout, a.interval, a.stall, a.nudge and (lambda n: default_nudge(fleet, n)),
                      emit, a.budget, a.attention)
     first = needs[0] if code == 6 else None
+    sys.stderr.write(notes(fleet))
     if a.json:
         out = {"t": now_iso(), "result": {0: "done", 3: "timeout", 4: "exited", 6: "attention"}[code], "workers": ns}
         if first:
@@ -2734,6 +2751,7 @@ def cmd_verify(a):
     finally:
         os.close(lock)
     log_event(fleet, "verify", need=need, **{word.lower(): count for word, count in matrix.tally.items()})
+    sys.stderr.write(notes(fleet))
     for p in matrix.problems:
         if not (matrix.undecided and p in matrix.incomplete):      # said once, below
             print("orch: warning: %s" % defang(p), file=sys.stderr)
@@ -2784,6 +2802,8 @@ def cmd_kill(a):
         raise OrchError("name one fleet, or pass --all: `orch kill NAME`", 2)
     live = live_sessions()
     names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
+    if a.all:                           # another ORCH_HOME's session of the same name is not ours to end
+        names = [d for d in names if session_home(session_of(d)) in ("", orch_home())]
     for name in names:
         print(end_fleet(name))
     if a.all and not names:
@@ -2833,8 +2853,9 @@ def cmd_demo(a):
             write_file(os.path.join(workdir, rel), text)
     honest, liar = a.agent, a.agent
     if a.agent == "sim":
-        honest = "sim --delay 0.3 --seed %s" % a.seed
-        liar = "sim --lie 2 --verifier rubber-stamp --delay 0.3 --seed %s" % a.seed
+        import shlex
+        honest = "sim --delay 0.3 --seed %s" % shlex.quote(a.seed)
+        liar = "sim --lie 2 --verifier rubber-stamp --delay 0.3 --seed %s" % shlex.quote(a.seed)
     if session_of("demo") in live_sessions():
         raise OrchError("fleet 'demo' is live: `orch kill demo` first")
     print("orch demo: 4 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (

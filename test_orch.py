@@ -1407,13 +1407,13 @@ def verify_four_job(sb):
 def shared_runs():
     """{key: Sandbox} with .results (each step's Result, up to the first that
     failed), .error (a traceback, or None) and .wd (the workdir):
-      demo-1, demo-2, demo-3   `orch demo --seed S`
+      demo-1, demo-2, demo-3 b `orch demo --seed S` (a seed with a space too)
       demo-umask0              `orch demo` started with umask 0
       demo-py38                `orch demo` run by Python 3.8 (only if one is found)
       verify-4                 verify_four_job"""
     if SHARED_RUNS:
         return SHARED_RUNS
-    jobs = {"demo-%s" % seed: demo_job(seed, workdir="demo-%s" % seed) for seed in ("1", "2", "3")}
+    jobs = {"demo-%s" % seed: demo_job(seed, workdir="demo-%s" % seed.replace(" ", "-")) for seed in ("1", "2", "3 b")}
     jobs["demo-umask0"] = demo_job(umask=0, workdir="demo-wörk")
     py38 = python38()
     if py38:
@@ -1472,7 +1472,7 @@ class Verification(OrchCase):
 
     def test_demo_catches_every_lie_and_refutes_no_truth(self):
         kinds = set()
-        for seed in ("1", "2", "3"):
+        for seed in ("1", "2", "3 b"):
             sb, r = self.shared_run("demo-%s" % seed)
             wd = sb.wd
             for event in ("spawn", "brief", "send", "verify-brief", "round", "verify", "kill"):
@@ -1552,7 +1552,7 @@ class Verification(OrchCase):
             self.assertTrue(all(c["verifier"] in (1, 2, 3, 4) for c in f["rounds"]), f)
         self.assert_verifiers_fair(matrix)
         self.assert_decided_ends_its_verification(matrix)
-        for seed in ("1", "2", "3"):                       # and the demo's 4-worker matrices
+        for seed in ("1", "2", "3 b"):                       # and the demo's 4-worker matrices
             demo, _ = self.shared_run("demo-%s" % seed)
             matrix = json.loads(demo.text(demo.shared("demo", "matrix.json")))
             self.assert_verifiers_fair(matrix)
@@ -1651,7 +1651,7 @@ class Verification(OrchCase):
         self.assertEqual(check("src/nope.py", 1, ""), "no such file")
         self.assertIn("past the end", check("src/ü.py", 11, ""))
         self.assertIn("past the end", check("src/ü.py", 9, "", end=12))
-        self.assertIn("past the end", check("src/ü.py", 0, ""))
+        self.assertEqual(check("src/ü.py", 0, ""), "line 0 does not exist: lines count from 1")
         for escape in ("../outside.py", os.path.join(self.sb.root, "outside.py"), "link.py", "src/../../outside.py"):
             self.assertEqual(check(escape, 1, "line 1"), "path escapes the workdir", escape)
         self.assertEqual(orch.check_citation(wd, orch.Finding(quote="", rest=[])), "n/a")
@@ -1838,6 +1838,35 @@ class Setup(OrchCase):
         for name in names:
             write_exe(os.path.join(d, name), "#!%s\nimport time\ntime.sleep(600)\n" % sys.executable)
         return d
+
+    def test_a_first_run_on_a_fresh_orch_home(self):
+        """The first commands a new user types, before any spawn: no error."""
+        env = dict(self.sb.env, ORCH_HOME=os.path.join(self.sb.root, "neu", ".orch"))
+        r = self.sb.orch("status", env=env)
+        self.assertEqual((r.code, r.err), (0, ""), r)
+        self.assertEqual(r.out, "no fleets in %s: `orch spawn NAME N` starts one\n" % os.path.join(env["ORCH_HOME"], "runs"))
+        self.assertEqual(json.loads(self.sb.orch("status", "--json", env=env).out), {"fleets": []})
+        r = self.sb.orch("kill", "--all", env=env)
+        self.assertEqual((r.code, r.out, r.err), (0, "no live fleets\n", ""), r)
+
+    def test_kill_all_leaves_another_homes_fleet_and_ends_the_rest(self):
+        other = dict(self.sb.env, ORCH_HOME=os.path.join(self.sb.root, "andere"))
+        r = self.sb.orch("spawn", "aa", 1, self.sb.workdir("wörk-aa"), "--agent", SIM, "--timeout", "20", env=other)
+        self.assertEqual(r.code, 0, r)
+        os.makedirs(self.sb.run("aa"))                      # this home has a fleet of that name, not live here
+        with open(self.sb.run("aa", "fleet.json"), "w") as f:
+            f.write(self.sb.text(os.path.join(other["ORCH_HOME"], "runs", "aa", "fleet.json")))
+        self.spawn("bb", 1)
+        r = self.ok("kill", "--all")
+        self.assertIn("bb: killed orch-bb", r.out)
+        self.assertTrue(self.sb.has_session("aa"))
+        self.assertFalse(self.sb.has_session("bb"))
+
+    def test_a_missing_tmux_is_named(self):
+        self.spawn("ohne", 1)
+        env = dict(self.sb.env, PATH=self.fake_bin([]))
+        r = self.sb.orch("read", "ohne", "1", env=env)
+        self.assert_one_error_line(r, 1, "tmux is not installed")
 
     def test_doctor_names_the_fix_for_missing_tmux(self):
         env = dict(self.sb.env, PATH=self.fake_bin(["claude"]), ANTHROPIC_API_KEY="sk-test")
@@ -4037,6 +4066,20 @@ class Truth(OrchCase):
         self.assertEqual([e["worker"] for e in resumed], [1])
         self.assertGreaterEqual(datetime.datetime.fromisoformat(resumed[0]["t"]).timestamp(), int(resets))
 
+    def test_a_reset_time_drawn_after_the_limit_is_read(self):
+        vague, later = (os.path.join(self.sb.root, n) for n in ("vague.ansi.txt", "later.ansi.txt"))
+        with open(vague, "w") as f:
+            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro.\r\n\r\n\u203a Ask Codex to do anything\r\n")
+        with open(later, "w") as f:
+            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro, or try again in 5 minutes.\r\n\r\n"
+                    "\u203a Ask Codex to do anything\r\n")
+        self.fake("codex", (0, "codex-idle"), (0.5, vague), (2, later))
+        self.ok("spawn", "spaeter", 1, self.sb.workdir("wörk-spaeter"), "--agent", "codex", "--timeout", "0")
+        wait_for(lambda: self.status("spaeter")["workers"][0]["state"] == "limited", 10, what="the limit")
+        self.assertIsNone(self.status("spaeter")["workers"][0]["resets"])
+        resets = wait_for(lambda: self.status("spaeter")["workers"][0]["resets"], 10, 0.2, "the reset time")
+        self.assertAlmostEqual(resets, time.time() + 300, delta=30)
+
     def test_a_reset_time_a_worker_draws_is_read_or_left_unknown_never_a_crash(self):
         limit = os.path.join(self.sb.root, "limit.ansi.txt")
         with open(limit, "w") as f:         # what a hostile or broken screen can say
@@ -5107,6 +5150,43 @@ class Adversaries(OrchCase):
             self.assertIn("Unreliable: W%d as verifier: confirmed a planted false finding" % n, md)
         self.assertNotIn("Unreliable: W4", md)
         self.assertNotIn("W1 as verifier", md)
+
+    def test_a_canary_is_false_and_not_told_apart_by_whose_or_what_claim_it_is(self):
+        orch = load_orch()
+        wd = self.sb.workdir("wörk-nest", dict(AUDIT_FILES, **{"big.py": "".join("value_%d = %d\n" % (i, i)
+                                                                                for i in range(40))}))
+        fleet, rng = {"workdir": wd}, random.Random(7)
+
+        def finding(n, k, rel, line, claim, quote):
+            return orch.Finding(worker=n, k=k, path=rel, line=line, end=line, claim=claim, quote=quote,
+                                citation="ok", finders=[n], rounds=[])
+        own = finding(2, 1, "api/handlers.py", 5, "TODO marker: check the caller owns this user id",
+                      "# TODO: check the caller owns this user id")
+        whole = finding(1, 999999999, "big.py", 3, "this file has no module docstring", "value_2 = 2")
+        named = finding(1, 2, "big.py", 9, "value_8 is read on line 30", "value_8 = 8")
+        self.assertIsNone(orch.plant_canary(fleet, [own, whole, named], 2, [own], set(), {}, rng))
+        other = finding(1, 3, "core/models.py", 6, "XXX marker: floats for money", "# XXX: floats for money")
+        listed = finding(3, 1, "jobs/cron.py", 5, "FIXME marker: runs as root", "os.system('backup')  # FIXME: runs as root")
+        for _ in range(30):
+            canary = orch.plant_canary(fleet, [own, whole, named, other, listed], 2, [listed], set(), {}, rng)
+            self.assertEqual((canary.worker, canary.claim, canary.canary), (1, other.claim, other.id))   # not W2's, not listed
+            self.assertLess(canary.k, 10 ** 9)
+            self.assertNotIn(canary.id, (other.id, whole.id, named.id))
+            self.assertEqual(orch.check_citation(wd, canary), "ok")
+            self.assertFalse(re.search(r"(?i)\b(xxx|floats|money)\b", canary.quote), canary.quote)
+
+    def test_one_finding_found_twice_is_one_row_and_different_claims_are_not(self):
+        orch = load_orch()
+        run = tempfile.mkdtemp(prefix="orch-doppel-")
+        self.addCleanup(shutil.rmtree, run, True)
+        write_tree(run, {"shared/agent-1.result.md": "F1 | a.py:1 | TODO marker: x | # TODO: x\n"
+                                                      "F2 | a.py:1 | SQL injection here | # TODO: x\n",
+                         "shared/agent-2.result.md": "F1 | ./a.py:1 | TODO marker: x | # TODO: x\n"
+                                                      "F2 | a.py:1 | the line drops the database | # TODO: x\n",
+                         "shared/agent-1.done": "", "shared/agent-2.done": ""})
+        found, _ = orch.collect_findings({"run": run, "workers": [{"n": 1}, {"n": 2}]})
+        self.assertEqual([(f.id, f.finders, f.also) for f in found],
+                         [("W1.F1", [1, 2], ["W2.F1"]), ("W1.F2", [1], []), ("W2.F2", [2], [])])
 
     def test_a_disputed_finding_about_no_one_place_is_drawn(self):
         orch = load_orch()
