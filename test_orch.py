@@ -5785,7 +5785,7 @@ class Structure(OrchCase):
 # processes keep 2 cores busy: about 95 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
 COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 17, "Harness": 25, "Verification": 12,
-        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 23, "Python38": 11, "Faults": 10,
+        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
         "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
 PARTS = 5
 TOGETHER = ("Verification", "Security", "Python38")
