@@ -3650,7 +3650,7 @@ class Attention(OrchCase):
         fleets = {"claude": "erlaubnis", "gemini": "dialog", "codex": "grenze", "aider": "fremd"}
         for agent, (screen, _, _) in cases.items():
             first = ready if agent == "aider" else "%s-idle" % agent
-            self.fake(agent, (0, first), (4, screen))
+            self.fake(agent, (0, first), (2.5, screen))
             self.ok("spawn", fleets[agent], 1, self.sb.workdir("wörk-" + agent), "--agent", agent, "--timeout", "0")
         # unknown is a screen orch does not know after one it did: seen ready first
         wait_for(lambda: self.states("fremd") == ["idle"], 10, what="aider ready")
@@ -5112,32 +5112,11 @@ class Adversaries(OrchCase):
         self.assertGreater(totals["fair"], 0, totals)
         self.assertGreaterEqual(totals["confirmed"], 0.9 * totals["fair"], totals)
 
-    def test_a_verifier_that_confirms_what_it_reads_is_caught_by_a_canary_in_round_1(self):
-        """stamp-real confirms every finding, quoting the real cited line: its
-        evidence checks out, but it confirms the canary in its first brief."""
-        wd = self.sb.workdir("wörk-kanarie", AUDIT_FILES)
-        r, matrix, _ = sim_fleet(self, "kanarie", ["honest", "stamp-real", "honest"], wd)
-        self.assertEqual(r.code, 0, r)
-        self.assertRegex(matrix["dropped"]["2"], r"^round 1: confirmed a planted false finding \(W\d\.F\d+\)$")
-        self.assertEqual(matrix["reliability"]["2"]["canaries_confirmed"], 1)
-        self.assertEqual([c["verifier"] for k in matrix["canaries"] for c in k["rounds"] if c["verdict"] == "CONFIRMED"], [2])
-        self.assertFalse([c for f in matrix["findings"] for c in f["rounds"] if c["verifier"] == 2 and c["counts"]])
-        ids = {f["id"] for f in matrix["findings"]}
-        for k in matrix["canaries"]:           # never a finding; its claim is a real one's, elsewhere
-            self.assertNotIn(k["id"], ids)
-            borrowed = next(f for f in matrix["findings"] if f["id"] == k["borrowed_from"])
-            self.assertEqual(k["claim"], borrowed["claim"])
-            self.assertNotEqual((k["path"], k["line"]), (borrowed["path"], borrowed["line"]))
-            self.assertEqual(sb_line(wd, k["path"], k["line"]), k["quote"])
-        md = self.sb.text(self.sb.shared("kanarie", "matrix.md"))
-        self.assertIn("| W2 (confirmed a planted false finding) |", md)
-        self.assertIn("Unreliable: W2 as verifier: confirmed a planted false finding", md)
-        self.assertIn("## Canaries", self.ok("report", "kanarie").out)
-        self.assertEqual({f["final"] for f in matrix["findings"]}, {"CONFIRMED"})
-
-    def test_two_verifiers_who_agree_on_a_lie_are_caught(self):
-        """A finder plants lies that quote real lines; two verifiers confirm
-        everything, quoting the real lines; one verifier is honest."""
+    def test_two_verifiers_who_agree_on_a_lie_are_caught_by_canaries_in_round_1(self):
+        """A finder plants lies that quote real lines; two verifiers confirm every
+        finding, quoting the real cited line (stamp-real: their evidence checks
+        out); one verifier is honest. Each stamper confirms the canary in its first
+        brief and is dropped; the lies end refuted, no truth does."""
         wd = self.sb.workdir("wörk-zwei", AUDIT_FILES)
         r, matrix, kinds = sim_fleet(self, "zwei", ["honest --lie 2", "stamp-real", "stamp-real", "honest"], wd)
         self.assertEqual(r.code, 0, r)
@@ -5145,11 +5124,26 @@ class Adversaries(OrchCase):
         self.assertEqual((got["caught"], got["rejected"]), (got["lies"], 0), got)
         self.assertGreaterEqual(got["lies"], 2)
         self.assertEqual(sorted(matrix["dropped"]), ["2", "3"])
+        for n in ("2", "3"):
+            self.assertRegex(matrix["dropped"][n], r"^round 1: confirmed a planted false finding \(W\d\.F\d+\)$")
+            self.assertEqual(matrix["reliability"][n]["canaries_confirmed"], 1)
+        self.assertEqual(sorted(c["verifier"] for k in matrix["canaries"] for c in k["rounds"]
+                                if c["verdict"] == "CONFIRMED"), [2, 3])
+        self.assertFalse([c for f in matrix["findings"] for c in f["rounds"] if c["verifier"] in (2, 3) and c["counts"]])
+        ids = {f["id"] for f in matrix["findings"]}
+        for k in matrix["canaries"]:           # never a finding; its claim is a real one's, elsewhere
+            self.assertNotIn(k["id"], ids)
+            borrowed = next(f for f in matrix["findings"] if f["id"] == k["borrowed_from"])
+            self.assertEqual(k["claim"], borrowed["claim"])
+            self.assertNotEqual((k["path"], k["line"]), (borrowed["path"], borrowed["line"]))
+            self.assertEqual(sb_line(wd, k["path"], k["line"]), k["quote"])
         md = self.sb.text(self.sb.shared("zwei", "matrix.md"))
         for n in (2, 3):
+            self.assertIn("| W%d (confirmed a planted false finding) |" % n, md)
             self.assertIn("Unreliable: W%d as verifier: confirmed a planted false finding" % n, md)
         self.assertNotIn("Unreliable: W4", md)
         self.assertNotIn("W1 as verifier", md)
+        self.assertIn("## Canaries", self.ok("report", "zwei").out)
 
     def test_a_canary_is_false_and_not_told_apart_by_whose_or_what_claim_it_is(self):
         orch = load_orch()
@@ -5785,7 +5779,7 @@ class Structure(OrchCase):
 # processes keep 2 cores busy: about 95 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
 COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 17, "Harness": 25, "Verification": 12,
-        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
+        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 24, "Python38": 11, "Faults": 10,
         "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
 PARTS = 5
 TOGETHER = ("Verification", "Security", "Python38")
