@@ -3650,7 +3650,7 @@ class Attention(OrchCase):
         fleets = {"claude": "erlaubnis", "gemini": "dialog", "codex": "grenze", "aider": "fremd"}
         for agent, (screen, _, _) in cases.items():
             first = ready if agent == "aider" else "%s-idle" % agent
-            self.fake(agent, (0, first), (2.5, screen))
+            self.fake(agent, (0, first), (2, screen))
             self.ok("spawn", fleets[agent], 1, self.sb.workdir("wörk-" + agent), "--agent", agent, "--timeout", "0")
         # unknown is a screen orch does not know after one it did: seen ready first
         wait_for(lambda: self.states("fremd") == ["idle"], 10, what="aider ready")
@@ -3680,7 +3680,7 @@ class Attention(OrchCase):
         self.spawn("ruhig", 2)
         seen = self.waits(["weg"])
         seen.update(self.waits(["still"], "--nudge", "--stall", "1"))
-        runs = self.sb.orch_each([(["wait", "ruhig", "--attention", "--interval", "0.2", "--timeout", "2"], {})])
+        runs = self.sb.orch_each([(["wait", "ruhig", "--attention", "--interval", "0.2", "--timeout", "1"], {})])
         r, events, final = seen["weg"]
         self.assertEqual((r.code, final["result"]), (4, "exited"), r)         # exit 4 stays exit 4
         self.assertEqual((events[-1]["state"], events[-1]["attention"], events[-1]["command"]),
@@ -3690,7 +3690,7 @@ class Attention(OrchCase):
         self.assertEqual(final["why"], "W1 is still stalled 1s after its nudge")
         self.assertEqual(len(self.sb.events("still", "nudge")), 1)
         self.assertEqual(runs[0].code, 3, runs[0])
-        self.assertRegex(runs[0].out, r"ruhig: timed out after 2s\n$")
+        self.assertRegex(runs[0].out, r"ruhig: timed out after 1s\n$")
         self.assertNotIn("needs the lead", runs[0].out)
 
     def test_a_bus_line_to_the_lead_wakes_it_once_until_it_answers(self):
@@ -5693,27 +5693,7 @@ class Structure(OrchCase):
                     used[name] = sorted(names)
         self.assertEqual(used, {})
 
-    def test_an_honest_sim_refutes_a_real_line_under_a_false_claim(self):
-        """The quote is the cited line, so orch's citation check passes; the
-        claim (a TODO marker there) is false, and the sim reads that itself."""
-        wd = self.sb.workdir("wörk-echt", {"a.py": "x = 1\n# TODO: eins\n"})
-        self.spawn("echt", 3, wd)
-        for n in (1, 2, 3):
-            self.ok("brief", "echt", n, "--goal", "the files carry TODO markers", "--send")
-        self.ok("wait", "echt", "--timeout", "30", "--interval", "0.2")
-        result = self.sb.shared("echt", "agent-1.result.md")
-        with open(result, "w", encoding="utf-8") as f:
-            f.write("F1 | a.py:1 | TODO marker: x is never validated | x = 1\n")
-        for n in (2, 3):
-            os.remove(self.sb.shared("echt", "agent-%d.done" % n))      # only W1's finding
-        self.ok("verify", "echt", "--timeout", "30")
-        (f,) = json.loads(self.sb.text(self.sb.run("echt", "matrix.json")))["findings"]
-        self.assertEqual((f["id"], f["citation"], f["final"]), ("W1.F1", "ok", "REFUTED"), f)
-        self.assertEqual([(v["verifier"], v["verdict"], v["why"], v["check"]) for v in f["rounds"]],
-                         [(2, "REFUTED", "no TODO marker on the cited line", "checked"),
-                          (3, "REFUTED", "no TODO marker on the cited line", "checked")])
-
-    def test_no_record_passes_as_a_dict(self):
+    def test_no_record_passes_as_a_dict_and_an_honest_sim_refutes_a_real_line_under_a_false_claim(self):
         """While orch runs its commands in this process, no dict of more than five
         named keys is an argument or a return value of one of its functions, but the
         fleet (fleet.json), a file's content as read (json.loads, read_state) and what
@@ -5760,10 +5740,13 @@ class Structure(OrchCase):
         sys.setprofile(watch)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                codes = [orch.main(argv) for argv in (
-                    ["wait", "rec", "--timeout", "30", "--interval", "0.2"], ["status"], ["status", "--json"],
-                    ["status", "rec"], ["status", "rec", "--json"], ["read", "rec", "all"], ["bus", "rec"],
-                    ["log", "rec"], ["verify", "rec", "--timeout", "30"], ["report", "rec"], [])]
+                codes = [orch.main(["wait", "rec", "--timeout", "30", "--interval", "0.2"])]
+                with open(self.sb.shared("rec", "agent-1.result.md"), "a", encoding="utf-8") as f:
+                    f.write("F9 | b.py:1 | TODO marker: x is never validated | x = 1\n")     # a false claim
+                codes += [orch.main(argv) for argv in (
+                    ["status"], ["status", "--json"], ["status", "rec"], ["status", "rec", "--json"],
+                    ["read", "rec", "all"], ["bus", "rec"], ["log", "rec"], ["verify", "rec", "--timeout", "30"],
+                    ["report", "rec"], [])]
         finally:
             sys.setprofile(None)
         self.assertEqual(codes, [0] * 10 + [2], out.getvalue())
@@ -5772,15 +5755,21 @@ class Structure(OrchCase):
             self.assertIn(name, seen)
         self.assertEqual([what for what, value in found if not (id(value) in state | written or "workers" in value
                                                                 and "version" in value)], [])
+        # The planted claim's quote is the real line 1 of b.py, so orch's citation check passes; the honest
+        # sims read that the line carries no TODO marker, with code of their own, and refute it.
+        (f,) = [f for f in json.loads(self.sb.text(self.sb.run("rec", "matrix.json")))["findings"] if f["id"] == "W1.F9"]
+        self.assertEqual((f["citation"], f["final"]), ("ok", "REFUTED"), f)
+        self.assertEqual({(v["verdict"], v["why"], v["check"]) for v in f["rounds"]},
+                         {("REFUTED", "no TODO marker on the cited line", "checked")}, f)
 
 
 # Seconds each class takes here, to split the suite in PARTS even parts that
 # run side by side (the tests mostly wait on tmux and the agents, so four
-# processes keep 2 cores busy: about 95 s here). The classes that read the shared demo runs
+# processes keep 2 cores busy: 100-110 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 38, "Truth": 37, "States": 33, "Attention": 17, "Harness": 25, "Verification": 12,
-        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 24, "Python38": 11, "Faults": 10,
-        "Structure": 8, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
+COST = {"Hostile": 42, "Truth": 37, "States": 28, "Attention": 14, "Harness": 28, "Verification": 12,
+        "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
+        "Structure": 6, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
 PARTS = 5
 TOGETHER = ("Verification", "Security", "Python38")
 
