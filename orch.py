@@ -2220,11 +2220,15 @@ def plant_canary(fleet, findings, v, briefed, taken, cache, rng):
     real = [f for f in findings if f.path is not None and f.citation == "ok" and v not in f.finders
             and words(f.claim) & words(f.quote) and not re.search(r"\bline \d|\w\.\w{1,4}\b", f.claim)]
     near = {(os.path.normpath(f.path), i) for f in findings if f.path for i in range(f.line - 2, f.end + 3)}
-    for f in sorted(rng.sample(real, len(real)), key=lambda f: f in briefed):
-        for path in rng.sample(sorted({g.path for g in real}), len({g.path for g in real})):
+    paths, said = sorted({g.path for g in real}), {}    # bounded work: at most 8 claims on 8 files
+    for f in sorted(rng.sample(real, len(real)), key=lambda f: f in briefed)[:8]:
+        for path in rng.sample(paths, min(8, len(paths))):
             lines = file_lines(fleet["workdir"], path, cache)
-            spots = [] if isinstance(lines, str) else [i for i, text in enumerate(lines, 1) if len(text.strip()) >= 8 and (
-                os.path.normpath(path), i) not in near and not words(text) & words(f.claim + " " + f.quote)]
+            if path not in said:            # each line's words once per canary
+                said[path] = [] if isinstance(lines, str) else [
+                    (i, words(text)) for i, text in enumerate(lines, 1)
+                    if len(text.strip()) >= 8 and (os.path.normpath(path), i) not in near]
+            spots = [i for i, line_words in said[path] if not line_words & words(f.claim + " " + f.quote)]
             if spots:
                 i, top = rng.choice(spots), min(max(g.k for g in findings if g.worker == f.worker) + 3, 10 ** 9 - 1)
                 k = next((k for k in (rng.randint(1, top) for _ in range(100)) if "W%d.F%d" % (f.worker, k) not in taken),
@@ -2397,8 +2401,8 @@ def matrix_markdown(matrix):
         lines += ["A canary borrows a real finding's claim and puts it on another line. A verifier that "
                   "confirms one has rubber-stamped: none of its verdicts count.", "",
                   "| canary | planted at | claim of | verdict |", "|---|---|---|---|"]
-        lines += ["| %s | %s | %s | %s |" % (c.id, place(c), c.canary, "; ".join(verdict_cell(v) for v in c.rounds))
-                  for c in matrix.canaries]
+        lines += ["| " + " | ".join(x.replace("|", "\\|") for x in (
+            c.id, place(c), c.canary, "; ".join(verdict_cell(v) for v in c.rounds))) + " |" for c in matrix.canaries]
     else:
         lines.append("None planted.")
     head = ["worker"] + [k.replace("_", " ") for k in RELIABILITY]
