@@ -46,6 +46,7 @@ ENTER_RETRIES = 3               # Enters after the first while the text still si
 CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the work on
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
+BUS_LINE = 2000                 # characters of one outbox line the bus keeps
 # Characters no worker text carries raw to a pane or a terminal: C0 controls but
 # newline and tab, DEL, C1; and, where a person reads, the bidi controls too.
 CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f"
@@ -108,6 +109,10 @@ Event = collections.namedtuple("Event", "kind n row was text why command")
 # its worker count, how many are done, its agent and workdir; or, for a fleet
 # whose fleet.json cannot be read, only name, live (False) and the error.
 Summary = collections.namedtuple("Summary", "name live workers done agent workdir error")
+
+# One line of the bus: the byte offset it starts at in bus.md, whether orch
+# wrote it there (genuine), and its text as written.
+Post = collections.namedtuple("Post", "at genuine text")
 
 
 class Record(object):
@@ -252,9 +257,9 @@ def claude_seed(fleet, agent):
         approved = state.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
         approved.setdefault("approved", []).append(key[-20:])
     write_json(os.path.join(config, ".claude.json"), state)
-    # acceptEdits lets a worker edit the workdir and shared/; these rules add
-    # the commands it needs. rm is denied, not asked: a refusal does not stall a worker.
-    rules = ["Edit(/%s/**)" % shared] + ["Bash(%s:*)" % c for c in WORKER_COMMANDS]
+    # acceptEdits lets a worker edit the workdir and its own folder (claude_setup);
+    # these rules add the commands it needs. rm is denied, not asked: a refusal does not stall a worker.
+    rules = ["Bash(%s:*)" % c for c in WORKER_COMMANDS]
     settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
     if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
         settings["skipDangerousModePermissionPrompt"] = True
@@ -269,9 +274,20 @@ def claude_seed(fleet, agent):
 
 
 def claude_setup(fleet, w):
+    """A config dir of the worker's own, from the fleet's seed: its Edit rule
+    covers its own folder only."""
     import glob
     import shlex
-    config = os.path.join(fleet["run"], "claude")
+    seed, config = os.path.join(fleet["run"], "claude"), os.path.join(state_dir(fleet, w["n"]), "claude")
+    if not os.path.exists(os.path.join(config, ".claude.json")):
+        os.makedirs(config, exist_ok=True)
+        settings = read_state(os.path.join(seed, "settings.json"))
+        settings.setdefault("permissions", {}).setdefault("allow", []).insert(
+            0, "Edit(/%s/**)" % os.path.realpath(worker_dir(fleet, w["n"])))
+        write_json(os.path.join(config, "settings.json"), settings)
+        with contextlib.suppress(OSError):
+            os.symlink(os.readlink(os.path.join(seed, ".credentials.json")), os.path.join(config, ".credentials.json"))
+        write_file(os.path.join(config, ".claude.json"), read_text(os.path.join(seed, ".claude.json"), "{}"))
     resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
     args = ["--add-dir", os.path.realpath(shared_dir(fleet)),
             "--resume" if resume else "--session-id", w["session_id"]]
@@ -288,7 +304,7 @@ def codex_setup(fleet, w):
     Its own, as `resume --last` takes a home's newest session of the cwd (which
     all workers share): a respawn resumes the worker's own, once it has one."""
     import glob
-    home = os.path.join(fleet["run"], "codex", "w%d" % w["n"])
+    home = os.path.join(state_dir(fleet, w["n"]), "codex")
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
     if not os.path.exists(os.path.join(home, "config.toml")):
         os.makedirs(home, exist_ok=True)
@@ -300,11 +316,11 @@ def codex_setup(fleet, w):
         if os.path.exists(os.path.join(user, "auth.json")):
             os.symlink(os.path.join(user, "auth.json"), os.path.join(home, "auth.json"))
     # 0.171 writes sessions/YYYY/MM/DD/rollout-<time>-<uuid>.jsonl at the first message.
-    # --add-dir: its sandbox lets a worker write only the workdir and /tmp; --no-alt-screen keeps
+    # --add-dir: its sandbox lets a worker write only the workdir, /tmp and its folder; --no-alt-screen keeps
     # the conversation in the pane's scrollback (logs/); --no-daemon: no app-server outlives kill.
     resume = glob.glob(os.path.join(glob.escape(home), "sessions", "*", "*", "*", "rollout-*.jsonl"))
     return {"env": {"CODEX_HOME": home}, "args": ["resume", "--last"] * bool(resume) + [
-        "--add-dir", os.path.realpath(shared_dir(fleet)), "--no-alt-screen", "--no-daemon"]}
+        "--add-dir", os.path.realpath(worker_dir(fleet, w["n"])), "--no-alt-screen", "--no-daemon"]}
 
 
 GEMINI_POLICY = """# orch: what the workers of this fleet run without a prompt (Gemini CLI policy
@@ -335,12 +351,22 @@ def gemini_seed(fleet, agent):
 
 
 def gemini_setup(fleet, w):
-    """The fleet's policy, beside the user's own (a --policy replaces
+    """A home of the worker's own (GEMINI_CLI_HOME: Gemini writes its history
+    and chats under ~/.gemini) with the user's settings and a link to the
+    login; the fleet's policy, beside the user's own (a --policy replaces
     ~/.gemini/policies), and auto_edit unless the lead chose a mode: like
     Claude's acceptEdits, write_file and replace within the workdir and shared
     dir, and an allowed command may redirect (`echo ... >> bus.md`)."""
     import shlex
-    mine = os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", "policies")
+    user = os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini")
+    home = os.path.join(state_dir(fleet, w["n"]), "gemini")
+    if not os.path.isdir(os.path.join(home, ".gemini")):
+        os.makedirs(os.path.join(home, ".gemini"))
+        write_file(os.path.join(home, ".gemini", "settings.json"), read_text(os.path.join(user, "settings.json"), "{}"))
+        for name in ("oauth_creds.json", "google_accounts.json"):     # links: a refreshed login reaches all
+            if os.path.exists(os.path.join(user, name)):
+                os.symlink(os.path.join(user, name), os.path.join(home, ".gemini", name))
+    mine = os.path.join(user, "policies")
     args = ["--include-directories", os.path.realpath(shared_dir(fleet))]
     args += ["--policy", mine] if os.path.isdir(mine) else []
     args += ["--policy", os.path.join(fleet["run"], "gemini-policy.toml")]
@@ -348,7 +374,7 @@ def gemini_setup(fleet, w):
     if not any(x in ("-y", "--yolo", "--approval-mode") or x.startswith("--approval-mode=") for x in words):
         args += ["--approval-mode", "auto_edit"]
     # CI=true or GITHUB_ACTIONS=true (a lead in CI) make it headless: it exits.
-    return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": None, "GITHUB_ACTIONS": None,
+    return {"env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": None, "GITHUB_ACTIONS": None, "GEMINI_CLI_HOME": home,
                     "GEMINI_CLI_TRUSTED_FOLDERS_PATH": os.path.join(fleet["run"], "gemini-trusted.json")},
             "args": args}
 
@@ -476,10 +502,11 @@ AGENTS = {
 
 
 # --- Claude telemetry: hooks and status line -------------------------------------
-# A Claude worker's hooks and status line are `orch hook` (claude_seed): every hook
-# is an `agent` event in events.jsonl (what `log` shows), the status line's cost
-# and context go to usage-w<n>.json, and a Write into a file of another worker's
-# goes to foreign.jsonl as well, which voids that round file's verdicts.
+# A Claude worker's hooks and status line are `orch hook` (claude_seed), run in its
+# sandbox, so they write only its own workers/w<n>: every hook is an `agent` record
+# in hooks.jsonl (what `log` shows), the status line's cost and context go to
+# usage.json, and a Write into a file of another worker's goes to foreign.jsonl as
+# well, which voids that round file's verdicts.
 
 CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
                 "Notification", "PreCompact")
@@ -489,16 +516,16 @@ HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", 
 
 
 def owner(fleet, path):
-    """The worker whose file `path` is in shared/ (agent-<m>.*, verify/r<k>-w<m>.*),
-    0 for orch's own (matrix.md, the rest of verify/), None for anyone's (the bus)."""
+    """The worker whose folder in shared/ holds `path` (w<m>/...), 0 for the
+    rest of shared/ (orch's: briefs, the bus, the matrix), None outside it."""
     rel = os.path.relpath(os.path.realpath(path), os.path.realpath(shared_dir(fleet)))
-    m = re.match(r"(?:agent-|verify/r\d+-w)(\d{1,6})\.", rel)
-    return int(m.group(1)) if m else 0 if rel == "matrix.md" or rel.startswith("verify/") else None
+    m = re.match(r"w(\d{1,6})(/|$)", rel)
+    return int(m.group(1)) if m else None if rel == ".." or rel.startswith("../") else 0
 
 
 def telemetry(fleet, n):
     """Worker n's Telemetry, from what its status line last wrote."""
-    state = read_state(os.path.join(fleet["run"], "usage-w%d.json" % n))
+    state = read_state(os.path.join(state_dir(fleet, n), "usage.json"))
 
     def number(v, top):
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
@@ -509,23 +536,28 @@ def foreign_writes(fleet, since=0.0):
     """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
     Claude worker's Write or Edit changed since `since`, as its hooks said."""
     found = {}
-    for line in (read_untrusted(os.path.join(fleet["run"], "foreign.jsonl"))[0] or "").splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            w, o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("worker", "owner", "file", "t"))
-            if type(w) is type(o) is int and isinstance(f, str) and f and "\0" not in f \
-                    and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
-                found.setdefault(w, []).append((o, f))
+    for w in [w["n"] for w in fleet["workers"]]:
+        for line in (read_untrusted(os.path.join(state_dir(fleet, w), "foreign.jsonl"))[0] or "").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("owner", "file", "t"))
+                if type(o) is int and o != w and isinstance(f, str) and f and "\0" not in f \
+                        and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
+                    found.setdefault(w, []).append((o, f))
     return found
 
 
 def record_hook(fleet, n, data):
     """What one hook of worker n told orch (Claude Code's JSON), recorded;
     returns the text for its status line, or None for a hook."""
+    mine = state_dir(fleet, n)
     if data.get("hook_event_name") is None:       # the status line
         cost, context = data.get("cost") or {}, data.get("context_window") or {}
-        write_json(os.path.join(fleet["run"], "usage-w%d.json" % n), {
-            "t": now_iso(), "cost_usd": cost.get("total_cost_usd"), "context_pct": context.get("used_percentage")})
+        said, before = cost.get("total_cost_usd"), telemetry(fleet, n).cost_usd
+        if before is not None and not (finite(said) and said >= before):     # a cost never goes down
+            said = before
+        write_json(os.path.join(mine, "usage.json"), {
+            "t": now_iso(), "cost_usd": said, "context_pct": context.get("used_percentage")})
         return "orch W%d" % n
     tool = data.get("tool_input") if isinstance(data.get("tool_input"), dict) else {}
     rec = {k: str(v)[:300] for k, v in (
@@ -533,18 +565,18 @@ def record_hook(fleet, n, data):
         ("command", tool.get("command")), ("prompt", data.get("prompt")), ("error", data.get("error")),
         ("notice", data.get("notification_type"))) if v}
     path = tool.get("file_path")            # whole, not the record's 300 characters
-    mine = owner(fleet, path) if rec.get("tool") in WRITE_TOOLS and isinstance(path, str) else None
-    if mine is not None and mine != n:
-        rec["foreign"] = mine
-        append_line(os.path.join(fleet["run"], "foreign.jsonl"),
-                    safe_json({"t": time.time(), "worker": n, "owner": mine, "file": path}))
-    log_event(fleet, "agent", worker=n, **rec)
+    theirs = owner(fleet, path) if rec.get("tool") in WRITE_TOOLS and isinstance(path, str) else None
+    if theirs is not None and theirs != n:
+        rec["foreign"] = theirs
+        append_line(os.path.join(mine, "foreign.jsonl"), safe_json({"t": time.time(), "owner": theirs, "file": path}))
+    append_line(os.path.join(mine, "hooks.jsonl"), safe_json(dict(t=now_iso(), event="agent", worker=n, **rec)))
     if rec.get("notice") in ("permission_prompt", "idle_prompt"):     # the screen is the judge
         w = pick_workers(fleet, n, allow_all=False)[0]
         capture = capture_panes(fleet, [w]).get(n)
         shows = capture and screen_state(w["profile"], capture.screen, capture.title)
         if shows != rec["notice"].split("_")[0]:
-            log_event(fleet, "agent", worker=n, hook=rec["hook"], disagree=rec["notice"], screen=shows or "unknown")
+            append_line(os.path.join(mine, "hooks.jsonl"), safe_json(dict(
+                t=now_iso(), event="agent", worker=n, hook=rec["hook"], disagree=rec["notice"], screen=shows or "unknown")))
     return None
 
 
@@ -697,13 +729,53 @@ def shared_dir(fleet):
     return os.path.join(fleet["run"], "shared")
 
 
-def worker_file(fleet, n, suffix):
-    """agent-<n>.task.md, .result.md, .done: absolute, inside shared/."""
-    return os.path.join(shared_dir(fleet), "agent-%d.%s" % (int(n), suffix))
+def worker_dir(fleet, n):
+    """Worker n's own folder in shared/: all it delivers, and the only place
+    there it can write (its sandbox lets it write nothing else of the fleet's)."""
+    return os.path.join(shared_dir(fleet), "w%d" % int(n))
+
+
+def worker_file(fleet, n, name):
+    """Worker n's brief, shared/agent-<n>.task.md (orch's), or a file of its
+    folder: result.md, done, bus.md (its outbox), r<k>.result.md, r<k>.done."""
+    if name == "task.md":
+        return os.path.join(shared_dir(fleet), "agent-%d.task.md" % int(n))
+    return os.path.join(worker_dir(fleet, n), name)
+
+
+def state_dir(fleet, n):
+    """Worker n's agent config and state, and what its hooks record: the other
+    place its sandbox lets it write."""
+    return os.path.join(fleet["run"], "workers", "w%d" % int(n))
 
 
 def is_done(fleet, n):
-    return os.path.exists(worker_file(fleet, n, "done"))
+    """Worker n's done flag exists, or existed when orch kept its result."""
+    return os.path.exists(worker_file(fleet, n, "done")) or os.path.exists(kept_path(fleet, "w%d.result.md" % n))
+
+
+def kept_path(fleet, name):
+    """orch's own copy of a deliverable, in the run dir (workers cannot write it)."""
+    return os.path.join(fleet["run"], "kept", name)
+
+
+def keep(fleet, name, text):
+    os.makedirs(os.path.dirname(kept_path(fleet, name)), mode=0o700, exist_ok=True)
+    write_file(kept_path(fleet, name), text)
+
+
+def result_of(fleet, n):
+    """Worker n's result as orch first read it with its done flag there:
+    (text or None, what was wrong or cut, what changed since or None). orch
+    keeps a copy then, and uses only that copy from then on."""
+    live, why = read_untrusted(worker_file(fleet, n, "result.md"))
+    kept = read_text(kept_path(fleet, "w%d.result.md" % n))
+    if kept is None:
+        if live is not None and os.path.exists(worker_file(fleet, n, "done")):
+            keep(fleet, "w%d.result.md" % n, live)
+        return live, why, None
+    return kept, None, None if live == kept else "W%d's result %s after orch read it: orch's copy counts" % (
+        n, "was removed" if live is None else "changed")
 
 
 def bus_path(fleet):
@@ -763,13 +835,15 @@ def write_json(path, obj):
 
 def append_line(path, line):
     """Append one whole line under an exclusive lock (bus.md, events.jsonl);
-    never to a planted link or FIFO."""
+    never to a planted link or FIFO. Returns the offset it starts at."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        at = os.lseek(fd, 0, os.SEEK_END)
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
+        return at
     finally:
         os.close(fd)            # closing releases the lock
 
@@ -909,52 +983,123 @@ def pick_workers(fleet, spec, allow_all=True):
     return [workers[int(spec) - 1]]
 
 
-def read_lines(path, start=0):
+def inside_worker(fleet):
+    """The worker of `fleet` whose pane this process runs in, or None: the
+    outermost of this process and its ancestors whose environment names the
+    fleet and its ORCH_HOME, which is the pane's own (orch set it; a worker
+    can change only its children's). 0: a pane of the fleet, worker unknown."""
+    marks, pid, found = {("ORCH_FLEET=%s" % fleet["name"]).encode(), ("ORCH_HOME=%s" % orch_home()).encode()}, \
+        os.getpid(), None
+    if os.environ.get("ORCH_FLEET") == fleet["name"] and os.environ.get("ORCH_HOME") == orch_home():
+        found = os.environ.get("ORCH_WORKER", "").encode()
+    for _ in range(256):                # /proc, where there is one
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                env = set(f.read().split(b"\0"))
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if marks <= env:
+            found = next((x[12:] for x in env if x.startswith(b"ORCH_WORKER=")), b"")
+        if pid < 1:
+            break
+    return None if found is None else int(found) if found.isdigit() and len(found) < 7 else 0
+
+
+def refuse(fleet, n, action):
+    """A lead-only action tried from inside worker n: an event, and an error."""
+    log_event(fleet, "refused", worker=n, action=action)
+    raise OrchError("`orch %s` is the lead's: it is refused from inside a worker of fleet %r (W%s)"
+                    % (action, fleet["name"], n or "?"))
+
+
+def lead_only(fleet, action):
+    """Refuse `action` when a worker of the fleet runs it."""
+    n = inside_worker(fleet)
+    if n is not None:
+        refuse(fleet, n, action)
+
+
+def read_lines(path, start=0, raw=False):
     """The whole lines of a growing file (read as untrusted) from byte `start`:
-    (lines, None if it cannot be read; the offset after the last whole one;
-    what was wrong or None). A line still being written is left for the next call."""
+    (lines, or bytes lines if `raw`, None if it cannot be read; the offset
+    after the last whole one; what was wrong or None). A line still being
+    written is left for the next call."""
     data, why = read_untrusted(path, start, raw=True)
     if data is None:
         return None, start, why
     whole = data[:data.rfind(b"\n") + 1]
     if why and not whole:               # one line longer than READ_CAP: skipped, never read again
         return [], start + len(data), why
-    return whole.decode("utf-8", "replace").split("\n")[:-1], start + len(whole), why
+    return (whole if raw else whole.decode("utf-8", "replace")).split(b"\n" if raw else "\n")[:-1], \
+        start + len(whole), why
 
 
-def posted_by_orch(fleet):
-    """A test of whether a bus line is one orch posted (its own, or the lead's through `bus post`)."""
-    import hashlib
-    posted = set((read_text(os.path.join(fleet["run"], "bus-posted"), "")).split())
-    return lambda line: hashlib.sha1(line.encode()).hexdigest() in posted
-
-
-def claims_orch(line):
-    """A bus line that starts like orch's or the lead's, invisible characters before it included."""
-    return re.match(r"[\W_]*\[(lead|orch)\]", line) is not None
-
-
-def bus_lines(fleet, lines):
-    """Bus lines to show: defanged, and a line that claims to be orch's or
-    the lead's but was not posted by orch marked."""
-    genuine = posted_by_orch(fleet)
-    return [defang(("(not posted by orch) " if claims_orch(line) and not genuine(line) else "") + line)
-            for line in lines]
-
+# --- the bus: each worker's outbox, merged by orch ------------------------------
+# A worker posts by appending to its outbox, shared/w<n>/bus.md. orch merges every
+# outbox into shared/bus.md, which only orch writes: each line as "[W<n>] ..." by
+# the folder it came from, never by its text, beside orch's own and the lead's.
+# bus-posted keeps where each line orch wrote starts and its hash: a line at any
+# other place, or changed, was not written by orch (a worker without a sandbox).
 
 def post(fleet, who, text):
-    """Append one bus line under the lock, and remember it as orch's."""
+    """Append one line to the bus under the lock, and remember it as orch's."""
     import hashlib
-    line = "[%s] %s" % (who, text)
-    append_line(bus_path(fleet), line)
-    append_line(os.path.join(fleet["run"], "bus-posted"), hashlib.sha1(line.encode()).hexdigest())
+    line = ("[%s] %s" % (who, text)).replace("\n", " ")
+    at = append_line(bus_path(fleet), line)
+    append_line(os.path.join(fleet["run"], "bus-posted"), "%d %s" % (at, hashlib.sha1(line.encode()).hexdigest()))
+
+
+def merge_outboxes(fleet):
+    """Bring each worker's new outbox lines into the bus, in the order orch
+    sees them, at most BUS_LINE characters each. An outbox that shrank is
+    noted: the bus keeps what orch merged."""
+    sizes = {}
+    for w in fleet["workers"]:
+        with contextlib.suppress(OSError):
+            sizes[str(w["n"])] = os.lstat(worker_file(fleet, w["n"], "bus.md")).st_size
+    if all(read_state(os.path.join(fleet["run"], "outboxes.json")).get(n) == s for n, s in sizes.items()):
+        return                          # the common case: one stat per worker, no lock
+    with updating(fleet, "outboxes.json") as seen:
+        for n, size in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+            at = seen.get(n) if type(seen.get(n)) is int else 0
+            if size < at:
+                fleet.setdefault("notes", []).append("W%s's outbox shrank after orch merged it: the bus keeps "
+                                                     "what orch merged" % n)
+                seen[n] = size
+                continue
+            lines, seen[n], _ = read_lines(worker_file(fleet, int(n), "bus.md"), at)
+            for line in lines or []:
+                text = " ".join(clean_text(re.sub(r"^\s*\[W%s\] ?" % n, "", line)).split())
+                if text:
+                    post(fleet, "W" + n, text if len(text) <= BUS_LINE else text[:BUS_LINE - 1] + "…")
+
+
+def bus_posts(fleet, start=0):
+    """The bus's whole lines from byte `start`, as Posts, and the offset after them."""
+    import hashlib
+    lines, end, _ = read_lines(bus_path(fleet), start, raw=True)
+    written = set(read_text(os.path.join(fleet["run"], "bus-posted"), "").split("\n"))
+    posts, at = [], start
+    for raw in lines or []:
+        posts.append(Post(at, "%d %s" % (at, hashlib.sha1(raw).hexdigest()) in written,
+                          raw.decode("utf-8", "replace")))
+        at += len(raw) + 1
+    return posts, end
+
+
+def shown(p):
+    """A bus Post as a person reads it: defanged, and marked unless orch wrote it there."""
+    return defang(("" if p.genuine else "(not written by orch) ") + p.text)
 
 
 def bus_tail(fleet, count=None):
-    text, _ = read_untrusted(bus_path(fleet))
-    lines = bus_lines(fleet, (text or "").rstrip("\n").split("\n"))
-    lines = [] if lines == [""] else lines
-    return lines if count is None else lines[max(0, len(lines) - count):]
+    """The bus's last `count` lines (None: all of its last 16 MB), as shown."""
+    path = bus_path(fleet)
+    start = max(0, os.lstat(path).st_size - READ_CAP) if os.path.isfile(path) else 0
+    posts = bus_posts(fleet, start)[0][1 if start else 0:]
+    return [shown(p) for p in posts[max(0, len(posts) - count) if count is not None else 0:]]
 
 
 # --- screens and states --------------------------------------------------------
@@ -1372,25 +1517,30 @@ def needs_lead(fleet, r, nudged_at=None, stall=STALL):
     return None
 
 
-def lead_question(line, genuine):
-    """A bus line a worker addressed to the lead (`@lead`) as (its worker n,
-    or None, and the line as shown), or None; `genuine` tells orch's own lines."""
-    if "@lead" not in line or genuine(line):
+def is_answer(p):
+    """A bus Post that is the lead's: it answers every question before it."""
+    return p.genuine and p.text.startswith("[lead]")
+
+
+def lead_question(p):
+    """A bus Post a worker addressed to the lead (`@lead`) as (its worker n,
+    or None when orch did not write the line, and the line as shown), or None."""
+    if "@lead" not in p.text or p.genuine and re.match(r"\[(lead|orch)\]", p.text):
         return None
-    m = re.match(r"\[W(\d{1,6})\]", line)
-    return int(m.group(1)) if m else None, one_line(line, 300)
+    m = re.match(r"\[W(\d{1,6})\]", p.text) if p.genuine else None
+    return int(m.group(1)) if m else None, one_line(shown(p), 300)
 
 
 def unanswered(fleet):
     """The questions to the lead in the bus's last 16 MB that no line the lead
     posted followed, as (worker, why, command): for `status`."""
-    path, genuine, pending = bus_path(fleet), posted_by_orch(fleet), []
+    path, pending = bus_path(fleet), []
     start = max(0, os.path.getsize(path) - READ_CAP) if os.path.isfile(path) else 0
-    for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
-        if line.startswith("[lead]") and genuine(line):
+    for p in bus_posts(fleet, start)[0][1 if start else 0:]:
+        if is_answer(p):
             pending = []
-        elif lead_question(line, genuine):
-            pending.append(lead_question(line, genuine))
+        elif lead_question(p):
+            pending.append(lead_question(p))
     return [(n, "W%s asks the lead on the bus: %s" % (n or "?", text), "orch bus %s --new" % fleet["name"])
             for n, text in pending]
 
@@ -1407,13 +1557,8 @@ def note_nudge(fleet, n, when):
 def bus_answered(fleet):
     """The byte offset of the bus after the lead's last answer (0: none):
     where a `wait` with no cursor of its own starts looking for questions."""
-    lines, _, _ = read_lines(bus_path(fleet))
-    genuine, offset, after = posted_by_orch(fleet), 0, 0
-    for line in lines or []:
-        offset += len(line.encode("utf-8", "replace")) + 1
-        if line.startswith("[lead]") and genuine(line):
-            after = offset
-    return after
+    posts, end = bus_posts(fleet)
+    return max([posts[i + 1].at if i + 1 < len(posts) else end for i, p in enumerate(posts) if is_answer(p)] or [0])
 
 
 def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, attention=False):
@@ -1449,16 +1594,15 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
                 written.add((w, o, f))
                 events.append(Event("foreign", w, None, None, "W%d wrote %s's %s" % (
                     w, "W%d" % o if o else "orch", one_line(os.path.relpath(f, shared_dir(fleet)), 200)), None, None))
+        merge_outboxes(fleet)
         with updating(fleet, "watch.json") as memory:      # each question once, whoever waits
             start, size = memory.get("bus_read"), os.path.getsize(bus_path(fleet)) if os.path.isfile(
                 bus_path(fleet)) else 0
             if type(start) is not int or not 0 <= start <= size:       # none yet, damaged, or bus.md shrank
                 start = bus_answered(fleet)
-            lines, memory["bus_read"], _ = read_lines(bus_path(fleet), start)
-        genuine = posted_by_orch(fleet)
+            posts, memory["bus_read"] = bus_posts(fleet, start)
         events += [Event("bus", q[0], None, None, q[1], "W%s asks the lead on the bus" % (q[0] or "?"),
-                         "orch bus %s --new" % fleet["name"]) for q in [lead_question(line, genuine)
-                                                                         for line in lines or []] if q]
+                         "orch bus %s --new" % fleet["name"]) for q in map(lead_question, posts) if q]
         rows = [r for r in rows if r.n in flags]
         for r in rows:
             why = needs_lead(fleet, r, nudged_at.get(r.n), stall)
@@ -1536,13 +1680,77 @@ def event_line(e, json_mode=False):
                         if e.why else "")
 
 
-def default_nudge(fleet, n, stem=None):
-    stem = stem or worker_file(fleet, n, "")[:-1]
-    task = ("Your brief is %s.task.md - reread it." % stem if os.path.exists(stem + ".task.md")
+def default_nudge(fleet, n, brief=None, k=None):
+    """The reminder of worker n's brief (`brief`: a round's, for round k)."""
+    brief, stem = brief or worker_file(fleet, n, "task.md"), worker_file(fleet, n, "r%d" % k if k else "")
+    task = ("Your brief is %s - reread it." % brief if os.path.exists(brief)
             else "Finish what you were asked to do.")            # never a brief that is not there
-    return ("Reminder: you are worker %d of %d. %s Write your deliverable to %s.result.md, then "
-            "touch %s.done last. Work autonomously: do not wait for confirmation."
-            % (n, len(fleet["workers"]), task, stem, stem))
+    return ("Reminder: you are worker %d of %d. %s Write your deliverable to %s, then "
+            "touch %s last. Work autonomously: do not wait for confirmation."
+            % (n, len(fleet["workers"]), task, stem + ".result.md" if k else stem + "result.md",
+               stem + ".done" if k else stem + "done"))
+
+
+# --- isolation: a sandbox per worker --------------------------------------------
+# Where bubblewrap runs, each worker's agent runs inside it: the whole filesystem
+# read-only but the worker's own folder (shared/w<n>), its agent config and state
+# (workers/w<n>) and a private /tmp; the tmux server's socket hidden; the network
+# and the process tree as they are (kill ends it all). Without it, orch's own
+# record still keeps what it read and verified (README: what that cannot stop).
+
+ISOLATION_FIX = "install bubblewrap (apt-get install bubblewrap, dnf install bubblewrap)"
+
+
+def isolation():
+    """Whether workers can run sandboxed here: (True, "bubblewrap <version>"),
+    or (False, why not and how to fix it)."""
+    import shutil
+    import subprocess
+    bwrap = shutil.which("bwrap")
+    if not bwrap:
+        return False, "bubblewrap (bwrap) is not installed: %s" % ISOLATION_FIX
+    try:
+        probe = subprocess.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                                "--unshare-pid", "--die-with-parent", "--", "true"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+        said = probe.stderr.decode("utf-8", "replace").strip().split("\n")[-1][:200]
+        version = subprocess.run([bwrap, "--version"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 timeout=10).stdout.decode("utf-8", "replace").strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        probe, said, version = None, str(e), ""
+    if not probe or probe.returncode:
+        return False, "bubblewrap cannot start a sandbox here (%s): allow unprivileged user namespaces " \
+                      "(sysctl kernel.unprivileged_userns_clone=1), or run where they are" % defang(said)
+    return True, version or "bubblewrap"
+
+
+def under_tmp(path):
+    return path == "/tmp" or path.startswith("/tmp/")
+
+
+def sandboxed(fleet, w, argv, env):
+    """argv, run inside worker w's sandbox (bubblewrap): what it reads of
+    /tmp (the workdir, the run dir, orch, HOME, PATH) bound read-only into its
+    private /tmp, then its two folders writable, then the tmux socket's
+    directory hidden under an empty one."""
+    import shutil
+    bwrap = shutil.which("bwrap")
+    if not bwrap:
+        raise OrchError("fleet %r runs its workers isolated, and bwrap is gone: %s, or `orch spawn %s N "
+                        "--force --no-isolate`" % (fleet["name"], ISOLATION_FIX, fleet["name"]))
+    found = shutil.which(argv[0], path=env.get("PATH"))
+    reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
+    reads += env.get("PATH", "").split(os.pathsep)
+    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in sorted({os.path.realpath(p) for p in reads if p and os.path.isabs(p) and os.path.exists(p)}, key=len):
+        args += ["--ro-bind", path, path] if under_tmp(path) else []
+    for path in (worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])):
+        args += ["--bind", os.path.realpath(path), os.path.realpath(path)]
+    socket = (env.pop("TMUX", None) or "").split(",")[0]
+    env.pop("TMUX_PANE", None)
+    if socket:
+        args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
+    return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(fleet["workdir"]), "--"] + argv
 
 
 # --- fleets --------------------------------------------------------------------
@@ -1658,6 +1866,8 @@ def add_workers(fleet, count, agent, timeout):
         w = {"n": n, "agent": agent, "profile": profile, "pane": None}
         if profile == "claude":
             w["session_id"] = str(uuid.uuid4())
+        for folder in (worker_dir(fleet, n), state_dir(fleet, n)):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
         fleet["workers"].append(w)
         save_fleet(fleet)                 # the worker command reads its record
         w["pane"] = open_pane(fleet, n, fleet["workers"][(n - 1) // k * k]["pane"])
@@ -1665,6 +1875,15 @@ def add_workers(fleet, count, agent, timeout):
         log_event(fleet, "pane", worker=n, pane=w["pane"], agent=agent)
     new = set(range(len(fleet["workers"]) - count + 1, len(fleet["workers"]) + 1))
     return wait_ready(fleet, new, timeout) if timeout else []
+
+
+def isolation_line(fleet):
+    """What spawn and status say of the fleet's sandbox."""
+    if fleet.get("isolate"):
+        return "%s: workers are isolated (%s): each writes only its own folder %s" % (
+            fleet["name"], fleet.get("isolation"), os.path.join(shared_dir(fleet), "w<n>"))
+    return "%s: workers are NOT isolated (%s): each can write every file of the fleet; orch's own record " \
+           "still keeps what it read" % (fleet["name"], fleet.get("isolation") or "an older fleet")
 
 
 def require_ready(fleet, waiting, timeout):
@@ -1818,20 +2037,23 @@ VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
 LEADING_PATTERN = r"(?i)\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)"
 
 
-def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=()):
+def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=(), workdir=None):
     import shlex
     count = len(fleet["workers"])
     rules = ["Work only inside the workdir; do not change any file there%s." % (
-        "" if role == "fixer" else " (your role is read-only)")] + list(constraints)
+        "" if role == "fixer" else " (your role is read-only)"),
+        "Write only in your own folder `%s`: every other file of the fleet is read-only to you."
+        % worker_dir(fleet, n)] + list(constraints)
     parts = [
         "# Worker %d of %d — %s (%s)" % (n, count, title or goal.split("\n")[0][:60].rstrip(),
                                          role.upper()), "",
         "You are worker %d of %d in fleet `%s`. A different worker will check your result."
         % (n, count, fleet["name"]), "",
-        "- Workdir: `%s`" % fleet["workdir"],
+        "- Workdir: `%s`" % (workdir or fleet["workdir"]),
         "- Result file: `%s`" % result,
         "- Done flag: `%s`" % done,
-        "- Bus: `%s`" % bus_path(fleet), "",
+        "- Bus: `%s`" % bus_path(fleet),
+        "- Outbox: `%s`" % worker_file(fleet, n, "bus.md"), "",
         "## Goal", ROLES[role].format(goal=goal.strip().rstrip(".")), "",
         "## Hard constraints"] + ["- " + r for r in rules] + [""]
     if findings:
@@ -1845,9 +2067,9 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
               "When the result file is complete, and only then, touch the done flag as your "
               "last action:", "    touch %s" % shlex.quote(done), "",
               "## Coordination",
-              "The bus is a plain file all workers share. Read it between steps. To post, "
-              "append one line that starts with [W%d], never edit it:" % n,
-              "    echo '[W%d] <one line>' >> %s" % (n, shlex.quote(bus_path(fleet))),
+              "The bus is a plain file orch keeps: every worker's posts and the lead's. Read it "
+              "between steps. To post, append one line to your outbox; orch adds it to the bus as [W%d]:" % n,
+              "    echo '<one line>' >> %s" % shlex.quote(worker_file(fleet, n, "bus.md")),
               "Write @lead in a line only when you cannot go on without the lead's answer; "
               "the lead answers on the bus with a line that starts with [lead].", "",
               "## Autonomy",
@@ -1995,11 +2217,15 @@ FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
 def file_lines(workdir, rel, cache):
     """The lines of a file a finding or verdict cites, read once per verify
     (`cache`), as a worker may have planted it: inside the workdir, a regular
-    file, at most READ_CAP bytes. Returns a list, or what is wrong."""
+    file, at most READ_CAP bytes. Returns a list, or what is wrong. Once
+    `cache` is frozen (cache[None]: the findings are collected) it is the
+    workdir as verification sees it: no file is read any more."""
     root = os.path.realpath(workdir)
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, path]) != root:
         return "path escapes the workdir"
+    if path not in cache and cache.get(None):
+        return "not in orch's copy of the workdir (the files the findings cite)"
     if path not in cache:
         text, why = read_untrusted(path)
         cache[path] = (why or "no such file") if text is None else text.splitlines()
@@ -2047,12 +2273,18 @@ def check_citation(workdir, f, cache=None):
     return check_cited(workdir, f, {} if cache is None else cache)
 
 
-def check_evidence(workdir, v, cache):
-    """A verdict's evidence: 'checked', 'unsupported' (no location and quote),
-    'missing' (no verdict), or 'fabricated: <what is wrong>'."""
+def check_evidence(workdir, v, cache, f):
+    """A verdict's evidence on finding f: 'checked', 'unsupported' (no
+    location and quote, a CONFIRMED read elsewhere than f's cited lines, or a
+    file orch did not keep), 'missing' (no verdict), or 'fabricated: <what is wrong>'."""
     if v.verdict == "MISSING" or v.path is None or not v.quote:
         return "missing" if v.verdict == "MISSING" else "unsupported"
+    if v.verdict == "CONFIRMED" and f.path is not None and not (
+            os.path.normpath(v.path) == os.path.normpath(f.path) and f.line - 2 <= v.line <= f.end + 2):
+        return "unsupported: a CONFIRMED verdict's evidence must lie at the finding's cited lines"
     why = check_cited(workdir, v, cache, least=8)
+    if why.startswith("not in orch's copy"):
+        return "unsupported: " + why
     return "checked" if why == "ok" else ("unsupported: " if "too short" in why else "fabricated: ") + why
 
 
@@ -2079,10 +2311,13 @@ def collect_findings(fleet):
         n = w["n"]
         if not is_done(fleet, n):
             continue
-        path = worker_file(fleet, n, "result.md")
-        text, why = read_untrusted(path)
-        if why:
-            problems.append("%s: %s" % (path, why))
+        path, brief = worker_file(fleet, n, "result.md"), worker_file(fleet, n, "task.md")
+        text, why, changed = result_of(fleet, n)
+        kept_brief = read_text(kept_path(fleet, "agent-%d.task.md" % n))
+        if kept_brief is not None and read_untrusted(brief)[0] != kept_brief:
+            problems.append("W%d's brief %s is not what orch wrote: W%d may have answered another brief"
+                            % (n, brief, n))
+        problems += [p for p in ("%s: %s" % (path, why) if why else None, changed) if p]
         if text is None:
             problems.append("W%d touched its done flag but wrote no usable %s" % (n, path))
             continue
@@ -2153,31 +2388,36 @@ def round_file_forged(fleet, v, stem, key, text, flag, before, after, foreign):
     return "W%d wrote it (its agent's hooks say so), not W%d" % (writer, v) if writer else ""
 
 
-def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
+def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget, tree):
     """One verification round: a brief per verifier ({v: [Finding]}, with
     `extra` lines under a finding), sent, waited for; returns its
     RoundOutcome. A verifier that cannot be reached, dies or runs out of time
     costs only its own verdicts."""
     vdir, began = os.path.join(shared_dir(fleet), "verify"), time.time()
-    stems = {v: os.path.join(vdir, "r%d-w%d" % (k, v)) for v in jobs}
+    briefs = {v: os.path.join(vdir, "r%d-w%d.task.md" % (k, v)) for v in jobs}
+    stems = {v: worker_file(fleet, v, "r%d" % k) for v in jobs}        # r<k>.result.md, r<k>.done
+    written = {}
     for v, fs in sorted(jobs.items()):
-        stem = stems[v]
         goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
                 "are true; give one verdict per finding" % len(fs))
-        write_file(stem + ".task.md", defang(make_brief(       # it quotes workers; the lead may read it
-            fleet, v, "verifier", goal, ["Do not read other verifiers' result files."],
-            stem + ".result.md", stem + ".done", "verification round %d" % k,
-            [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])])))
+        written[v] = defang(make_brief(       # it quotes workers; the lead may read it
+            fleet, v, "verifier", goal, ["Do not read other verifiers' result files.",
+                                         "The workdir above is orch's copy of the files the findings cite, as "
+                                         "they were when orch collected the findings: judge those. The whole "
+                                         "workdir, for context only, is `%s`." % fleet["workdir"]],
+            stems[v] + ".result.md", stems[v] + ".done", "verification round %d" % k,
+            [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])], workdir=tree))
+        write_file(briefs[v], written[v])
         log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
     keys = {v: os.urandom(8).hex() for v in jobs}
     before = {r.n: r.digest for r in poll(fleet)}     # a verifier that works changes its screen
-    failed = deliver(fleet, {v: brief_message(stems[v] + ".task.md", keys[v]) for v in jobs})
+    failed = deliver(fleet, {v: brief_message(briefs[v], keys[v]) for v in jobs})
     incomplete = ["round %d: %s" % (k, why) for why in failed.values()]
     waiting = {v: stems[v] + ".done" for v in jobs if v not in failed}     # unreached: MISSING
     deadline = time.time() + timeout
     while waiting:
         code = wait_loop(fleet, waiting, max(0.1, deadline - time.time()), 0.25, STALL,
-                         lambda v: default_nudge(fleet, v, stems[v]), emit, budget)
+                         lambda v: default_nudge(fleet, v, briefs[v], k), emit, budget)
         if code != 4:
             if code == 3:
                 incomplete.append("round %d: W%s timed out after %gs" % (
@@ -2195,6 +2435,9 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget):
     for v in [v for v in jobs if v in waiting or os.path.exists(stems[v] + ".done")]:   # reached
         path, flag = stems[v] + ".result.md", stems[v] + ".done"
         text, why = read_untrusted(path)
+        keep(fleet, "r%d-w%d.result.md" % (k, v), text or "")
+        if read_untrusted(briefs[v])[0] != written[v]:
+            problems.append("%s is not what orch wrote: W%d may have judged other findings" % (briefs[v], v))
         verdicts[v], bad = parse_verdicts(text or "", path)
         problems += bad + (["%s: %s" % (path, why)] if why else [])
         forged = round_file_forged(fleet, v, stems[v], keys[v], text, flag, before[v], after.get(v), foreign)
@@ -2245,6 +2488,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     """Citation check, then rounds until every finding has `need` counted
     verdicts that agree, or a strict majority, or no verifier is left to ask;
     returns the Matrix."""
+    import glob
     findings, problems = collect_findings(fleet)
     cache, dropped, incomplete, digests = {}, {}, [], {}
     for f in findings:
@@ -2252,7 +2496,16 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     vdir = os.path.join(shared_dir(fleet), "verify")
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
-    os.makedirs(vdir, mode=0o700, exist_ok=True)
+    for old in glob.glob(os.path.join(glob.escape(shared_dir(fleet)), "w*", "r*.*")):  # the last run's verdicts
+        if re.search(r"/w\d+/r\d+\.(result\.md|done)$", old):
+            archive(old)
+    tree = os.path.join(vdir, "workdir")    # what verification reads, fixed: the cited files as collected
+    root = os.path.realpath(fleet["workdir"])
+    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
+        os.makedirs(os.path.dirname(os.path.join(tree, os.path.relpath(path, root))), mode=0o700, exist_ok=True)
+        write_file(os.path.join(tree, os.path.relpath(path, root)), "".join(line + "\n" for line in lines))
+    os.makedirs(tree, mode=0o700, exist_ok=True)
+    cache[None] = True
     import random
     profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
     rng, taken, canaries, stamped = random.Random(os.urandom(16)), set(), [], {}   # canaries a re-run cannot know
@@ -2279,7 +2532,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
             if not planted[v]:
                 problems.append("round %d: no canary in W%d's brief: the cited files have no line to plant "
                                 "one on" % (k, v))
-        outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget)
+        outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget, tree)
         incomplete += outcome.incomplete
         digests.update({(k, v): d for v, d in outcome.digests.items()})
         for v, fs in briefed.items():
@@ -2288,7 +2541,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                                                                    evidence="", rest=[])
                 verdict.round, verdict.verifier, verdict.family = k, v, profiles[v]
                 verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
-                    check_evidence(fleet["workdir"], verdict, cache)
+                    check_evidence(fleet["workdir"], verdict, cache, f)
                 f.rounds.append(verdict)
                 if verdict.check.startswith("fabricated") and v not in dropped:
                     dropped[v] = "round %d: %s %s" % (k, f.id, verdict.check)
@@ -2301,16 +2554,12 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                     dropped[v] = "round %d: confirmed a planted false finding (%s)" % (k, canary.id)
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
                   dropped=sorted(dropped))
-    changed = {kv for kv, d in digests.items()
-               if d != (file_digest(os.path.join(vdir, "r%d-w%d.result.md" % kv)),
-                        file_digest(os.path.join(vdir, "r%d-w%d.done" % kv)))}
-    for k_v in sorted(changed):
-        problems.append("verify/r%d-w%d: the round file or done flag changed after orch read it: its "
-                        "verdicts do not count" % k_v)
+    for k_v in sorted(kv for kv, d in digests.items() if d != (
+            file_digest(worker_file(fleet, kv[1], "r%d.result.md" % kv[0])),
+            file_digest(worker_file(fleet, kv[1], "r%d.done" % kv[0])))):
+        problems.append("W%d's round %d verdicts changed after orch read them: orch's copy counts" % k_v[::-1])
     for f in findings + canaries:
         for v in f.rounds:
-            if (v.round, v.verifier) in changed:
-                v.check = "not W%d's: changed after orch read it" % v.verifier
             v.counts = is_counted(v, dropped) and not f.canary
             v.why_not = "" if v.counts else v.check if v.check != "checked" else "" if f.canary else (
                 "not decisive" if v.verdict == "UNVERIFIABLE" else "dropped: " + dropped[v.verifier])
@@ -2444,9 +2693,11 @@ def write_report(fleet):
             % fleet["name"], "", "## Worker results", ""]
     for w in fleet["workers"]:
         n = w["n"]
-        text, why = read_untrusted(worker_file(fleet, n, "result.md"))
-        out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), "",
-                (text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
+        text, why, changed = result_of(fleet, n)
+        out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), ""] + \
+            ["Note: %s." % changed, ""] * bool(changed) + \
+            [(text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
+    merge_outboxes(fleet)
     out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
     rows = [offline_row(fleet, w) for w in fleet["workers"]]
     out += ["## Cost", "", "| worker | agent | cost | context |", "|---|---|---|---|"] + [
@@ -2498,22 +2749,26 @@ def cmd_spawn(a):
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
         if live:
+            lead_only({"name": name, "run": run_dir(name)}, "spawn --force")
             print(end_fleet(name, unrecorded_ok=True))
         if os.path.isdir(rd):
             print("%s: archived the old run to %s" % (name, archive(rd)))
     for sub in ("shared/verify", "logs"):
         os.makedirs(os.path.join(rd, sub), mode=0o700, exist_ok=True)
+    isolate, why = (False, "--no-isolate") if a.no_isolate else isolation()
     fleet = {"version": SCHEMA, "id": os.urandom(6).hex(), "name": name, "session": session_of(name),
              "workdir": workdir, "agent": agent, "per_window": a.per_window, "created": now_iso(),
-             "workers": [], "run": rd}
+             "workers": [], "run": rd, "isolate": isolate, "isolation": why}
     post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
-    log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir)
+    log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir, isolate=isolate)
     save_env(fleet)
+    print(isolation_line(fleet), flush=True)
     print(require_ready(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
 
 
 def cmd_add(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "add")
     if fleet["session"] not in live_sessions():
         raise OrchError("fleet %r is not live: `orch spawn %s N --force` starts it again"
                         % (a.name, a.name))
@@ -2525,6 +2780,7 @@ def cmd_add(a):
 
 def cmd_send(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "send")
     ns = [w["n"] for w in pick_workers(fleet, a.worker)]
     if a.file and a.message:
         raise OrchError("give the message as words or with --file, not both", 2)
@@ -2542,6 +2798,7 @@ def cmd_send(a):
 
 def cmd_brief(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "brief")
     n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
     if not a.goal.strip():
         raise OrchError("--goal is empty: say what the worker should determine", 2)
@@ -2549,11 +2806,12 @@ def cmd_brief(a):
         print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
               "so the worker does not invent a bug to fix", file=sys.stderr)
     path, result, done = [worker_file(fleet, n, s) for s in ("task.md", "result.md", "done")]
-    for old in (done, result):
+    for old in (done, result, kept_path(fleet, "w%d.result.md" % n)):
         if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
             archive(old)
-    write_file(path, make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint],
-                                result, done))
+    text = make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint], result, done)
+    write_file(path, text)
+    keep(fleet, "agent-%d.task.md" % n, text)       # what the brief said, whatever becomes of the file
     log_event(fleet, "brief", worker=n, role=a.role)
     with contextlib.suppress(OrchError):        # a fleet that is not live has no pane to label
         if n in capture_panes(fleet, [fleet["workers"][n - 1]]):     # still n's pane
@@ -2579,18 +2837,20 @@ def cmd_log(a):
     """What each worker did, as its agent's hooks told orch (Claude Code):
     prompts, tools and the files they touched, turn ends, failures, compactions."""
     fleet = load_fleet(a.name)
-    ns = {w["n"] for w in pick_workers(fleet, a.worker or "all")}
-    path = os.path.join(fleet["run"], "events.jsonl")
-    start = max(0, os.path.getsize(path) - READ_CAP) if os.path.isfile(path) else 0
-    if start:
-        print("orch: note: events.jsonl is over %d MB: its last %d MB follow" % ((READ_CAP >> 20,) * 2),
-              file=sys.stderr)
-    for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
-        with contextlib.suppress(ValueError, TypeError):
-            rec = json.loads(line)
-            said = hook_line(rec)
-            if said is not None and rec["worker"] in ns:
-                print(safe_json(rec) if a.json else said)
+    said = []
+    for n in [w["n"] for w in pick_workers(fleet, a.worker or "all")]:
+        path = os.path.join(state_dir(fleet, n), "hooks.jsonl")
+        start = max(0, os.path.getsize(path) - READ_CAP) if os.path.isfile(path) else 0
+        if start:
+            print("orch: note: W%d's hooks.jsonl is over %d MB: its last %d MB follow" % ((n,) + (READ_CAP >> 20,) * 2),
+                  file=sys.stderr)
+        for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
+            with contextlib.suppress(ValueError, TypeError):
+                rec = dict(json.loads(line), worker=n)      # the file says whose it is
+                if hook_line(rec) is not None:
+                    said.append((str(rec.get("t")), len(said), rec))
+    for _, _, rec in sorted(said):          # in time order, each worker's in its own order
+        print(safe_json(rec) if a.json else hook_line(rec))
 
 
 def cmd_status(a):
@@ -2616,17 +2876,20 @@ def cmd_status(a):
             raise
         foreign = foreign_writes(fleet)
         rows, live = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]], False
+    merge_outboxes(fleet)
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
     needs = [(r.n,) + needs_lead(fleet, r) for r in rows if live and needs_lead(fleet, r)] + unanswered(fleet)
     sys.stderr.write(notes(fleet))
     if a.json:
         print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
+                         "isolated": bool(fleet.get("isolate")), "isolation": fleet.get("isolation"),
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
                          "workers": [row_json(r) for r in rows], "bus": bus, "attention": [
                              {"worker": n, "why": why, "command": command} for n, why, command in needs]}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
           "live" if live else "not live", fleet["workdir"]))
+    print(isolation_line(fleet).split(": ", 1)[1])
     for r in rows:
         flags = time.strftime("resets %H:%M | ", time.localtime(r.resets)) if r.resets else ""
         if (r.context_pct or 0) >= CONTEXT_HIGH:
@@ -2676,6 +2939,7 @@ def cmd_wait(a):
 
 def cmd_nudge(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "nudge")
     n = pick_workers(fleet, a.worker, allow_all=False)[0]["n"]
     text = " ".join(a.message) or default_nudge(fleet, n)
     try:
@@ -2687,37 +2951,47 @@ def cmd_nudge(a):
 
 def cmd_bus(a):
     fleet = load_fleet(a.name)
-    bus = bus_path(fleet)
+    bus, me = bus_path(fleet), inside_worker(fleet)
+    who = a.who or ("W%d" % me if me else "lead")
+    if me is not None and who != "W%d" % me:
+        refuse(fleet, me, "bus --as %s" % who)
     if a.message[:1] == ["post"]:
         text = clean_text(" ".join(a.message[1:])).replace("\n", " ").replace("\t", " ").strip()
         if not text:
             raise OrchError("nothing to post: `orch bus %s post MESSAGE`" % a.name, 2)
-        post(fleet, a.who, text)
-        log_event(fleet, "bus", who=a.who, chars=len(text))
+        if me:                          # a worker's line goes to its outbox: orch merges it
+            append_line(worker_file(fleet, me, "bus.md"), text)
+            return
+        post(fleet, who, text)
+        log_event(fleet, "bus", who=who, chars=len(text))
         return
     if a.message:
         raise OrchError("unknown bus action %r: `orch bus %s` reads, `orch bus %s post MESSAGE` "
                         "posts" % (a.message[0], a.name, a.name), 2)
-    start = read_state(os.path.join(fleet["run"], "bus-cursors.json"), fleet).get(a.who, 0) if a.new else 0
+    cursors = "workers/w%d/bus-cursors.json" % me if me else "bus-cursors.json"   # a worker's are its own
+    start = read_state(os.path.join(fleet["run"], cursors), fleet).get(who, 0) if a.new else 0
     if not isinstance(start, int) or start < 0:
         start = 0
     while True:
-        if start and start > os.lstat(bus).st_size:   # rewritten with > instead of >>
+        if not me:
+            merge_outboxes(fleet)
+        st = os.lstat(bus) if os.path.lexists(bus) else None
+        if not (st and stat.S_ISREG(st.st_mode)):
+            raise OrchError("cannot read %s: %s" % (bus, "not a regular file" if st else "no such file"))
+        if start and start > st.st_size:    # rewritten with > instead of >>
             fleet.setdefault("notes", []).append("bus.md shrank or was replaced since %s last read it: "
-                                                 "here is all of it" % a.who)
+                                                 "here is all of it" % who)
             start = 0
         sys.stderr.write(notes(fleet))
-        lines, start, why = read_lines(bus, start)      # never half a line
-        if lines is None:
-            raise OrchError("cannot read %s: %s" % (bus, why or "no such file"))
-        lines = bus_lines(fleet, lines)
+        posts, start = bus_posts(fleet, start)      # never half a line
+        lines = [shown(p) for p in posts]
         if not a.follow and not a.new:
             lines = lines[len(lines) - a.n:] if a.n < len(lines) else lines
         for line in lines:
             print(line, flush=True)
         if a.new:
-            with updating(fleet, "bus-cursors.json") as cursors:    # readers of other names too
-                cursors[a.who] = start
+            with updating(fleet, cursors) as state:    # readers of other names too
+                state[who] = start
         if not a.follow or fleet["session"] not in live_sessions():
             return
         time.sleep(0.5)
@@ -2725,6 +2999,7 @@ def cmd_bus(a):
 
 def cmd_verify(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "verify")
     count = len(fleet["workers"])
     if count < 2:
         raise OrchError("verification needs at least 2 workers, so that no worker checks its own "
@@ -2775,6 +3050,7 @@ def cmd_report(a):
 
 def cmd_respawn(a):
     fleet = load_fleet(a.name)
+    lead_only(fleet, "respawn")
     w = pick_workers(fleet, a.worker, allow_all=False)[0]
     n = w["n"]
     saved = save_logs(dict(fleet, workers=[w]), "respawn")      # [n] while its pane is n's
@@ -2808,6 +3084,8 @@ def cmd_kill(a):
     names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
     if a.all:                           # another ORCH_HOME's session of the same name is not ours to end
         names = [d for d in names if session_home(session_of(d)) in ("", orch_home())]
+    for name in names:
+        lead_only({"name": name, "run": run_dir(name)}, "kill")
     for name in names:
         print(end_fleet(name))
     if a.all and not names:
@@ -3013,7 +3291,7 @@ def cmd_worker(a):
     os.environ.update({k: v for k, v in read_state(os.path.join(fleet["run"], "env.json")).items()  # for the
                        if isinstance(v, str) and k and "=" not in k and "\0" not in k + v})    # agent and its setup
     os.environ.update(ORCH_FLEET=fleet["name"], ORCH_WORKER=str(w["n"]), ORCH_SHARED=shared_dir(fleet),
-                      ORCH_HOME=home)
+                      ORCH_HOME=home, ORCH_OUT=worker_dir(fleet, w["n"]))
     entry = AGENTS[w["profile"]]
     argv = shlex.split(w["agent"])
     argv[:1] = entry.get("command", argv[:1])
@@ -3021,6 +3299,8 @@ def cmd_worker(a):
     env = {k: v for k, v in dict(os.environ, **extra.get("env", {})).items() if v is not None}
     argv += extra.get("args", [])
     os.chdir(fleet["workdir"])
+    if fleet.get("isolate"):
+        argv = sandboxed(fleet, w, argv, env)
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:
@@ -3032,9 +3312,12 @@ def cmd_hook(a):
     (record_hook). Never an error the agent would act on: exit 0 always."""
     with contextlib.suppress(Exception):
         data = json.loads(sys.stdin.read())     # a Write's whole content: no cap, or the JSON breaks
-        shown = record_hook(load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"]), data)
-        if shown:
-            print(shown)
+        fleet, n = load_fleet(os.environ["ORCH_FLEET"]), int(os.environ["ORCH_WORKER"])
+        if inside_worker(fleet) != n:           # only for the worker whose pane it runs in
+            refuse(fleet, inside_worker(fleet), "hook as W%d" % n)
+        said = record_hook(fleet, n, data)
+        if said:
+            print(said)
     return 0
 
 
@@ -3154,14 +3437,14 @@ def sim_job(brief_path, key, lie, seed, kind):
     text = read_text(brief_path, "")
     head = re.search(r"^# Worker (\d+) of (\d+) .*\((\w+)\)\s*$", text, re.M)
     paths = {}
-    for what, path in re.findall(r"^- (Workdir|Result file|Done flag|Bus): `([^`]+)`$", text, re.M):
+    for what, path in re.findall(r"^- (Workdir|Result file|Done flag|Bus|Outbox): `([^`]+)`$", text, re.M):
         paths.setdefault(what, path)             # orch's header comes first; a goal cannot override it
-    if not head or len(paths) < 4:
+    if not head or len(paths) < 5:
         return ["sim: %s is not a brief I understand" % brief_path]
     n, count, role = int(head.group(1)), int(head.group(2)), head.group(3).lower()
 
     def say(msg):
-        append_line(paths["Bus"], "[W%d] %s" % (n, msg))
+        append_line(paths["Outbox"], msg)
     say("starting %s: %s" % (role, os.path.basename(brief_path)))
     if role == "verifier":
         section = text.split("## Findings to check", 1)[-1].split("\n## ", 1)[0]
@@ -3194,8 +3477,8 @@ def cmd_sim(a):
     import tty
     fd, out = sys.stdin.fileno(), sys.stdout
     n, run = os.environ.get("ORCH_WORKER", "?"), None
-    if os.environ.get("ORCH_FLEET") and os.environ.get("ORCH_HOME"):
-        run = os.path.join(os.environ["ORCH_HOME"], "runs", os.environ["ORCH_FLEET"], "logs")
+    if os.environ.get("ORCH_FLEET") and os.environ.get("ORCH_HOME"):   # its own state dir: writable in its sandbox
+        run = os.path.join(os.environ["ORCH_HOME"], "runs", os.environ["ORCH_FLEET"], "workers", "w" + n)
     st = {"draft": "", "paste": False, "pending": "", "jobs": [], "until": 0.0, "ctrl_c": 0,
           "lines": ["sim agent - worker %s - %s" % (n, "ready")]}
     saved = termios.tcgetattr(fd)
@@ -3205,7 +3488,7 @@ def cmd_sim(a):
 
     def log(kind, data):
         if run:
-            append_line(os.path.join(run, "sim-w%s.%s" % (n, kind)), data)
+            append_line(os.path.join(run, "sim.%s" % kind), data)
 
     def render():
         cols, rows = shutil.get_terminal_size((80, 24))
@@ -3345,7 +3628,8 @@ COMMANDS = [
         arg("--agent", metavar="A", help="agent name or command line (default $ORCH_AGENT or claude)"),
         arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
             help="panes per tmux window (default 4)"),
-        READY, arg("--force", action="store_true", help="end a live fleet, archive its old run dir")]),
+        READY, arg("--force", action="store_true", help="end a live fleet, archive its old run dir"),
+        arg("--no-isolate", action="store_true", help="run workers without a sandbox, even where bubblewrap runs")]),
     ("add", "add K workers to a live fleet", [
         NAME, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
         arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), READY, REFRESH]),
@@ -3378,8 +3662,8 @@ COMMANDS = [
         arg("-n", metavar="N", type=number("-n", 0, True), default=20, help="how many last lines (default 20)"),
         arg("--new", action="store_true", help="only lines this reader has not seen"),
         arg("--follow", action="store_true", help="keep printing new lines until the fleet ends"),
-        arg("--as", metavar="WHO", dest="who", default="lead", type=who_name,
-            help="who reads or posts (default lead)")]),
+        arg("--as", metavar="WHO", dest="who", type=who_name,
+            help="who reads or posts (default lead; in a worker's pane, that worker)")]),
     ("verify", "adversarial verification: checked evidence, majority", [
         NAME, arg("--verdicts", metavar="V", type=number("--verdicts", 1, True),
                   help="counted verdicts each finding needs (default 2)"),
