@@ -379,6 +379,14 @@ def gemini_setup(fleet, w):
             "args": args}
 
 
+def aider_setup(fleet, w):
+    """aider keeps its history in the git root, the workdir (read-only in a
+    sandbox): the worker's own state dir instead."""
+    state = state_dir(fleet, w["n"])
+    return {"env": {"AIDER_INPUT_HISTORY_FILE": os.path.join(state, "aider.input.history"),
+                    "AIDER_CHAT_HISTORY_FILE": os.path.join(state, "aider.chat.history.md")}}
+
+
 # Agents: everything orch knows about each, one entry per agent. Screen facts
 # from real tmux 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini
 # CLI 0.61.0, plus strings users reported for other versions.
@@ -395,6 +403,9 @@ def gemini_setup(fleet, w):
 #     "queue_key": what submits to a busy agent without interrupting its turn.
 #     "above_only": rows drawn only above the input line; one below a prompt line
 #     means that line is not the input line (a frame caught mid-redraw).
+#   "writes": what the CLI must be able to write in its sandbox besides the worker's
+#     own folder and workers/w<n>, where setup puts its config and state (Claude's
+#     CLAUDE_CONFIG_DIR, Codex's CODEX_HOME, Gemini's GEMINI_CLI_HOME, aider's history).
 AGENTS = {
     "claude": {
         "install": "npm install -g @anthropic-ai/claude-code", "credentials": lambda: credentials(
@@ -492,6 +503,7 @@ AGENTS = {
         # "Create new file? (Y)es/(N)o [Yes]: " is live only while it ends the screen (\Z).
         "permission": [r"\(Y\)es/\(N\)o.*\]: *\Z"],
         "limited": [r"(?i)exceeded your current quota"],
+        "setup": aider_setup,
     },
     "sim": {  # orch's built-in simulated agent (`orch.py sim`)
         "command": [sys.executable, ORCH, "sim"],
@@ -833,17 +845,18 @@ def write_json(path, obj):
     write_file(path, safe_json(obj, 2) + "\n")
 
 
-def append_line(path, line):
+def append_line(path, line, first=None):
     """Append one whole line under an exclusive lock (bus.md, events.jsonl);
-    never to a planted link or FIFO. Returns the offset it starts at."""
+    never to a planted link or FIFO. first(offset), if given, runs under the
+    lock just before the line is written there."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        at = os.lseek(fd, 0, os.SEEK_END)
+        if first:
+            first(os.lseek(fd, 0, os.SEEK_END))
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
-        return at
     finally:
         os.close(fd)            # closing releases the lock
 
@@ -1047,8 +1060,8 @@ def post(fleet, who, text):
     """Append one line to the bus under the lock, and remember it as orch's."""
     import hashlib
     line = ("[%s] %s" % (who, text)).replace("\n", " ")
-    at = append_line(bus_path(fleet), line)
-    append_line(os.path.join(fleet["run"], "bus-posted"), "%d %s" % (at, hashlib.sha1(line.encode()).hexdigest()))
+    append_line(bus_path(fleet), line, lambda at: append_line(     # first: no reader sees the line without it
+        os.path.join(fleet["run"], "bus-posted"), "%d %s" % (at, hashlib.sha1(line.encode()).hexdigest())))
 
 
 def merge_outboxes(fleet):
@@ -1740,11 +1753,13 @@ def sandboxed(fleet, w, argv, env):
                         "--force --no-isolate`" % (fleet["name"], ISOLATION_FIX, fleet["name"]))
     found = shutil.which(argv[0], path=env.get("PATH"))
     reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
-    reads += env.get("PATH", "").split(os.pathsep)
+    reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for path in sorted({os.path.realpath(p) for p in reads if p and os.path.isabs(p) and os.path.exists(p)}, key=len):
         args += ["--ro-bind", path, path] if under_tmp(path) else []
-    for path in (worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])):
+    writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
+    for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
+        os.makedirs(path, mode=0o700, exist_ok=True)
         args += ["--bind", os.path.realpath(path), os.path.realpath(path)]
     socket = (env.pop("TMUX", None) or "").split(",")[0]
     env.pop("TMUX_PANE", None)
@@ -2962,6 +2977,7 @@ def cmd_bus(a):
         if me:                          # a worker's line goes to its outbox: orch merges it
             append_line(worker_file(fleet, me, "bus.md"), text)
             return
+        merge_outboxes(fleet)           # what workers posted before comes first
         post(fleet, who, text)
         log_event(fleet, "bus", who=who, chars=len(text))
         return
@@ -3140,9 +3156,11 @@ def cmd_demo(a):
         liar = "sim --lie 2 --verifier rubber-stamp --delay 0.3 --seed %s" % shlex.quote(a.seed)
     if session_of("demo") in live_sessions():
         raise OrchError("fleet 'demo' is live: `orch kill demo` first")
-    print("orch demo: 4 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s" % (
+    isolated, why = isolation()
+    print("orch demo: 4 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s; %s" % (
         a.agent, workdir, "; W4 lies as a finder (--lie 2) and a verifier (rubber-stamp)"
-        if a.agent == "sim" else ""), flush=True)
+        if a.agent == "sim" else "", "each isolated by %s: it writes only its own folder" % why if isolated
+        else "NOT isolated (%s)" % why), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
     steps = [["spawn", "demo", 3, workdir, "--agent", honest, "--force"], ["add", "demo", 1, "--agent", liar]] + [
@@ -3234,6 +3252,11 @@ def cmd_doctor(a):
         checks.append(("ORCH_HOME", False, str(e), "set ORCH_HOME to a writable directory"))
     for what, ok, detail, fix in checks:
         print("%-4s %-12s %s%s" % ("ok" if ok else "FAIL", what, detail, "" if ok else "  -> " + fix))
+    isolated, why = isolation()
+    print("%-4s %-12s %s" % ("ok" if isolated else "warn", "isolation", "workers run sandboxed (%s): each writes "
+                             "only its own folder" % why if isolated else "workers are NOT isolated: any worker can "
+                             "write every file of its fleet and a verdict rewritten before orch reads it goes unseen: "
+                             + why))
     skill = os.path.join(skill_dir(), "SKILL.md")
     print("%-4s %-12s %s" % ("ok" if os.path.exists(skill) else "note", "skill", skill + (
         "" if os.path.exists(skill) else " missing: `python3 orch.py install` puts it where Claude Code reads it")))
