@@ -23,6 +23,7 @@ environment: ORCH_HOME (default ~/.orch), ORCH_AGENT, ORCH_DEBUG=1 (show
 import argparse
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -51,6 +52,11 @@ BUS_LINE = 2000                 # characters of one outbox line the bus keeps
 # newline and tab, DEL, C1; and, where a person reads, the bidi controls too.
 CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f"
 BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+# Characters that show nothing, or hide text: zero-width ones, word joiners and
+# invisible operators, BOM, soft hyphen, line and paragraph separators, Hangul
+# fillers, variation selectors, tag characters (a whole hidden sentence).
+INVISIBLE = "\u00ad\u034f\u115f\u1160\u180e\u200b-\u200d\u2028\u2029\u2060-\u2064\u3164\ufe00-\ufe0f\ufeff" \
+            "\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef"
 
 # Keys that clear a draft, the same for every agent: end of line, kill to line
 # start (C-u in Claude, Codex, Gemini, prompt_toolkit), join the previous line;
@@ -523,7 +529,7 @@ AGENTS = {
 CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
                 "Notification", "PreCompact")
 WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
-HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
+HOOK_WORDS = {"refused": "orch refused, as the lead's:", "SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
               "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context"}
 
 
@@ -819,9 +825,11 @@ def write_file(path, text):
 
 def defang(text):
     """Worker text made safe for a terminal and for the files a person reads:
-    CONTROLS and BIDI are shown as \\uXXXX, never passed raw (no OSC 52
-    clipboard write, no ESC[2J)."""
-    return re.sub("[%s%s]" % (CONTROLS, BIDI), lambda m: "\\u%04x" % ord(m.group()), text)
+    CONTROLS, BIDI and INVISIBLE are shown as \\uXXXX (\\UXXXXXXXX past
+    U+FFFF), never passed raw (no OSC 52 clipboard write, no ESC[2J, no
+    hidden sentence)."""
+    return re.sub("[%s%s%s]" % (CONTROLS, BIDI, INVISIBLE),
+                  lambda m: ("\\u%04x" if ord(m.group()) < 0x10000 else "\\U%08x") % ord(m.group()), text)
 
 
 def one_line(text, width=80):
@@ -849,16 +857,22 @@ def append_line(path, line, first=None):
     """Append one whole line under an exclusive lock (bus.md, events.jsonl);
     never to a planted link or FIFO. first(offset), if given, runs under the
     lock just before the line is written there."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:                # ENXIO: a FIFO nobody reads; ELOOP: a planted link
+        if e.errno not in (errno.ENXIO, errno.ELOOP):
+            raise
+        fd = None
+    try:
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
         fcntl.flock(fd, fcntl.LOCK_EX)
         if first:
             first(os.lseek(fd, 0, os.SEEK_END))
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
     finally:
-        os.close(fd)            # closing releases the lock
+        if fd is not None:
+            os.close(fd)        # closing releases the lock
 
 
 def read_text(path, default=None):
@@ -1021,8 +1035,16 @@ def inside_worker(fleet):
 
 
 def refuse(fleet, n, action):
-    """A lead-only action tried from inside worker n: an event, and an error."""
-    log_event(fleet, "refused", worker=n, action=action)
+    """A lead-only action tried from inside worker n: an event (in its own
+    hooks.jsonl, which `log` shows, when its sandbox keeps it from the run
+    dir's events.jsonl), and an error."""
+    try:
+        append_line(os.path.join(fleet["run"], "events.jsonl"), safe_json(dict(
+            t=now_iso(), event="refused", worker=n, action=action)))
+    except OSError:
+        with contextlib.suppress(OSError):
+            append_line(os.path.join(state_dir(fleet, n or 0), "hooks.jsonl"), safe_json(dict(
+                t=now_iso(), event="agent", worker=n, hook="refused", command="orch " + action)))
     raise OrchError("`orch %s` is the lead's: it is refused from inside a worker of fleet %r (W%s)"
                     % (action, fleet["name"], n or "?"))
 
@@ -1082,11 +1104,18 @@ def merge_outboxes(fleet):
                                                      "what orch merged" % n)
                 seen[n] = size
                 continue
-            lines, seen[n], _ = read_lines(worker_file(fleet, int(n), "bus.md"), at)
-            for line in lines or []:
+            lines, end, _ = read_lines(worker_file(fleet, int(n), "bus.md"), at, raw=True)
+            for raw in lines or []:
+                line = raw.decode("utf-8", "replace")
                 text = " ".join(clean_text(re.sub(r"^\s*\[W%s\] ?" % n, "", line)).split())
-                if text:
-                    post(fleet, "W" + n, text if len(text) <= BUS_LINE else text[:BUS_LINE - 1] + "…")
+                try:
+                    if text:
+                        post(fleet, "W" + n, text if len(text) <= BUS_LINE else text[:BUS_LINE - 1] + "…")
+                except (OrchError, OSError) as e:      # the rest waits for a bus orch can write
+                    fleet.setdefault("notes", []).append("the outboxes were not merged: %s" % e)
+                    return
+                seen[n] = at = at + len(raw) + 1
+            seen[n] = end                       # past a line too long to read, too
 
 
 def bus_posts(fleet, start=0):
@@ -1622,6 +1651,8 @@ def wait_loop(fleet, flags, timeout, interval, stall, nudge, emit, budget=None, 
             if last.get(r.n) != r.state or why and r.state == "stalled":
                 events.append(Event("done" if r.state == "done" else "state", r.n, r, last.get(r.n), None,
                                     *(why or (None, None))))
+                if r.state == "done" and flags[r.n] == worker_file(fleet, r.n, "done"):
+                    result_of(fleet, r.n)       # orch's copy, from now on
                 last[r.n] = r.state
                 if why and r.state == "stalled":    # a stall the nudge did not end: said once, then nudged anew
                     nudged_at[r.n] = note_nudge(fleet, r.n, None)
@@ -2569,6 +2600,10 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                     dropped[v] = "round %d: confirmed a planted false finding (%s)" % (k, canary.id)
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
                   dropped=sorted(dropped))
+    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
+        if (read_untrusted(path)[0] or "").splitlines() != lines:
+            problems.append("%s changed in the workdir after orch collected the findings: verification judged "
+                            "orch's copy" % os.path.relpath(path, root))
     for k_v in sorted(kv for kv, d in digests.items() if d != (
             file_digest(worker_file(fleet, kv[1], "r%d.result.md" % kv[0])),
             file_digest(worker_file(fleet, kv[1], "r%d.done" % kv[0])))):
@@ -3096,12 +3131,12 @@ def cmd_respawn(a):
 def cmd_kill(a):
     if a.all == bool(a.name):
         raise OrchError("name one fleet, or pass --all: `orch kill NAME`", 2)
+    for name in [a.name] if a.name else fleet_names():
+        lead_only({"name": name, "run": run_dir(name)}, "kill")
     live = live_sessions()
     names = [a.name] if a.name else [d for d in fleet_names() if session_of(d) in live]
     if a.all:                           # another ORCH_HOME's session of the same name is not ours to end
         names = [d for d in names if session_home(session_of(d)) in ("", orch_home())]
-    for name in names:
-        lead_only({"name": name, "run": run_dir(name)}, "kill")
     for name in names:
         print(end_fleet(name))
     if a.all and not names:
