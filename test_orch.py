@@ -4828,6 +4828,7 @@ while True:
     line = sys.stdin.readline()
     if not line:
         break
+    print("Waiting for its steps to run", flush=True)      # aider's busy marker
     for step in json.loads(line):
         try:
             if step[0] == "wait":
@@ -4877,7 +4878,7 @@ class Isolation(OrchCase):
         os.makedirs(bindir, exist_ok=True)
         write_exe(os.path.join(bindir, "aider"), HOSTILE % (sys.executable, ORCH_PY))
         sb.env["PATH"] = bindir + os.pathsep + sb.env["PATH"]
-        self.ok("spawn", name, 1, wd, "--agent", "sim --delay 2", *spawn_flags)
+        self.ok("spawn", name, 1, wd, "--agent", "sim --delay 1", *spawn_flags)
         self.ok("add", name, 2, "--agent", "sim --delay 0.2")
         self.ok("add", name, 1, "--agent", "aider")
         shared, run = sb.shared(name), sb.run(name)
@@ -4911,7 +4912,7 @@ class Isolation(OrchCase):
             ["orch", ["hook"], {"ORCH_WORKER": "1"}])
         # During verification: W1's round brief pointed at a real line, W1's cited line erased,
         # a counted verdict of W2's appended to once orch has read it.
-        proc = sb.start("verify", name, "--by", "1,2,3", "--verdicts", "2", "--timeout", "40")
+        proc = sb.start("verify", name, "--by", "1,2,3", "--verdicts", "1", "--timeout", "40")
         said += hostile(
             ["wait", os.path.join(shared, "verify", "r1-w1.task.md")],
             ["replace", os.path.join(shared, "verify", "r1-w1.task.md"), "b.py:1 | TODO marker: planted | y = 2",
