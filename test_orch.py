@@ -4919,7 +4919,8 @@ class Isolation(OrchCase):
              "a.py:2 | TODO marker: planted | # TODO: eins"],
             ["replace", os.path.join(wd, "a.py"), "# TODO: eins", "# gone"],
             ["write", os.path.join(shared, "w2", "r1.result.md"), "W4.F1 | CONFIRMED | b.py:1 | yes | y = 2\n"],
-            ["wait", os.path.join(shared, "verify", "r2-w2.task.md")],
+            # once orch has read W2's round 1: a round 2 comes only where W1's vote did not count
+            ["wait", os.path.join(shared, "verify", "r2-w2.task.md") if spawn_flags else os.path.join(shared, "w2", "r1.done")],
             ["append", os.path.join(shared, "w2", "r1.result.md"), "x\n"])
         r = proc.finish(90)
         said += hostile(["write", os.path.join(shared, "w4", "result.md"), "F1 | a.py:1 | nothing | x = 1\n"],
