@@ -310,6 +310,7 @@ def codex_setup(fleet, w):
     Its own, as `resume --last` takes a home's newest session of the cwd (which
     all workers share): a respawn resumes the worker's own, once it has one."""
     import glob
+    import shlex
     home = os.path.join(state_dir(fleet, w["n"]), "codex")
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
     if not os.path.exists(os.path.join(home, "config.toml")):
@@ -324,8 +325,14 @@ def codex_setup(fleet, w):
     # 0.171 writes sessions/YYYY/MM/DD/rollout-<time>-<uuid>.jsonl at the first message.
     # --add-dir: its sandbox lets a worker write only the workdir, /tmp and its folder; --no-alt-screen keeps
     # the conversation in the pane's scrollback (logs/); --no-daemon: no app-server outlives kill.
+    # In orch's sandbox Codex's own cannot start (its bwrap makes mount points in the workdir,
+    # read-only there): orch's is the one that holds, unless the lead chose a mode.
     resume = glob.glob(os.path.join(glob.escape(home), "sessions", "*", "*", "*", "rollout-*.jsonl"))
-    return {"env": {"CODEX_HOME": home}, "args": ["resume", "--last"] * bool(resume) + [
+    words = shlex.split(w["agent"])
+    own = ["--sandbox", "danger-full-access"] if fleet.get("isolate") and not any(
+        x in ("-s", "--sandbox", "--full-auto", "--dangerously-bypass-approvals-and-sandbox") or x.startswith("--sandbox=")
+        for x in words) else []
+    return {"env": {"CODEX_HOME": home}, "args": ["resume", "--last"] * bool(resume) + own + [
         "--add-dir", os.path.realpath(worker_dir(fleet, w["n"])), "--no-alt-screen", "--no-daemon"]}
 
 
