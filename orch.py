@@ -48,6 +48,8 @@ CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 BUS_LINE = 2000                 # characters of one outbox line the bus keeps
+FINDINGS_CAP = 1000             # findings of one worker that verify collects; the rest are named
+SPLITS_CAP = 32                 # readings of a claim and quote cut at a '|' the citation check tries
 # Characters no worker text carries raw to a pane or a terminal: C0 controls but
 # newline and tab, DEL, C1; and, where a person reads, the bidi controls too.
 CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f"
@@ -818,6 +820,8 @@ def archive(path):
 def write_file(path, text):
     """Atomic write (temp + rename): readers never see half a file, and a
     symlink planted at `path` is replaced, never followed."""
+    if os.path.isdir(path) and not os.path.islink(path):    # planted where orch writes a file
+        archive(path)
     tmp = "%s.%s.tmp" % (path, os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -860,42 +864,49 @@ def write_json(path, obj):
     write_file(path, safe_json(obj, 2) + "\n")
 
 
-def append_line(path, line, first=None):
-    """Append one whole line under an exclusive lock (bus.md, events.jsonl);
-    never to a planted link or FIFO. first(offset), if given, runs under the
-    lock just before the line is written there."""
+def open_append(path):
+    """A descriptor to append to `path`, a regular file (made if missing): never
+    a planted link, and a FIFO never blocks."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:                # ENXIO: a FIFO nobody reads; ELOOP: a planted link
         if e.errno not in (errno.ENXIO, errno.ELOOP):
             raise
         fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
+    return fd
+
+
+def append_line(path, line, first=None):
+    """Append one whole line under an exclusive lock (bus.md, events.jsonl);
+    never to a planted link or FIFO. first(offset), if given, runs under the
+    lock just before the line is written there."""
+    fd = open_append(path)
     try:
-        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OrchError("%s is not a regular file (a worker replaced it?): move it aside" % path)
         fcntl.flock(fd, fcntl.LOCK_EX)
         if first:
             first(os.lseek(fd, 0, os.SEEK_END))
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
     finally:
-        if fd is not None:
-            os.close(fd)        # closing releases the lock
+        os.close(fd)            # closing releases the lock
 
 
 def read_text(path, default=None):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return default
+    """A file orch keeps (or `default`): read as untrusted all the same, so a
+    FIFO or a link planted in its place never blocks or leads elsewhere."""
+    text, _ = read_untrusted(path)
+    return default if text is None else text
 
 
 def read_untrusted(path, start=0, raw=False):
     """A file a worker can write (results, verdicts, cited files, the bus),
     read without trusting it: a regular file only, checked on the opened
     descriptor (a FIFO never blocks, a planted link is not followed), from
-    byte `start`, at most READ_CAP bytes. Returns (text, or bytes if `raw`,
-    or None; what was wrong or cut, or None)."""
+    byte `start`, at most READ_CAP bytes; text cut there ends at its last whole
+    line. Returns (text, or bytes if `raw`, or None; what was wrong or cut, or None)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
@@ -908,7 +919,9 @@ def read_untrusted(path, start=0, raw=False):
         f.seek(start)
         data = f.read(READ_CAP + 1)
     why = "cut at %d MB" % (READ_CAP >> 20) if len(data) > READ_CAP else None
-    return data[:READ_CAP] if raw else data[:READ_CAP].decode("utf-8", "replace"), why
+    if raw:
+        return data[:READ_CAP], why
+    return data[:READ_CAP][:data.rfind(b"\n", 0, READ_CAP) + 1 if why else None].decode("utf-8", "replace"), why
 
 
 def file_digest(path):
@@ -1971,8 +1984,7 @@ def save_logs(fleet, why):
     except OrchError:
         return []                       # the session is gone: nothing left to save
     for n, capture in captures.items():
-        fd = os.open(os.path.join(fleet["run"], "logs", "w%d.log" % n),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = open_append(os.path.join(fleet["run"], "logs", "w%d.log" % n))
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write("=== %s %s pane %s ===\n%s\n" % (now_iso(), why, capture.pane, capture.screen.rstrip("\n")))
     return sorted(captures)
@@ -2035,6 +2047,8 @@ def end_fleet(name, unrecorded_ok=False):
         saved, lost = save_logs(fleet, "kill"), ""
     except OSError as e:
         saved, lost = [], "; could not save the scrollback: %s" % e.strerror
+    except OrchError as e:              # a FIFO planted at a log
+        saved, lost = [], "; could not save the scrollback: %s" % e
     try:
         tmux("kill-session", "-t", "=" + session)
         gone = False
@@ -2178,7 +2192,7 @@ def cite(record, loc_cell, rest):
 def splits(record):
     """Every other reading of a record's cells as head and quote, in order:
     a claim (or why) may hold a '|' as well as a quote, and code is full of them."""
-    return (split_at(record.rest, i) for i in range(record.FIRST, len(record.rest)))
+    return (split_at(record.rest, i) for i in range(record.FIRST, min(len(record.rest), record.FIRST + SPLITS_CAP)))
 
 
 def grammar_lines(text):
@@ -2203,7 +2217,7 @@ def parse_findings(text, source):
         if not m:
             # Real workers like tables: a row that cites path:line without an id
             # is a finding the grammar cannot take, so say so.
-            if line.count("|") >= 2 and re.search(r"[^\s|`]+:\d+", line):
+            if line.count("|") >= 2 and re.search(r"[^\s|`]:\d", line):     # fixed width: linear
                 problems.append("%s:%d: cites a location but has no F<k> id (want `F<k> | "
                                 "path:line | claim | quote`): %s" % (source, i, line[:80]))
             continue
@@ -2376,6 +2390,10 @@ def collect_findings(fleet):
             continue
         found, bad = parse_findings(text, path)
         problems += bad
+        if len(found) > FINDINGS_CAP:
+            problems.append("W%d reported %d findings: the first %d are verified, the other %d are not collected"
+                            % (n, len(found), FINDINGS_CAP, len(found) - FINDINGS_CAP))
+            found = found[:FINDINGS_CAP]
         ks = set()
         for f in found:
             if f.k in ks:
@@ -2734,6 +2752,13 @@ def write_matrix(fleet, matrix):
 
 # --- report --------------------------------------------------------------------
 
+def fenced(lines):
+    """Worker text as a Markdown code block whose fence is longer than any run
+    of backticks in it: it cannot close it, nor make headings, tables or comments."""
+    fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`+", "\n".join(lines))])
+    return [fence] + lines + [fence]
+
+
 def write_report(fleet):
     """report.md from orch's own record of the matrix, each worker's result
     (read as untrusted) and the bus; says when shared/matrix.md was changed."""
@@ -2753,9 +2778,9 @@ def write_report(fleet):
         text, why, changed = result_of(fleet, n)
         out += ["### W%d (%s)" % (n, "done" if is_done(fleet, n) else "NOT done"), ""] + \
             ["Note: %s." % changed, ""] * bool(changed) + \
-            [(text or "(no result file)").strip() + ("\n\n(%s)" % why if why else ""), ""]
+            fenced([(text or "(no result file)").strip()]) + ["(%s)" % why] * bool(why) + [""]
     merge_outboxes(fleet)
-    out += ["## Bus", "", "```"] + bus_tail(fleet) + ["```", ""]
+    out += ["## Bus", ""] + fenced(bus_tail(fleet)) + [""]
     rows = [offline_row(fleet, w) for w in fleet["workers"]]
     out += ["## Cost", "", "| worker | agent | cost | context |", "|---|---|---|---|"] + [
         "| W%d | %s | %s | %s |" % (r.n, w["profile"], money(r.cost_usd), percent(r.context_pct))
@@ -3077,10 +3102,15 @@ def cmd_verify(a):
                         % (need, len(pool), max(1, len(pool) - 1)), 2)
     if not any(is_done(fleet, w["n"]) for w in fleet["workers"]):
         raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
+    def emit(e):                        # a closed stdout (`verify | head -1`) must not stop the rounds
+        try:
+            print(event_line(e), flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        matrix = verify_fleet(fleet, need, pool, a.timeout, lambda e: print(event_line(e), flush=True), a.budget)
+        matrix = verify_fleet(fleet, need, pool, a.timeout, emit, a.budget)
         write_matrix(fleet, matrix)
     except BlockingIOError:
         raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
