@@ -48,6 +48,7 @@ CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 BUS_LINE = 2000                 # characters of one outbox line the bus keeps
+MERGE_CAP = 1000                # outbox lines of one worker one merge takes
 FINDINGS_CAP = 1000             # findings of one worker that verify collects; the rest are named
 SPLITS_CAP = 32                 # readings of a claim and quote cut at a '|' the citation check tries
 # Characters no worker text carries raw to a pane or a terminal: C0 controls but
@@ -57,7 +58,7 @@ BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 # Characters that show nothing, or hide text: zero-width ones, word joiners and
 # invisible operators, BOM, soft hyphen, line and paragraph separators, Hangul
 # fillers, variation selectors, tag characters (a whole hidden sentence).
-INVISIBLE = "\u00ad\u034f\u115f\u1160\u180e\u200b-\u200d\u2028\u2029\u2060-\u2064\u3164\ufe00-\ufe0f\ufeff" \
+INVISIBLE = "\u00ad\u034f\u115f\u1160\u180e\u200b-\u200d\u2028\u2029\u2060-\u2064\u2800\u3164\ufe00-\ufe0f\ufeff" \
             "\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef"
 
 # Keys that clear a draft, the same for every agent: end of line, kill to line
@@ -274,7 +275,9 @@ def claude_seed(fleet, agent):
     # The hooks and the status line are orch itself (`orch hook`): events, cost and context.
     # `|| true`: a hook that exits 2 (python3 on a moved orch.py) would block every prompt.
     hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in (sys.executable, ORCH, "hook")) + " || true"}
-    settings.update(hooks={e: [{"hooks": [hook]}] for e in CLAUDE_HOOKS}, statusLine=hook)
+    # refreshInterval (s, Claude Code 2.1.97+): the status line runs again a few seconds after a turn's
+    # last update too, so a worker's cost and context are never those of before its final turn.
+    settings.update(hooks={e: [{"hooks": [hook]}] for e in CLAUDE_HOOKS}, statusLine=dict(hook, refreshInterval=3))
     write_json(os.path.join(config, "settings.json"), settings)
     creds = os.path.join(user_dir, ".credentials.json")
     if os.path.exists(creds):               # a link, so token refreshes keep working
@@ -286,9 +289,8 @@ def claude_setup(fleet, w):
     covers its own folder only."""
     import glob
     import shlex
-    seed, config = os.path.join(fleet["run"], "claude"), os.path.join(state_dir(fleet, w["n"]), "claude")
+    seed, config = os.path.join(fleet["run"], "claude"), own_dir(os.path.join(state_dir(fleet, w["n"]), "claude"))
     if not os.path.exists(os.path.join(config, ".claude.json")):
-        os.makedirs(config, exist_ok=True)
         settings = read_state(os.path.join(seed, "settings.json"))
         settings.setdefault("permissions", {}).setdefault("allow", []).insert(
             0, "Edit(/%s/**)" % os.path.realpath(worker_dir(fleet, w["n"])))
@@ -313,10 +315,9 @@ def codex_setup(fleet, w):
     all workers share): a respawn resumes the worker's own, once it has one."""
     import glob
     import shlex
-    home = os.path.join(state_dir(fleet, w["n"]), "codex")
+    home = own_dir(os.path.join(state_dir(fleet, w["n"]), "codex"))
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
     if not os.path.exists(os.path.join(home, "config.toml")):
-        os.makedirs(home, exist_ok=True)
         text = read_text(os.path.join(user, "config.toml"), "")
         table = "[projects.%s]" % json.dumps(os.path.realpath(fleet["workdir"]))
         if table not in text:               # the user may have trusted it already
@@ -374,9 +375,9 @@ def gemini_setup(fleet, w):
     dir, and an allowed command may redirect (`echo ... >> bus.md`)."""
     import shlex
     user = os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini")
-    home = os.path.join(state_dir(fleet, w["n"]), "gemini")
-    if not os.path.isdir(os.path.join(home, ".gemini")):
-        os.makedirs(os.path.join(home, ".gemini"))
+    home = own_dir(os.path.join(state_dir(fleet, w["n"]), "gemini"))
+    if not os.path.isdir(os.path.join(home, ".gemini")) or os.path.islink(os.path.join(home, ".gemini")):
+        own_dir(os.path.join(home, ".gemini"))
         write_file(os.path.join(home, ".gemini", "settings.json"), read_text(os.path.join(user, "settings.json"), "{}"))
         for name in ("oauth_creds.json", "google_accounts.json"):     # links: a refreshed login reaches all
             if os.path.exists(os.path.join(user, name)):
@@ -551,25 +552,37 @@ def owner(fleet, path):
 
 
 def telemetry(fleet, n):
-    """Worker n's Telemetry, from what its status line last wrote."""
+    """Worker n's Telemetry, from what its status line last wrote; its cost
+    never below the highest orch saw (costs.json: a worker can write its own
+    usage.json, never the run dir)."""
     state = read_state(os.path.join(state_dir(fleet, n), "usage.json"))
 
     def number(v, top):
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
-    return Telemetry(number(state.get("cost_usd"), 1e6), number(state.get("context_pct"), 100))
+    said, seen = number(state.get("cost_usd"), 1e6), number(read_state(os.path.join(fleet["run"], "costs.json")).get(
+        str(n)), 1e6)
+    if said is not None and (seen is None or said > seen):
+        costs = read_state(os.path.join(fleet["run"], "costs.json"))    # no lock: poll holds watch.json's
+        costs[str(n)] = said
+        with contextlib.suppress(OSError):      # a read-only run dir: inside a sandbox (record_hook)
+            write_json(os.path.join(fleet["run"], "costs.json"), costs)
+    return Telemetry(max(x for x in (said, seen, -1) if x is not None) if seen is not None or said is not None
+                     else None, number(state.get("context_pct"), 100))
 
 
 def foreign_writes(fleet, since=0.0):
     """{writer n: [(owner, path)]}: files of another worker (or orch's) that a
-    Claude worker's Write or Edit changed since `since`, as its hooks said."""
+    Claude worker's Write or Edit changed since `since`, as its hooks said.
+    None in an isolated fleet: there such a write cannot land, and the record
+    is in the writer's own folder, so one there is the writer's forgery."""
     found = {}
-    for w in [w["n"] for w in fleet["workers"]]:
+    for w in [w["n"] for w in fleet["workers"]] * (not fleet.get("isolate")):
         for line in (read_untrusted(os.path.join(state_dir(fleet, w), "foreign.jsonl"))[0] or "").splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 rec = json.loads(line)
                 o, f, t = (rec.get(k) if isinstance(rec, dict) else None for k in ("owner", "file", "t"))
                 if type(o) is int and o != w and isinstance(f, str) and f and "\0" not in f \
-                        and isinstance(t, (int, float)) and t >= since and (o, f) not in found.get(w, []):
+                        and finite(t) and since <= t <= time.time() + 60 and (o, f) not in found.get(w, []):
                     found.setdefault(w, []).append((o, f))
     return found
 
@@ -776,6 +789,16 @@ def state_dir(fleet, n):
     return os.path.join(fleet["run"], "workers", "w%d" % int(n))
 
 
+def own_dir(path):
+    """`path`, a directory orch writes into from outside a worker's sandbox
+    (its agent's config in its state dir): a link or file the worker planted
+    there is moved aside first, so orch never writes where it points."""
+    if os.path.islink(path) or os.path.lexists(path) and not os.path.isdir(path):
+        archive(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
 def is_done(fleet, n):
     """Worker n's done flag exists, or existed when orch kept its result."""
     return os.path.exists(worker_file(fleet, n, "done")) or os.path.exists(kept_path(fleet, "w%d.result.md" % n))
@@ -938,7 +961,7 @@ def read_state(path, fleet=None):
     text, _ = read_untrusted(path)
     try:
         state = json.loads(text or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):        # [[[[... nested past Python's stack is damage too
         state = None
     if not isinstance(state, dict):
         if fleet is not None:
@@ -993,7 +1016,7 @@ def load_fleet(name):
                         "starts one" % (name, os.path.dirname(rd), name), 2)
     try:
         fleet = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         fleet = None
     workers = fleet.get("workers") if isinstance(fleet, dict) else None
     if not (isinstance(fleet, dict) and fleet.get("version") == SCHEMA and isinstance(workers, list)
@@ -1035,9 +1058,11 @@ def inside_worker(fleet):
     outermost of this process and its ancestors whose environment names the
     fleet and its ORCH_HOME, which is the pane's own (orch set it; a worker
     can change only its children's). 0: a pane of the fleet, worker unknown."""
-    marks, pid, found = {("ORCH_FLEET=%s" % fleet["name"]).encode(), ("ORCH_HOME=%s" % orch_home()).encode()}, \
-        os.getpid(), None
-    if os.environ.get("ORCH_FLEET") == fleet["name"] and os.environ.get("ORCH_HOME") == orch_home():
+    home, pid, found = os.path.realpath(orch_home()), os.getpid(), None
+    mark = ("ORCH_FLEET=%s" % fleet["name"]).encode()
+    ours = lambda env: mark in env and any(x.startswith(b"ORCH_HOME=") and os.path.realpath(
+        os.fsdecode(x[10:])) == home for x in env)         # a link to ORCH_HOME is ORCH_HOME
+    if ours({os.fsencode("%s=%s" % kv) for kv in os.environ.items() if kv[0] in ("ORCH_FLEET", "ORCH_HOME")}):
         found = os.environ.get("ORCH_WORKER", "").encode()
     for _ in range(256):                # /proc, where there is one
         try:
@@ -1047,7 +1072,7 @@ def inside_worker(fleet):
                 pid = int(f.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             break
-        if marks <= env:
+        if ours(env):
             found = next((x[12:] for x in env if x.startswith(b"ORCH_WORKER=")), b"")
         if pid < 1:
             break
@@ -1117,25 +1142,28 @@ def merge_outboxes(fleet):
     if all(read_state(os.path.join(fleet["run"], "outboxes.json")).get(n) == s for n, s in sizes.items()):
         return                          # the common case: one stat per worker, no lock
     with updating(fleet, "outboxes.json") as seen:
-        for n, size in sorted(sizes.items(), key=lambda kv: int(kv[0])):
-            at = seen.get(n) if type(seen.get(n)) is int else 0
-            if size < at:
-                fleet.setdefault("notes", []).append("W%s's outbox shrank after orch merged it: the bus keeps "
-                                                     "what orch merged" % n)
-                seen[n] = size
-                continue
-            lines, end, _ = read_lines(worker_file(fleet, int(n), "bus.md"), at, raw=True)
-            for raw in lines or []:
-                line = raw.decode("utf-8", "replace")
-                text = " ".join(clean_text(re.sub(r"^\s*\[W%s\] ?" % n, "", line)).split())
-                try:
+        try:
+            for n, size in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+                at = seen.get(n) if type(seen.get(n)) is int else 0
+                if size < at:
+                    fleet.setdefault("notes", []).append("W%s's outbox shrank after orch merged it: the bus "
+                                                         "keeps what orch merged" % n)
+                    seen[n] = size
+                    continue
+                lines, end, _ = read_lines(worker_file(fleet, int(n), "bus.md"), at, raw=True)
+                for raw in (lines or [])[:MERGE_CAP]:       # the rest at the next call: no call stalls
+                    text = " ".join(clean_text(re.sub(r"^\s*\[W%s\] ?" % n, "", raw.decode(
+                        "utf-8", "replace"))).split())
                     if text:
                         post(fleet, "W" + n, text if len(text) <= BUS_LINE else text[:BUS_LINE - 1] + "…")
-                except (OrchError, OSError) as e:      # the rest waits for a bus orch can write
-                    fleet.setdefault("notes", []).append("the outboxes were not merged: %s" % e)
-                    return
-                seen[n] = at = at + len(raw) + 1
-            seen[n] = end                       # past a line too long to read, too
+                    seen[n] = at = at + len(raw) + 1
+                if len(lines or []) <= MERGE_CAP:
+                    seen[n] = end                   # past a line too long to read, too
+        except (OrchError, OSError) as e:           # the rest waits for a bus orch can write
+            fleet.setdefault("notes", []).append("the outboxes were not merged: %s" % e)
+        except BaseException:                       # an interrupt: what was merged stays merged
+            write_json(os.path.join(fleet["run"], "outboxes.json"), seen)
+            raise
 
 
 def bus_posts(fleet, start=0):
@@ -1816,6 +1844,8 @@ def sandboxed(fleet, w, argv, env):
     env.pop("TMUX_PANE", None)
     if socket:
         args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
+    if os.path.isdir("/run/user/%d" % os.getuid()):      # the session's sockets: D-Bus (systemd-run), agents
+        args += ["--tmpfs", "/run/user/%d" % os.getuid()]
     return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(fleet["workdir"]), "--"] + argv
 
 
@@ -2347,7 +2377,7 @@ def check_evidence(workdir, v, cache, f):
     if v.verdict == "MISSING" or v.path is None or not v.quote:
         return "missing" if v.verdict == "MISSING" else "unsupported"
     if v.verdict == "CONFIRMED" and f.path is not None and not (
-            os.path.normpath(v.path) == os.path.normpath(f.path) and f.line - 2 <= v.line <= f.end + 2):
+            os.path.normpath(v.path) == os.path.normpath(f.path) and f.line - 2 <= v.line <= v.end <= f.end + 2):
         return "unsupported: a CONFIRMED verdict's evidence must lie at the finding's cited lines"
     why = check_cited(workdir, v, cache, least=8)
     if why.startswith("not in orch's copy"):
@@ -2927,7 +2957,7 @@ def cmd_log(a):
             print("orch: note: W%d's hooks.jsonl is over %d MB: its last %d MB follow" % ((n,) + (READ_CAP >> 20,) * 2),
                   file=sys.stderr)
         for line in (read_lines(path, start)[0] or [])[1 if start else 0:]:
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, RecursionError):
                 rec = dict(json.loads(line), worker=n)      # the file says whose it is
                 if hook_line(rec) is not None:
                     said.append((str(rec.get("t")), len(said), rec))
