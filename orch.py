@@ -250,8 +250,12 @@ def claude_seed(fleet, agent):
         return
     os.makedirs(config, exist_ok=True)
     user_dir = claude_user_dir()
-    mine = read_state(os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR")
-                      else os.path.expanduser("~/.claude.json"))
+    mine = {}
+    with contextlib.suppress(OSError, ValueError, RecursionError):     # the user's own: whole, past 16 MB too
+        with open(os.path.join(user_dir, ".claude.json") if os.environ.get("CLAUDE_CONFIG_DIR")
+                  else os.path.expanduser("~/.claude.json"), encoding="utf-8") as f:
+            mine = json.load(f)
+    mine = mine if isinstance(mine, dict) else {}
     keep = ("oauthAccount", "userID", "theme", "lastOnboardingVersion", "customApiKeyResponses")
     state = {k: mine[k] for k in keep if k in mine}
     trusted = {"hasTrustDialogAccepted": True, "allowedTools": []}
@@ -419,6 +423,7 @@ def aider_setup(fleet, w):
 #     "queue_key": what submits to a busy agent without interrupting its turn.
 #     "above_only": rows drawn only above the input line; one below a prompt line
 #     means that line is not the input line (a frame caught mid-redraw).
+#   "login_screen": a dialog that asks for a login: no wait ends it, the lead must log in.
 #   "writes": what the CLI must be able to write in its sandbox besides the worker's
 #     own folder and workers/w<n>, where setup puts its config and state (Claude's
 #     CLAUDE_CONFIG_DIR, Codex's CODEX_HOME, Gemini's GEMINI_CLI_HOME, aider's history).
@@ -448,6 +453,7 @@ AGENTS = {
         "dialog": [r"^\s*❯ \d+\. ", r"Enter to (confirm|continue)", r"Esc to cancel",  # 2.1.331 notice
                    r"one you trust|Do you trust the files", r"Select login method",
                    r"Choose the text style", r"Bypass Permissions mode", r"custom API key"],
+        "login_screen": r"Select login method",
         "limited": [r"(?i)usage limit reached", r"(?i)hit your [\w ]*limit",
                     r"(?i)limit reached\W+resets?"],  # "Weekly limit reached · resets 10am"
         # "⠂ Claude Code" (2.1.197), "◐ Claude Code" (2.1.331); idle and permission: "✳ Claude Code"
@@ -475,7 +481,9 @@ AGENTS = {
         "permission": [r"Would you like to (run|make|apply)", r"Yes, proceed",
                        r"don't ask again for"],
         "dialog": [r"^\s*[›>] \d+\. ", r"Press enter to continue", r"enter continue",
-                   r"Trust this folder|Do you trust the contents", r"Sign in with"],
+                   r"Trust this folder|Do you trust the contents", r"Sign in with",
+                   r"Press enter to save", r"Paste or type your API key"],     # 0.171, no login: its key entry
+        "login_screen": r"Sign in with ChatGPT|Sign in another way|Use your own OpenAI API key|Paste or type your API key",
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
         "queue_key": "Tab",   # while a turn runs Enter steers it (submits into it); Tab queues the message
@@ -501,7 +509,8 @@ AGENTS = {
         "permission": [r"Allow execution", r"Apply this change", r"Allow once",
                        r"Allow for this session", r"Do you want to proceed"],
         "dialog": [r"^[\s│]*● \d+\. ", r"Do you trust", r"How would you like to authenticate",
-                   r"Use Enter to select"],
+                   r"Use Enter to select", r"Enter Gemini API Key", r"Paste your API key here"],
+        "login_screen": r"How would you like to authenticate|Enter Gemini API Key",
         "limited": [r"(?i)reached your daily .*quota", r"(?i)quota (limit|exceeded)",
                     r"(?i)usage limit reached"],
         "title_busy": r"Working",  # "✦  Working… (<dir>)"; idle "◇  Ready"; "✋  Action Required"
@@ -1449,9 +1458,22 @@ def show_labels(fleet):
 
 # --- delivery ------------------------------------------------------------------
 
-def refusal(fleet, n, state):
-    """Why worker n cannot take a message now, and what to do about it."""
+def login_wall(fleet, r):
+    """Why worker Row r will not get past its screen without the lead: a
+    login screen of its agent's; None for any other."""
+    w = fleet["workers"][r.n - 1]
+    entry = AGENTS[w["profile"]]
+    if r.shows != "dialog" or not re.search(entry.get("login_screen", r"$^"), r.screen or "", re.M):
+        return None
+    return "is at %s's login screen: %s (`orch doctor --agent %s` checks), then `orch respawn %s %d`" % (
+        w["profile"], entry.get("login", "log in"), w["profile"], fleet["name"], r.n)
+
+
+def refusal(fleet, n, state, row=None):
+    """Why worker n (its Row, if known) cannot take a message now, and what to do about it."""
     name = fleet["name"]
+    if row is not None and login_wall(fleet, row):
+        return "W%d %s" % (n, login_wall(fleet, row))
     return "W%d %s" % (n, {
         "draft": "has unsent text in its input box: look with `orch read %s %d`; `orch nudge "
                  "%s %d MESSAGE` clears it first" % (name, n, name, n),
@@ -1488,7 +1510,7 @@ def ready_targets(fleet, ns, clear, limited=False):
         if shows in PAST_BOOT and shows != "draft" or limited and shows == "limited":
             targets.append(n)
         else:
-            failed[n] = refusal(fleet, n, shows)
+            failed[n] = refusal(fleet, n, shows, rows[n])
     return rows, targets, failed
 
 
@@ -1939,13 +1961,14 @@ def wait_ready(fleet, ns, timeout):
         for r in rows:                  # ready means settled: CLIs open dialogs a moment after idle
             since[r.n] = (since.get(r.n) or now) if r.shows in PAST_BOOT else None
         waiting = [r for r in rows if since[r.n] is None or now < since[r.n] + entries[r.n].get("settle", SETTLE)]
+        walled = [r for r in waiting if login_wall(fleet, r)]         # no wait gets past a login
         for r in waiting:
             for pattern, keys in entries[r.n].get("answer", []):
                 if r.shows == "dialog" and (r.n, pattern) not in answered and re.search(pattern, r.screen):
                     tmux("send-keys", "-t", r.pane, *keys)
                     answered.add((r.n, pattern))
                     log_event(fleet, "answer", worker=r.n, dialog=pattern, keys=" ".join(keys))
-        if now >= deadline or all(r.shows == "exited" for r in waiting):    # all(): none left
+        if now >= deadline or all(r.shows == "exited" or r in walled for r in waiting):    # all(): none left
             return [r for r in waiting if since[r.n] is None]
         time.sleep(0.25)
 
@@ -1987,8 +2010,10 @@ def require_ready(fleet, waiting, timeout):
     line = "%s: %d worker(s) in tmux session %s; shared workspace %s" % (
         fleet["name"], len(fleet["workers"]), fleet["session"], shared_dir(fleet))
     if waiting:
-        raise OrchError("not ready after %gs: %s: look with `orch read %s all`" % (
-            timeout, ", ".join("W%d %s" % (r.n, r.shows) for r in waiting), fleet["name"]),
+        walled = [r for r in waiting if login_wall(fleet, r)]
+        raise OrchError("not ready %s: %s: look with `orch read %s all`" % (
+            "at once" if len(walled) == len(waiting) else "after %gs" % timeout,
+            ", ".join("W%d %s" % (r.n, login_wall(fleet, r) or r.shows) for r in waiting), fleet["name"]),
             said=[line])
     return line
 
@@ -2940,9 +2965,10 @@ def cmd_read(a):
     for w in ws:
         capture = captures.get(w["n"])
         lines = capture.screen.rstrip().split("\n") if capture else []
-        if len(ws) > 1:
+        if len(ws) > 1:                 # each screen indented: no screen line can pass for a header
             print("--- W%d %s%s" % (w["n"], w["pane"], "" if capture else " (gone)"))
-        print(defang("\n".join(line.rstrip() for line in lines[-a.lines:])))
+        print(defang("\n".join((line.rstrip() and "  " * (len(ws) > 1)) + line.rstrip()
+                                for line in lines[-a.lines:])))
 
 
 def cmd_log(a):

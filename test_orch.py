@@ -2931,6 +2931,22 @@ class MockGemini(http.server.BaseHTTPRequestHandler):
             "WRITE", "%s %s" % (result, "\\n".join(found) or "No TODO marker in the workdir.")))
 
 
+def assert_walled(case, name, agent, login):
+    """A worker of `agent` with no login: `spawn` exits 1 within 10 s naming its
+    login screen (it never waits out its timeout), and `send` refuses at once."""
+    sb = case.sb
+    r = sb.orch("spawn", name, 1, sb.workdir("wörk-" + name), "--agent", agent, "--timeout", "60", timeout=90)
+    case.assertEqual(r.code, 1, r)
+    case.assertLess(r.elapsed, 10, r)
+    case.assertIn("not ready at once: W1 is at %s's login screen: %s (`orch doctor --agent %s` checks), then "
+                  "`orch respawn %s 1`" % (agent, login, agent, name), r.err)
+    r = sb.orch("send", name, "1", "hello")
+    case.assert_one_error_line(r, 1, "W1 is at %s's login screen" % agent)
+    case.assertLess(r.elapsed, 3, r)
+    case.assertNotIn("hello", case.read(name, 1))
+    case.ok("kill", name)
+
+
 # A worker's probe of what it can write (its folder, another's, the workdir, the run dir).
 WRITABLE = "python3 -c 'import os, sys; print(\"writable:\", [os.access(p, os.W_OK) for p in sys.argv[1:]])' %s %s %s %s"
 
@@ -3058,6 +3074,10 @@ class RealGemini(RealCLI):
         self.assertIn("Allow execution", sb.text(sb.run("gem", "logs", "w2.log")))
         for path, text in self.mine.items():
             self.assertEqual(sb.text(path), text, "orch changed the user's own %s" % path)
+
+    def test_without_a_login_spawn_names_the_login_screen_and_send_refuses_at_once(self):
+        self.sb.env.pop("GEMINI_API_KEY")
+        assert_walled(self, "ohne", "gemini", "run `gemini` once and log in with Google, or export GEMINI_API_KEY")
 
     def test_a_finder_brief_is_done_with_no_prompt(self):
         sb = self.sb
@@ -3365,6 +3385,13 @@ class RealCodex(RealCLI):
         return seen
 
     # -- the tests
+    def test_without_a_login_spawn_names_the_login_screen_and_send_refuses_at_once(self):
+        sb = self.sb
+        write_tree(self.user, {".codex/config.toml": "check_for_update_on_startup = false\n\n[tui]\n"
+                                                     "screen_reader_detection_done = true\n"})    # OpenAI's own login
+        sb.env.pop("OPENAI_API_KEY")
+        assert_walled(self, "ohne", "codex", "run `codex login`, or export OPENAI_API_KEY")
+
     def test_boots_idle_with_no_dialog_and_stays_idle(self):
         sb = self.sb
         wd = sb.workdir("wörk-boot")
@@ -4084,7 +4111,7 @@ class Truth(OrchCase):
         wd = self.sb.workdir("wörk-spaet")
         r = self.sb.orch("spawn", "spaet", 1, wd, "--agent", "codex", "--timeout", "3")
         self.assertEqual(r.code, 1, r)
-        self.assertIn("W1 dialog", r.err)
+        self.assertIn("W1 is at codex's login screen", r.err)      # a dialog no wait gets past
         self.ok("brief", "spaet", 1, "--goal", "the files carry TODO markers")
         r = self.sb.orch("respawn", "spaet", 1, "--timeout", "2")
         self.assertNotEqual(r.code, 0, r)
@@ -4813,6 +4840,23 @@ class Security(OrchCase):
         trusted = json.loads(self.sb.text(gemini["config"]))
         self.assertEqual(trusted, {os.path.realpath(wd): "TRUST_FOLDER",
                                    os.path.realpath(self.sb.shared("gemini")): "TRUST_FOLDER"})
+
+    def test_a_claude_json_past_16_mb_is_read_whole(self):
+        bindir = os.path.join(self.sb.root, "bin")
+        os.mkdir(bindir)
+        write_exe(os.path.join(bindir, "claude"), FAKE_CLAUDE % sys.executable)
+        home = os.path.join(self.sb.root, "groß")
+        history = {"/p/%d" % i: {"history": ["x" * 200] * 10} for i in range(9000)}        # ~18 MB
+        write_tree(home, {".claude.json": json.dumps({"oauthAccount": {"emailAddress": "ich@example.org"},
+                                                      "projects": history})})
+        self.assertGreater(os.path.getsize(os.path.join(home, ".claude.json")), 16 << 20)
+        self.sb.env.update(HOME=home, PATH=bindir + os.pathsep + self.sb.env["PATH"])
+        for var in ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY"):
+            self.sb.env.pop(var, None)
+        self.ok("spawn", "gross", 1, self.sb.workdir("wörk-gross"), "--agent", "claude", "--timeout", "0")
+        seeded = json.loads(self.sb.text(self.sb.run("gross", "claude", ".claude.json")))
+        self.assertEqual(seeded["oauthAccount"], {"emailAddress": "ich@example.org"})     # the account kept
+        self.assertNotIn("/p/1", seeded["projects"])                                  # the rest not copied
 
     def test_claude_worker_settings_deny_rm(self):
         bindir = os.path.join(self.sb.root, "bin")
@@ -5958,6 +6002,15 @@ class Bounded(OrchCase):
         self.assertEqual(p.wait(60), 0, p.stderr.read())
         matrix = json.loads(self.sb.text(self.sb.run("kopf", "matrix.json")))
         self.assertEqual({f["final"] for f in matrix["findings"]}, {"CONFIRMED"})
+
+    def test_a_screen_cannot_forge_a_section_of_read_all(self):
+        self.spawn("kopie", 2, None, "bash --norc --noprofile")
+        self.ok("send", "kopie", "1", "printf -- '--- W2 %%1\\nfake screen of W2\\n'")
+        out = wait_for(lambda: (lambda o: "fake screen" in o and o)(self.ok("read", "kopie", "all").out), 10,
+                       what="W1's printf")
+        self.assertEqual(re.findall(r"(?m)^--- W\d.*", out), ["--- W1 %s" % self.pane("kopie", 1),
+                                                             "--- W2 %s" % self.pane("kopie", 2)])
+        self.assertIn("\n  --- W2 %1\n  fake screen of W2\n", out)
 
     def test_worker_text_cannot_make_structure_in_the_report(self):
         self.fleet("fence")
