@@ -46,6 +46,7 @@ SETTLE = 2.0                    # seconds a ready screen must hold before a new 
 ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
 CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the work on
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
+STALE = 30.0                    # seconds after which a working worker's cost and context are shown as old
 READ_CAP = 16 << 20             # bytes orch reads of any file a worker can write
 BUS_LINE = 2000                 # characters of one outbox line the bus keeps
 MERGE_CAP = 1000                # outbox lines of one worker one merge takes
@@ -93,8 +94,8 @@ class OrchError(Exception):
 Capture = collections.namedtuple("Capture", "pane dead tag title screen")
 
 # What a worker's status line last said: cost (USD) and context use (%), None when
-# unknown (not Claude, not reported yet): never guessed.
-Telemetry = collections.namedtuple("Telemetry", "cost_usd context_pct")
+# unknown (not Claude, not reported yet): never guessed; and when it said it (epoch s).
+Telemetry = collections.namedtuple("Telemetry", "cost_usd context_pct reported")
 
 # Worker n as one poll saw it, in pane `pane`. shows: the state its pane shows,
 # which delivery must respect (a done worker can still sit at a prompt, or be
@@ -103,10 +104,10 @@ Telemetry = collections.namedtuple("Telemetry", "cost_usd context_pct")
 # exists; quiet: seconds since its screen changed (None: not live); last: its
 # lowest non-blank line; screen: its text, no escapes; digest: a hash of that
 # text; resets: when its usage limit resets (epoch s, None: unknown); cost_usd,
-# context_pct: its Telemetry; foreign: [(owner, path)] of files of others its
+# context_pct, reported: its Telemetry; foreign: [(owner, path)] of files of others its
 # agent wrote (owner 0: orch's).
 Row = collections.namedtuple("Row", "n pane shows state done quiet last screen digest resets "
-                                    "cost_usd context_pct foreign")
+                                    "cost_usd context_pct reported foreign")
 
 # One thing `wait` reports: kind "state" (worker n's state changed: its Row and
 # its state before), "done" (its done flag), "bus" (a line to the lead), "foreign"
@@ -564,7 +565,10 @@ def telemetry(fleet, n):
     """Worker n's Telemetry, from what its status line last wrote; its cost
     never below the highest orch saw (costs.json: a worker can write its own
     usage.json, never the run dir)."""
-    state = read_state(os.path.join(state_dir(fleet, n), "usage.json"))
+    path = os.path.join(state_dir(fleet, n), "usage.json")
+    state, reported = read_state(path), None
+    with contextlib.suppress(OSError):
+        reported = os.lstat(path).st_mtime
 
     def number(v, top):
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
@@ -576,7 +580,7 @@ def telemetry(fleet, n):
         with contextlib.suppress(OSError):      # a read-only run dir: inside a sandbox (record_hook)
             write_json(os.path.join(fleet["run"], "costs.json"), costs)
     return Telemetry(max(x for x in (said, seen, -1) if x is not None) if seen is not None or said is not None
-                     else None, number(state.get("context_pct"), 100))
+                     else None, number(state.get("context_pct"), 100), reported)
 
 
 def foreign_writes(fleet, since=0.0):
@@ -1324,7 +1328,7 @@ def worker_row(w, capture, memo, now, stall, done):
     lines = [ln for ln in plain.split("\n") if ln.strip()]
     return Row(n=w["n"], pane=w["pane"], shows=shows, state="done" if done else "stalled" if stalled else shows,
                done=done, quiet=round(quiet, 1), last=norm(lines[-1]) if lines else "", screen=plain,
-               digest=digest, resets=memo.get("resets"), cost_usd=None, context_pct=None, foreign=[])
+               digest=digest, resets=memo.get("resets"), cost_usd=None, context_pct=None, reported=None, foreign=[])
 
 
 AGAIN_PATTERN = r"(?i)try again in ((?:\d{1,4} ?(?:day|hour|minute|second|[dhms]\b)\w*[ ,.]*(?:and )?)+)"
@@ -2610,6 +2614,17 @@ def plant_canary(fleet, findings, v, briefed, taken, cache, rng):
     return None
 
 
+def snapshot(fleet, cache):
+    """shared/verify/workdir: orch's copy of the files the findings cite, as
+    read at collection (`cache`): the workdir verifiers are given. Returns it."""
+    tree, root = os.path.join(shared_dir(fleet), "verify", "workdir"), os.path.realpath(fleet["workdir"])
+    os.makedirs(tree, mode=0o700, exist_ok=True)
+    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
+        os.makedirs(os.path.dirname(os.path.join(tree, os.path.relpath(path, root))), mode=0o700, exist_ok=True)
+        write_file(os.path.join(tree, os.path.relpath(path, root)), "".join(line + "\n" for line in lines))
+    return tree
+
+
 def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     """Citation check, then rounds until every finding has `need` counted
     verdicts that agree, or a strict majority, or no verifier is left to ask;
@@ -2625,12 +2640,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
     for old in glob.glob(os.path.join(glob.escape(shared_dir(fleet)), "w*", "r*.*")):  # the last run's verdicts
         if re.search(r"/w\d+/r\d+\.(result\.md|done)$", old):
             archive(old)
-    tree = os.path.join(vdir, "workdir")    # what verification reads, fixed: the cited files as collected
-    root = os.path.realpath(fleet["workdir"])
-    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
-        os.makedirs(os.path.dirname(os.path.join(tree, os.path.relpath(path, root))), mode=0o700, exist_ok=True)
-        write_file(os.path.join(tree, os.path.relpath(path, root)), "".join(line + "\n" for line in lines))
-    os.makedirs(tree, mode=0o700, exist_ok=True)
+    tree, root = snapshot(fleet, cache), os.path.realpath(fleet["workdir"])
     cache[None] = True
     import random
     profiles = {w["n"]: w["profile"] for w in fleet["workers"]}
@@ -2658,6 +2668,11 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
             if not planted[v]:
                 problems.append("round %d: no canary in W%d's brief: the cited files have no line to plant "
                                 "one on" % (k, v))
+        if os.path.islink(vdir) or not os.path.isdir(vdir):     # swapped mid-run: briefs stay in shared/
+            if os.path.lexists(vdir):
+                problems.append("round %d: shared/verify was replaced (by a link?): moved aside to %s"
+                                % (k, archive(vdir)))
+            snapshot(fleet, cache)
         outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget, tree)
         incomplete += outcome.incomplete
         digests.update({(k, v): d for v, d in outcome.digests.items()})
@@ -2858,6 +2873,7 @@ def row_json(r):
     """A worker's Row as `status --json` shows it."""
     out = {k: getattr(r, k) for k in ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd",
                                       "context_pct")}
+    out["reported_ago"] = None if r.reported is None else max(0, round(time.time() - r.reported, 1))
     out["foreign"] = [{"owner": o, "file": f} for o, f in r.foreign]
     return out
 
@@ -3030,6 +3046,8 @@ def cmd_status(a):
     print(isolation_line(fleet).split(": ", 1)[1])
     for r in rows:
         flags = time.strftime("resets %H:%M | ", time.localtime(r.resets)) if r.resets else ""
+        if r.reported and r.state not in ("idle", "done", "exited") and time.time() - r.reported > STALE:
+            flags += "cost as of %ds ago | " % (time.time() - r.reported)       # its status line has not run since
         if (r.context_pct or 0) >= CONTEXT_HIGH:
             flags += "CONTEXT %d%%: hand its work to a fresh worker | " % r.context_pct
         flags += "".join("WROTE %s's %s | " % ("W%d" % o if o else "orch", os.path.relpath(f, shared_dir(fleet)))

@@ -936,7 +936,7 @@ class States(OrchCase):
         self.assertEqual(len(st["workers"]), 2)
         for i, w in enumerate(st["workers"]):
             self.assertEqual(set(w), {"n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd",
-                                      "context_pct", "foreign"})
+                                      "context_pct", "reported_ago", "foreign"})
             self.assertEqual(w["n"], i + 1)
             self.assertEqual(w["pane"], panes[i])
             self.assertEqual(w["state"], "idle")
@@ -3941,6 +3941,11 @@ class Spend(OrchCase):
         with open(self.sb.run("kosten", "workers", "w1", "usage.json"), "w") as f:     # the worker's own file
             f.write('{"cost_usd": 0, "context_pct": 5}')
         self.assertEqual(self.status("kosten")["workers"][0]["cost_usd"], 0.1234)
+        # A working worker whose status line has not run for a while: its figures are shown as old.
+        os.utime(self.sb.run("kosten", "workers", "w1", "usage.json"), (time.time() - 90, time.time() - 90))
+        self.assertGreaterEqual(self.status("kosten")["workers"][0]["reported_ago"], 90)
+        self.ok("send", "kosten", "1", "BRIEF-LESS work")          # not a brief: the sim notes it
+        self.assertNotIn("cost as of", self.ok("status", "kosten").out)     # idle: nothing to be stale
         self.assertEqual([(e["worker"], e["action"]) for e in self.sb.events("kosten", "refused")], [(1, "hook as W2")])
         # A worker can write anything where orch reads it: a lie is unknown, never a number.
         for payload in ("", "kein json", "[]", '{"hook_event_name": 5}', "\x1b]0;title\x07",
@@ -5991,6 +5996,25 @@ class Bounded(OrchCase):
             r = self.sb.orch(*argv, timeout=30)
             self.assertLess(r.elapsed, 15, r)
             self.assert_one_error_line(r, 2, "no fleet 'rohr'")
+
+    def test_shared_verify_swapped_for_a_link_mid_run_leads_no_brief_out(self):
+        wd = self.sb.workdir("wörk-tausch", {"a.py": "x = 1\n# TODO: eins\n", "b.py": "# XXX: zwei\n"})
+        self.spawn("tausch", 3, wd, "sim --delay 0.3", "--no-isolate")     # where a worker can write shared/
+        for k in (1, 2, 3):
+            self.ok("brief", "tausch", k, "--goal", "the files carry TODO or XXX markers", "--send")
+        self.ok("wait", "tausch", "--timeout", "30", "--interval", "0.2")
+        outside, vdir = os.path.join(self.sb.root, "draussen"), self.sb.shared("tausch", "verify")
+        os.mkdir(outside)
+        proc = self.sb.start("verify", "tausch", "--verdicts", "2", "--timeout", "4")    # round 1 is lost
+        wait_for(lambda: glob.glob(os.path.join(vdir, "r1-w*.task.md")), 20, what="round 1's briefs")
+        os.rename(vdir, vdir + ".mine")
+        os.symlink(outside, vdir)
+        r = proc.finish(90)
+        self.assertNotIn("Traceback", r.err, r)
+        self.assertEqual(os.listdir(outside), [])
+        self.assertIn("shared/verify was replaced (by a link?): moved aside", r.err)
+        self.assertTrue(glob.glob(os.path.join(vdir, "r2-w*.task.md")) and not os.path.islink(vdir))
+        self.assertTrue(os.path.exists(os.path.join(vdir, "workdir", "a.py")))
 
     def test_a_closed_stdout_does_not_stop_verify(self):
         self.fleet("kopf")
