@@ -853,20 +853,23 @@ def archive(path):
     return old
 
 
-def write_file(path, text):
+def write_file(path, text, at=None):
     """Atomic write (temp + rename): readers never see half a file, and a
-    symlink planted at `path` is replaced, never followed."""
-    if os.path.isdir(path) and not os.path.islink(path):    # planted where orch writes a file
-        archive(path)
+    symlink planted at `path` is replaced, never followed. With `at`, a
+    directory descriptor, `path` is a name in that directory: a worker that
+    swaps the directory's path for a link cannot lead the write elsewhere."""
+    with contextlib.suppress(OSError):     # a directory planted where orch writes a file
+        if stat.S_ISDIR(os.stat(path, dir_fd=at, follow_symlinks=False).st_mode):
+            archive(path if at is None else os.path.join("/proc/self/fd/%d" % at, path))
     tmp = "%s.%s.tmp" % (path, os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=at)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=at, dst_dir_fd=at)
     except BaseException:               # a full disk leaves no *.tmp behind
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(tmp, dir_fd=at)
         raise
 
 
@@ -2526,19 +2529,22 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget, tree):
     vdir, began = os.path.join(shared_dir(fleet), "verify"), time.time()
     briefs = {v: os.path.join(vdir, "r%d-w%d.task.md" % (k, v)) for v in jobs}
     stems = {v: worker_file(fleet, v, "r%d" % k) for v in jobs}        # r<k>.result.md, r<k>.done
-    written = {}
-    for v, fs in sorted(jobs.items()):
-        goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
-                "are true; give one verdict per finding" % len(fs))
-        written[v] = defang(make_brief(       # it quotes workers; the lead may read it
-            fleet, v, "verifier", goal, ["Do not read other verifiers' result files.",
-                                         "The workdir above is orch's copy of the files the findings cite, as "
-                                         "they were when orch collected the findings: judge those. The whole "
-                                         "workdir, for context only, is `%s`." % fleet["workdir"]],
-            stems[v] + ".result.md", stems[v] + ".done", "verification round %d" % k,
-            [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])], workdir=tree))
-        write_file(briefs[v], written[v])
-        log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
+    written, at = {}, os.open(vdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)   # briefs go there, whatever
+    try:                                # becomes of its path
+        for v, fs in sorted(jobs.items()):
+            goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
+                    "are true; give one verdict per finding" % len(fs))
+            written[v] = defang(make_brief(       # it quotes workers; the lead may read it
+                fleet, v, "verifier", goal, ["Do not read other verifiers' result files.",
+                                             "The workdir above is orch's copy of the files the findings cite, as "
+                                             "they were when orch collected the findings: judge those. The whole "
+                                             "workdir, for context only, is `%s`." % fleet["workdir"]],
+                stems[v] + ".result.md", stems[v] + ".done", "verification round %d" % k,
+                [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])], workdir=tree))
+            write_file(os.path.basename(briefs[v]), written[v], at)
+            log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
+    finally:
+        os.close(at)
     keys = {v: os.urandom(8).hex() for v in jobs}
     before = {r.n: r.digest for r in poll(fleet)}     # a verifier that works changes its screen
     failed = deliver(fleet, {v: brief_message(briefs[v], keys[v]) for v in jobs})
