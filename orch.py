@@ -1196,8 +1196,10 @@ def bus_posts(fleet, start=0):
 
 
 def shown(p):
-    """A bus Post as a person reads it: defanged, and marked unless orch wrote it there."""
-    return defang(("" if p.genuine else "(not written by orch) ") + p.text)
+    """A bus Post as a person reads it: defanged, at most BUS_LINE characters
+    (a line forged into the bus can be megabytes), and marked unless orch wrote it there."""
+    text = p.text if len(p.text) <= BUS_LINE else p.text[:BUS_LINE - 1] + "…"
+    return defang(("" if p.genuine else "(not written by orch) ") + text)
 
 
 def bus_tail(fleet, count=None):

@@ -5986,6 +5986,12 @@ class Bounded(OrchCase):
         self.assertIn("## Worker results", self.sb.text(os.path.join(shared, "report.md")))
         self.assertEqual(len(glob.glob(os.path.join(shared, "report.md.old-*"))), 1)
         self.assertIn("(not written by orch) [orch] fleet rohr", runs[1].out)     # no record of it to read
+        os.remove(os.path.join(run, "bus-posted"))
+        with open(os.path.join(shared, "bus.md"), "a") as f:          # an 8 MB line, forged into the bus
+            f.write("[W1] " + "x" * (8 << 20) + "\n")
+        out = self.ok("status", "rohr").out
+        self.assertLess(len(out), 10000)
+        self.assertIn("(not written by orch) [W1] xxx", out)
         r = self.sb.orch("kill", "rohr", timeout=30)
         self.assertEqual(r.code, 0, r)
         self.assertIn("could not save the scrollback", r.out)
