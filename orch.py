@@ -934,10 +934,15 @@ def append_line(path, line, first=None):
 
 
 def read_text(path, default=None):
-    """A file orch keeps (or `default`): read as untrusted all the same, so a
-    FIFO or a link planted in its place never blocks or leads elsewhere."""
-    text, _ = read_untrusted(path)
-    return default if text is None else text
+    """A file orch keeps, or the user's own (a link is followed: dotfile
+    managers make them), whole; `default` unless it is a regular file, so a
+    FIFO planted in its place never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return default
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else default
 
 
 def read_untrusted(path, start=0, raw=False):
@@ -1472,7 +1477,7 @@ def login_wall(fleet, r):
     login screen of its agent's; None for any other."""
     w = fleet["workers"][r.n - 1]
     entry = AGENTS[w["profile"]]
-    if r.shows != "dialog" or not re.search(entry.get("login_screen", r"$^"), r.screen or "", re.M):
+    if r.shows != "dialog" or not re.search(entry.get("login_screen", r"(?!)"), r.screen or "", re.M):
         return None
     return "is at %s's login screen: %s (`orch doctor --agent %s` checks), then `orch respawn %s %d`" % (
         w["profile"], entry.get("login", "log in"), w["profile"], fleet["name"], r.n)
@@ -1847,14 +1852,10 @@ def isolation():
     return True, version or "bubblewrap"
 
 
-def under_tmp(path):
-    return path == "/tmp" or path.startswith("/tmp/")
-
-
 def sandboxed(fleet, w, argv, env):
-    """argv, run inside worker w's sandbox (bubblewrap): what it reads of
-    /tmp (the workdir, the run dir, orch, HOME, PATH) bound read-only into its
-    private /tmp, then its two folders writable, then the tmux socket's
+    """argv, run inside worker w's sandbox (bubblewrap): what it reads under
+    the hidden directories (the workdir, the run dir, orch, HOME, PATH) bound
+    read-only into them, then its two folders writable, then the tmux socket's
     directory hidden under an empty one."""
     import shutil
     bwrap = shutil.which("bwrap")
@@ -1864,9 +1865,13 @@ def sandboxed(fleet, w, argv, env):
     found = shutil.which(argv[0], path=env.get("PATH"))
     reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
     reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
-    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # A private /tmp, and the session's sockets hidden (D-Bus: systemd-run; ssh and gpg agents).
+    hidden = ["/tmp"] + [d for d in ["/run/user/%d" % os.getuid()] if os.path.isdir(d)]
+    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for d in hidden:
+        args += ["--tmpfs", d]
     for path in sorted({os.path.realpath(p) for p in reads if p and os.path.isabs(p) and os.path.exists(p)}, key=len):
-        args += ["--ro-bind", path, path] if under_tmp(path) else []
+        args += ["--ro-bind", path, path] if any(path == d or path.startswith(d + "/") for d in hidden) else []
     writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
     for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -1875,8 +1880,7 @@ def sandboxed(fleet, w, argv, env):
     env.pop("TMUX_PANE", None)
     if socket:
         args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
-    if os.path.isdir("/run/user/%d" % os.getuid()):      # the session's sockets: D-Bus (systemd-run), agents
-        args += ["--tmpfs", "/run/user/%d" % os.getuid()]
+
     return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(fleet["workdir"]), "--"] + argv
 
 

@@ -6022,6 +6022,18 @@ class Bounded(OrchCase):
         self.assertTrue(glob.glob(os.path.join(vdir, "r2-w*.task.md")) and not os.path.islink(vdir))
         self.assertTrue(os.path.exists(os.path.join(vdir, "workdir", "a.py")))
 
+    def test_a_users_linked_config_is_read_and_a_fifo_is_not(self):
+        orch = load_orch()
+        real, link, fifo = (os.path.join(self.sb.root, n) for n in ("real.toml", "config.toml", "fifo"))
+        write_tree(self.sb.root, {"real.toml": 'model = "o3"\n'})
+        os.symlink(real, link)              # stow, home-manager: dotfiles are links
+        os.mkfifo(fifo)
+        self.assertEqual(orch.read_text(link), 'model = "o3"\n')
+        self.assertEqual(orch.read_text(fifo, "none"), "none")
+        row = orch.Row(n=1, pane="%0", shows="dialog", state="dialog", done=False, quiet=0, last="", screen="a\n\nb",
+                       digest=None, resets=None, cost_usd=None, context_pct=None, reported=None, foreign=[])
+        self.assertIsNone(orch.login_wall({"name": "x", "workers": [{"n": 1, "profile": "sim"}]}, row))
+
     def test_a_closed_stdout_does_not_stop_verify(self):
         self.fleet("kopf")
         p = subprocess.Popen([sys.executable, ORCH_PY, "verify", "kopf", "--timeout", "20"], env=self.sb.env,
