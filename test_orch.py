@@ -5205,6 +5205,16 @@ class Python38(OrchCase):
 
 # =============================================================================
 
+def median(fn, runs):
+    """The median wall time of `runs` calls of fn(), in seconds."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 @unittest.skipUnless(os.environ.get("ORCH_BENCH") == "1", "set ORCH_BENCH=1 to run the benchmark")
 class Bench(OrchCase):
 
@@ -5274,13 +5284,6 @@ class Bench(OrchCase):
         os.environ.clear()
         os.environ.update(self.sb.env)           # in-process poll talks to the same server
 
-        def median(fn, runs):
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
         wd = self.sb.workdir("wörk-bench")
         table = []
         for n in (1, 8, 32):
@@ -5310,13 +5313,6 @@ class Bench(OrchCase):
         with and without it, and one worker's sandbox start-up (`bwrap ... true`
         as orch runs it, against a bare `true`), as ratios to a bare `python3 -c
         pass` timed in the same run."""
-        def median(fn, runs):
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
         wd = self.sb.workdir("wörk-ibench")
         spawns = {}
         for flags in ((), ("--no-isolate",)):
