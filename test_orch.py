@@ -96,6 +96,12 @@ def tree_digest(root):
     return out
 
 
+def beside(bindir, path):
+    """A copy of `path` in a fake agent's own directory, which its sandbox shows
+    it even where it hides /tmp (and a clone of this repository may be there)."""
+    return shutil.copy(path, os.path.join(bindir, os.path.basename(path)))
+
+
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
@@ -365,11 +371,8 @@ class OrchCase(unittest.TestCase):
         write_exe(os.path.join(bindir, name), FAKE_SCREENS % sys.executable)
         with open(os.path.join(bindir, name + ".screens"), "w") as f:
             f.write("daemon\n" if daemon else "")
-            for gap, fx in screens:         # beside it: its sandbox shows it its own directory
-                if "/" in fx:
-                    shutil.copy(fx, bindir)
-                f.write("%s\t%s\n" % (gap, os.path.join(SCREENS, fx + ".ansi.txt") if "/" not in fx
-                                        else os.path.join(bindir, os.path.basename(fx))))
+            for gap, fx in screens:         # beside it: a sandbox hides /tmp (a clone may be there) but its own dir
+                f.write("%s\t%s\n" % (gap, beside(bindir, fx if "/" in fx else os.path.join(SCREENS, fx + ".ansi.txt"))))
         if bindir not in self.sb.env["PATH"]:
             self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
         return fleet and self.sb.run(fleet, "workers", "w1", name + ".typed")
@@ -763,7 +766,8 @@ class States(OrchCase):
         for agent, items in by_agent.items():
             path = write_exe(os.path.join(bindir, agent), FAKE_AGENT % sys.executable)
             with open(path + ".list", "w", encoding="utf-8") as f:
-                f.write("".join("%s\t%s\n" % (os.path.join(SCREENS, fx + ".ansi.txt"), st) for fx, st in items))
+                f.write("".join("%s\t%s\n" % (beside(bindir, os.path.join(SCREENS, fx + ".ansi.txt")), st)
+                                for fx, st in items))
         sb = Sandbox([bindir])
         self.addCleanup(sb.close)
         wd = sb.workdir("wörk-fx")
