@@ -549,8 +549,9 @@ AGENTS = {
 CLAUDE_HOOKS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop", "StopFailure",
                 "Notification", "PreCompact")
 WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
-HOOK_WORDS = {"refused": "orch refused, as the lead's:", "SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
-              "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context"}
+HOOK_WORDS = {"SessionStart": "session started", "UserPromptSubmit": "prompt:", "Stop": "turn ended",
+              "StopFailure": "turn FAILED:", "Notification": "notice:", "PreCompact": "compacting context",
+              "refused": "orch refused, as the lead's:"}
 
 
 def owner(fleet, path):
@@ -572,15 +573,13 @@ def telemetry(fleet, n):
 
     def number(v, top):
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top else None
-    said, seen = number(state.get("cost_usd"), 1e6), number(read_state(os.path.join(fleet["run"], "costs.json")).get(
-        str(n)), 1e6)
+    costs = read_state(os.path.join(fleet["run"], "costs.json"))
+    said, seen = number(state.get("cost_usd"), 1e6), number(costs.get(str(n)), 1e6)
     if said is not None and (seen is None or said > seen):
-        costs = read_state(os.path.join(fleet["run"], "costs.json"))    # no lock: poll holds watch.json's
-        costs[str(n)] = said
+        costs[str(n)] = seen = said             # no lock: poll holds watch.json's
         with contextlib.suppress(OSError):      # a read-only run dir: inside a sandbox (record_hook)
             write_json(os.path.join(fleet["run"], "costs.json"), costs)
-    return Telemetry(max(x for x in (said, seen, -1) if x is not None) if seen is not None or said is not None
-                     else None, number(state.get("context_pct"), 100), reported)
+    return Telemetry(seen, number(state.get("context_pct"), 100), reported)
 
 
 def foreign_writes(fleet, since=0.0):
@@ -882,10 +881,14 @@ def defang(text):
                   lambda m: ("\\u%04x" if ord(m.group()) < 0x10000 else "\\U%08x") % ord(m.group()), text)
 
 
+def cut(text, width):
+    """`text`, at most `width` characters: what is cut shows as '…'."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def one_line(text, width=80):
     """Worker text in one line of at most `width` characters, defanged."""
-    text = " ".join(defang(text).split())
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return cut(" ".join(defang(text).split()), width)
 
 
 def clean_text(text):
@@ -1176,7 +1179,7 @@ def merge_outboxes(fleet):
                     text = " ".join(clean_text(re.sub(r"^\s*\[W%s\] ?" % n, "", raw.decode(
                         "utf-8", "replace"))).split())
                     if text:
-                        post(fleet, "W" + n, text if len(text) <= BUS_LINE else text[:BUS_LINE - 1] + "…")
+                        post(fleet, "W" + n, cut(text, BUS_LINE))
                     seen[n] = at = at + len(raw) + 1
                 if len(lines or []) <= MERGE_CAP:
                     seen[n] = end                   # past a line too long to read, too
@@ -1203,8 +1206,7 @@ def bus_posts(fleet, start=0):
 def shown(p):
     """A bus Post as a person reads it: defanged, at most BUS_LINE characters
     (a line forged into the bus can be megabytes), and marked unless orch wrote it there."""
-    text = p.text if len(p.text) <= BUS_LINE else p.text[:BUS_LINE - 1] + "…"
-    return defang(("" if p.genuine else "(not written by orch) ") + text)
+    return defang(("" if p.genuine else "(not written by orch) ") + cut(p.text, BUS_LINE))
 
 
 def bus_tail(fleet, count=None):
@@ -1485,10 +1487,8 @@ def login_wall(fleet, r):
 
 def refusal(fleet, n, state, row=None):
     """Why worker n (its Row, if known) cannot take a message now, and what to do about it."""
-    name = fleet["name"]
-    if row is not None and login_wall(fleet, row):
-        return "W%d %s" % (n, login_wall(fleet, row))
-    return "W%d %s" % (n, {
+    name, wall = fleet["name"], row is not None and login_wall(fleet, row)
+    return "W%d %s" % (n, wall or {
         "draft": "has unsent text in its input box: look with `orch read %s %d`; `orch nudge "
                  "%s %d MESSAGE` clears it first" % (name, n, name, n),
         "permission": "is waiting for a permission answer: answer it in the pane (`tmux attach "
@@ -1880,7 +1880,6 @@ def sandboxed(fleet, w, argv, env):
     env.pop("TMUX_PANE", None)
     if socket:
         args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
-
     return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(fleet["workdir"]), "--"] + argv
 
 
