@@ -152,14 +152,18 @@ class Finding(Record):
     order they were asked for) and final (its FINALS word). finders: every
     worker that reported it (the same place and quote: one finding), `also`
     their ids but its own; canary: for a finding orch planted, known false,
-    the id of the real finding whose claim it borrows (None: a real one)."""
+    the id of the real finding whose claim it borrows (None: a real one).
+    change: for a write fleet's change (id W<n>.C: "this change does what its
+    author was asked and breaks nothing"), what orch knows of it (a dict:
+    commit, diff, Change fields, scope, check); its citation is then "n/a",
+    or the final word it earned before any verifier (OUT-OF-SCOPE, BREAKS-CHECK)."""
     __slots__ = ("worker", "k", "path", "line", "end", "claim", "quote", "rest", "citation", "rounds",
-                 "final", "finders", "also", "canary")
+                 "final", "finders", "also", "canary", "change")
     HEAD, FIRST = "claim", 1            # its cells: a claim of one cell at least, then the quote
 
     @property
     def id(self):
-        return "W%d.F%d" % (self.worker, self.k)
+        return "W%d.C" % self.worker if self.change else "W%d.F%d" % (self.worker, self.k)
 
     def matrix_json(self):
         if self.canary:
@@ -167,7 +171,7 @@ class Finding(Record):
                              rounds=[v.matrix_json() for v in self.rounds or []])
         return self.json("path", "line", "end", "worker", "k", "claim", "quote", id=self.id, rounds=[
             v.matrix_json() for v in self.rounds or []], citation=self.citation, final=self.final,
-            found_by=self.finders or [self.worker])
+            found_by=self.finders or [self.worker], **({"change": self.change} if self.change else {}))
 
 
 class Verdict(Record):
@@ -242,6 +246,13 @@ def credentials(names, *path):
 # find: -delete and -exec would pass as a prefix; rm is denied, never asked).
 WORKER_COMMANDS = ("touch", "echo", "cat", "ls", "grep", "head", "tail", "wc",
                    "git status", "git diff", "git log", "git show")
+# And what a write fleet's worker also runs, to commit in its worktree: never
+# push, reset --hard, clean, checkout or branch, which reach past its change.
+COMMIT_COMMANDS = ("git add", "git commit", "git rm", "git mv")
+
+
+def worker_commands(fleet):
+    return WORKER_COMMANDS + COMMIT_COMMANDS * bool(fleet.get("git"))
 
 
 def claude_seed(fleet, agent):
@@ -273,7 +284,7 @@ def claude_seed(fleet, agent):
     write_json(os.path.join(config, ".claude.json"), state)
     # acceptEdits lets a worker edit the workdir and its own folder (claude_setup);
     # these rules add the commands it needs. rm is denied, not asked: a refusal does not stall a worker.
-    rules = ["Bash(%s:*)" % c for c in WORKER_COMMANDS]
+    rules = ["Bash(%s:*)" % c for c in worker_commands(fleet)]
     settings = {"permissions": {"allow": rules, "deny": ["Bash(rm:*)"]}}
     if "--dangerously-skip-permissions" in shlex.split(agent):     # the lead asked for it
         settings["skipDangerousModePermissionPrompt"] = True
@@ -302,7 +313,10 @@ def claude_setup(fleet, w):
         write_json(os.path.join(config, "settings.json"), settings)
         with contextlib.suppress(OSError):
             os.symlink(os.readlink(os.path.join(seed, ".credentials.json")), os.path.join(config, ".credentials.json"))
-        write_file(os.path.join(config, ".claude.json"), read_text(os.path.join(seed, ".claude.json"), "{}"))
+        state = read_state(os.path.join(seed, ".claude.json"))
+        state.setdefault("projects", {})[os.path.realpath(workdir_of(fleet, w["n"]))] = {
+            "hasTrustDialogAccepted": True, "allowedTools": []}       # its worktree, in a write fleet
+        write_json(os.path.join(config, ".claude.json"), state)
     resume = glob.glob(os.path.join(glob.escape(config), "projects", "*", w["session_id"] + ".jsonl"))
     args = ["--add-dir", os.path.realpath(shared_dir(fleet)),
             "--resume" if resume else "--session-id", w["session_id"]]
@@ -324,7 +338,7 @@ def codex_setup(fleet, w):
     user = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
     if not os.path.exists(os.path.join(home, "config.toml")):
         text = read_text(os.path.join(user, "config.toml"), "")
-        table = "[projects.%s]" % json.dumps(os.path.realpath(fleet["workdir"]))
+        table = "[projects.%s]" % json.dumps(os.path.realpath(workdir_of(fleet, w["n"])))
         if table not in text:               # the user may have trusted it already
             text += "\n%s\ntrust_level = \"trusted\"\n" % table
         write_file(os.path.join(home, "config.toml"), text)
@@ -366,9 +380,10 @@ def gemini_seed(fleet, agent):
     folder, unless a trusted-folders file (the fleet's own) names it; and before
     every shell command, unless a policy (the fleet's own) allows it."""
     write_json(os.path.join(fleet["run"], "gemini-trusted.json"), {
-        os.path.realpath(p): "TRUST_FOLDER" for p in (fleet["workdir"], shared_dir(fleet))})
+        os.path.realpath(p): "TRUST_FOLDER" for p in [fleet["workdir"], shared_dir(fleet)] + [
+            os.path.join(fleet["run"], "worktrees")] * bool(fleet.get("git"))})     # a write fleet's worktrees
     write_file(os.path.join(fleet["run"], "gemini-policy.toml"),
-               GEMINI_POLICY % json.dumps(list(WORKER_COMMANDS)))
+               GEMINI_POLICY % json.dumps(list(worker_commands(fleet))))
 
 
 def gemini_setup(fleet, w):
@@ -1852,19 +1867,16 @@ def isolation():
     return True, version or "bubblewrap"
 
 
-def sandboxed(fleet, w, argv, env):
-    """argv, run inside worker w's sandbox (bubblewrap): what it reads under
-    the hidden directories (the workdir, the run dir, orch, HOME, PATH) bound
-    read-only into them, then its two folders writable, then the tmux socket's
-    directory hidden under an empty one."""
+def bwrap_argv(argv, env, reads, writes, chdir):
+    """argv inside a bubblewrap sandbox: the filesystem read-only, a private
+    /tmp and /run/user/<uid>, what it reads under those (`reads`) bound back
+    read-only, `writes` writable, the tmux server's socket directory hidden
+    under an empty one (TMUX leaves `env`), and a process namespace of its own."""
     import shutil
     bwrap = shutil.which("bwrap")
     if not bwrap:
-        raise OrchError("fleet %r runs its workers isolated, and bwrap is gone: %s, or `orch spawn %s N "
-                        "--force --no-isolate`" % (fleet["name"], ISOLATION_FIX, fleet["name"]))
-    found = shutil.which(argv[0], path=env.get("PATH"))
-    reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
-    reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
+        raise OrchError("this fleet runs its workers isolated, and bwrap is gone: %s, or start the fleet again "
+                        "with --no-isolate" % ISOLATION_FIX)
     # A private /tmp, and the session's sockets hidden (D-Bus: systemd-run; ssh and gpg agents).
     hidden = ["/tmp"] + [d for d in ["/run/user/%d" % os.getuid()] if os.path.isdir(d)]
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
@@ -1872,15 +1884,298 @@ def sandboxed(fleet, w, argv, env):
         args += ["--tmpfs", d]
     for path in sorted({os.path.realpath(p) for p in reads if p and os.path.isabs(p) and os.path.exists(p)}, key=len):
         args += ["--ro-bind", path, path] if any(path == d or path.startswith(d + "/") for d in hidden) else []
-    writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
-    for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    for path in writes:
         args += ["--bind", os.path.realpath(path), os.path.realpath(path)]
     socket = (env.pop("TMUX", None) or "").split(",")[0]
     env.pop("TMUX_PANE", None)
     if socket:
         args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
-    return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(fleet["workdir"]), "--"] + argv
+    return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(chdir), "--"] + argv
+
+
+def sandboxed(fleet, w, argv, env):
+    """argv, run inside worker w's sandbox: what it reads under the hidden
+    directories (the workdir, the run dir, orch, HOME, PATH) bound read-only
+    into them, then its two folders writable (and, in a write fleet, what its
+    git needs to commit in its worktree)."""
+    import shutil
+    found = shutil.which(argv[0], path=env.get("PATH"))
+    reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
+    reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
+    writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
+    for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    writes = [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes
+    if fleet.get("git"):
+        reads += [fleet["git"]["repo"], fleet["git"]["gitdir"]]
+        writes += worker_git_binds(fleet, w["n"])
+    return bwrap_argv(argv, env, reads, writes, workdir_of(fleet, w["n"]))
+
+
+# --- write fleets: git worktrees, snapshots, checks -----------------------------
+# In a write fleet (spawn --worktrees) worker n edits a worktree of its own,
+# runs/<name>/worktrees/w<n>, on the branch orch/<name>/w<n> at the fleet's
+# base. orch reads a change with git itself from the worktree's files, never
+# from the worker's word or branch: a snapshot is a commit of those files on
+# base, under refs/orch/<name>/w<n>, and that commit is what is verified,
+# checked and merged. orch's own git names the repository's git dir (never a
+# worktree's .git file, which its worker can rewrite), runs no hook, no
+# fsmonitor and no gc, and signs nothing.
+
+GIT_SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgSign=false",
+            "-c", "gc.auto=0", "-c", "core.quotePath=true", "-c", "core.pager=cat"]
+CHECK_TAIL = 20                 # lines of a check's output the matrix keeps
+ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost",
+                 "GIT_COMMITTER_NAME": "orch", "GIT_COMMITTER_EMAIL": "orch@localhost"}
+
+# A worker's change as git sees it against base: how many files it touches and
+# lines it adds and removes, and the paths to flag: binary files, deleted
+# files, symlinks that point out of the tree, files outside its scopes.
+Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside")
+
+
+def git(cwd, *args, env=None, codes=(0,), out=None, gitdir=None, tree=None):
+    """git args in `cwd` (a repository named by `gitdir`, with `tree` as its
+    work tree, when given), never through a shell, with the lead's GIT_*
+    variables dropped; its stdout as text (surrogates for undecodable bytes),
+    or into the open file `out`. A failure is one OrchError line naming the command."""
+    import subprocess
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    argv = ["git"] + (["--git-dir", gitdir] if gitdir else []) + (["--work-tree", tree] if tree else []) + GIT_SAFE
+    try:
+        p = subprocess.run(argv + list(args), cwd=cwd, env=dict(base, **(env or {})), stdin=subprocess.DEVNULL,
+                           stdout=out or subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise OrchError("cannot run git: %s: install git" % e.strerror)
+    if p.returncode not in codes:
+        said = p.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise OrchError("`git %s` failed (exit %d)%s" % (one_line(" ".join(args), 120), p.returncode,
+                                                         ": " + one_line(said[-1], 200) if said else ""))
+    return (p.stdout or b"").decode("utf-8", "surrogateescape")
+
+
+def identity(repo):
+    """The committer orch's commits carry: the user's where git has one, else orch."""
+    return {} if git(repo, "config", "user.email", codes=(0, 1)).strip() else ORCH_IDENTITY
+
+
+def repository(workdir):
+    """The git facts of a write fleet's workdir: its repository's top level,
+    git dir, the workdir's place in it, and HEAD; a clear error (exit 2) where
+    there is none."""
+    said = git(workdir, "rev-parse", "--show-toplevel", "--git-common-dir", "--show-prefix", codes=(0, 128))
+    lines = said.split("\n")
+    if len(lines) < 3 or not lines[0]:
+        raise OrchError("--worktrees: %s is not in a git repository: `git init` and commit it there first, "
+                        "or spawn without --worktrees" % workdir, 2)
+    head = git(workdir, "rev-parse", "--verify", "-q", "HEAD^{commit}", codes=(0, 1)).strip()
+    if not head:
+        raise OrchError("--worktrees: the repository %s has no commit yet: commit once, then spawn" % lines[0], 2)
+    return {"repo": lines[0], "gitdir": os.path.realpath(os.path.join(workdir, lines[1])),
+            "prefix": lines[2], "base": head}
+
+
+def branch_of(fleet, n):
+    return "orch/%s/w%s" % (fleet["name"], n)
+
+
+def worktree_of(fleet, n):
+    return os.path.join(fleet["run"], "worktrees", "w%s" % n)
+
+
+def workdir_of(fleet, n):
+    """Worker n's workdir: its worktree (where the lead's workdir lies in it) in a write fleet."""
+    if not fleet.get("git"):
+        return fleet["workdir"]
+    return os.path.join(worktree_of(fleet, n), fleet["git"]["prefix"]).rstrip("/")
+
+
+def add_worktree(fleet, n):
+    """Worker n's worktree on a new branch at base; refused where its path or branch is already taken."""
+    g, path, branch = fleet["git"], worktree_of(fleet, n), branch_of(fleet, n)
+    if os.path.lexists(path):
+        raise OrchError("%s already exists: W%d's worktree must be new (`orch clean %s` removes old ones)"
+                        % (path, n, fleet["name"]))
+    if git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/" + branch, codes=(0, 1)).strip():
+        raise OrchError("branch %s already exists (an earlier fleet's?): `orch clean %s`, or `git branch -D %s` "
+                        "if its work is merged, or pick another fleet name" % (branch, fleet["name"], branch))
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    git(g["repo"], "worktree", "add", "-q", "-b", branch, path, g["base"])
+
+
+def worker_git_binds(fleet, n):
+    """What worker n's git must write to commit in its worktree: the worktree,
+    its admin dir in the git dir, the object store, and its fleet's branches
+    (with their logs). The lead's branches and config stay read-only."""
+    g, tree = fleet["git"], worktree_of(fleet, n)
+    admin = read_text(os.path.join(tree, ".git"), "")
+    admin = admin[len("gitdir: "):].strip() if admin.startswith("gitdir: ") else ""
+    if not admin or os.path.dirname(os.path.realpath(admin)) != os.path.join(g["gitdir"], "worktrees"):
+        admin = None                    # rewritten: bind nothing of it
+    return [p for p in [tree, admin, os.path.join(g["gitdir"], "objects")] + [
+        os.path.join(g["gitdir"], *(top + ("heads", "orch", fleet["name"]))) for top in [("refs",), ("logs", "refs")]]
+        if p and os.path.isdir(p)]
+
+
+def change_tree(fleet, n):
+    """The tree of worker n's worktree as its files are now (tracked, changed
+    and untracked, ignored files aside), through an index of orch's own: the
+    worker's index, branch and files are not touched."""
+    g = fleet["git"]
+    index = os.path.join(own_dir(os.path.join(fleet["run"], "git")), "w%d.index" % n)
+    env = {"GIT_INDEX_FILE": index}
+    tree = worktree_of(fleet, n)
+    if not os.path.isdir(tree):
+        raise OrchError("W%d's worktree %s is gone" % (n, tree))
+    if not os.path.exists(index):
+        git(tree, "read-tree", g["base"], env=env, gitdir=g["gitdir"], tree=tree)
+    git(tree, "add", "-A", "--", ".", env=env, gitdir=g["gitdir"], tree=tree)
+    return git(tree, "write-tree", env=env, gitdir=g["gitdir"]).strip()
+
+
+def change_of(fleet, n, new, scope=None):
+    """Change: tree-ish `new` against base (scope: the worker's scopes, repo-relative)."""
+    g = fleet["git"]
+    raw = git(g["repo"], "diff-tree", "-r", "-z", "--no-renames", "--raw", "--numstat", g["base"], new).split("\0")
+    files, added, removed, binary, deleted, escapes, i = 0, 0, 0, [], [], [], 0
+    links, paths = [], []
+    while i < len(raw) - 1:
+        head = raw[i]
+        if head.startswith(":"):            # :old new sha sha status, then the path
+            mode, sha, status, path = head.split()[1], head.split()[3], head.split()[4], raw[i + 1]
+            paths.append(path)
+            if status == "D":
+                deleted.append(path)
+            elif mode == "120000":
+                links.append((path, sha))
+            i += 2
+        else:                               # added<TAB>removed<TAB>path
+            a, r, path = (head.split("\t", 2) + ["", ""])[:3]
+            files += 1
+            if a == "-":
+                binary.append(path)
+            else:
+                added, removed = added + int(a), removed + int(r)
+            i += 1
+    for path, sha in links:
+        target = git(g["repo"], "cat-file", "blob", sha)
+        inside = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        if os.path.isabs(target) or inside == ".." or inside.startswith("../"):
+            escapes.append("%s -> %s" % (path, target))
+    outside = sorted({p for p in paths if scope and not any(in_scope(p, s) for s in scope)})
+    return Change(files, added, removed, binary, deleted, escapes, outside)
+
+
+def in_scope(path, scope):
+    return path == scope.rstrip("/") or path.startswith(scope.rstrip("/") + "/") or scope in ("", ".")
+
+
+def scope_of(fleet, w):
+    """Worker w's scopes, relative to the repository."""
+    prefix = (fleet.get("git") or {}).get("prefix", "")
+    return [os.path.normpath(prefix + s) for s in w.get("scope") or []]
+
+
+def change_line(c):
+    """A Change as status and the matrix show it."""
+    flags = ["binary: " + ", ".join(c.binary)] * bool(c.binary) + ["deletes: " + ", ".join(c.deleted)] * bool(
+        c.deleted) + ["links out: " + ", ".join(c.escapes)] * bool(c.escapes) + [
+        "OUT OF SCOPE: " + ", ".join(c.outside)] * bool(c.outside)
+    return defang(one_line("%d file(s) +%d -%d%s" % (c.files, c.added, c.removed, "".join(
+        " | " + x for x in flags)), 300))
+
+
+def snapshot_change(fleet, w):
+    """Worker w's change as a commit of orch's (parent: base) under
+    refs/orch/<name>/w<n>, and its diff in shared/changes/w<n>.diff (at most
+    READ_CAP bytes); returns (commit, Change), or None for no change."""
+    g, n = fleet["git"], w["n"]
+    tree = change_tree(fleet, n)
+    if tree == git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip():
+        return None
+    said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..refs/heads/%s" % (g["base"], branch_of(fleet, n)),
+               codes=(0, 128))
+    message = "orch: W%d's change in fleet %s, as verify found it\n\n%s" % (
+        n, fleet["name"], "".join("W%d: %s\n" % (n, one_line(s, 200)) for s in said.splitlines()))
+    commit = git(g["repo"], "commit-tree", tree, "-p", g["base"], "-m", defang(message),
+                 env=identity(g["repo"])).strip()
+    git(g["repo"], "update-ref", "refs/orch/%s/w%d" % (fleet["name"], n), commit)
+    changes = own_dir(os.path.join(shared_dir(fleet), "changes"))
+    path = os.path.join(changes, "w%d.diff" % n)
+    archive(path) if os.path.lexists(path) else None
+    write_diff(g["repo"], g["base"], commit, path)
+    return commit, change_of(fleet, n, commit, scope_of(fleet, w))
+
+
+def write_diff(repo, old, new, path):
+    """`git diff old new` into path, cut at READ_CAP bytes (a note says where)."""
+    import subprocess
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        p = subprocess.Popen(["git"] + GIT_SAFE + ["diff", "--no-color", "--no-ext-diff", "--no-textconv", old, new], cwd=repo, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+        left = READ_CAP
+        while left > 0:
+            chunk = p.stdout.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            f.write(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            f.write(b"\n[orch: the diff is cut at %d bytes: `git diff %s %s` shows it whole]\n" % (READ_CAP, old.encode(),
+                                                                                                   new.encode()))
+        p.kill()
+        p.wait()
+
+
+def detached(fleet, label, commit):
+    """A clean detached worktree of `commit`, runs/<name>/worktrees/<label>,
+    made anew (it is orch's: nobody's work is in it)."""
+    path = os.path.join(fleet["run"], "worktrees", label)
+    drop_tree(fleet, path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    git(fleet["git"]["repo"], "worktree", "add", "-q", "--detach", path, commit)
+    return path
+
+
+def drop_tree(fleet, path):
+    """Remove a worktree of the fleet's and its admin dir."""
+    import shutil
+    if os.path.lexists(path):
+        git(fleet["git"]["repo"], "worktree", "remove", "--force", "--force", path, codes=(0, 128))
+    if os.path.lexists(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.islink(path):
+        os.unlink(path)
+    git(fleet["git"]["repo"], "worktree", "prune")
+
+
+def run_check(fleet, tree, argv, timeout):
+    """The lead's check command in `tree` (no shell; in a sandbox where the
+    fleet's workers have one: it runs a worker's code): (exit status, its last
+    lines), status None when it ran out of time."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    if fleet.get("isolate"):
+        argv = bwrap_argv(argv, env, reads=[tree], writes=[tree], chdir=tree)
+    try:
+        p = subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        return 127, "cannot run %s: %s" % (argv[0], e.strerror)
+    try:
+        said, code = p.communicate(timeout=timeout)[0], p.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(p.pid, 9)
+        said, code = p.communicate()[0], None
+    tail = said[-65536:].decode("utf-8", "replace").rstrip().split("\n")[-CHECK_TAIL:]
+    return code, defang("\n".join(tail))
+
+
+def check_word(code):
+    return "timed out" if code is None else "passes" if code == 0 else "fails (exit %d)" % code
 
 
 # --- fleets --------------------------------------------------------------------
@@ -1927,7 +2222,7 @@ def save_env(fleet):
 def pane_command(fleet, n):
     """The start directory and command of worker n's pane."""
     # -c is a tmux format: a '#' in the workdir must not expand.
-    return ["-c", fleet["workdir"].replace("#", "##"), sys.executable, ORCH, "worker",
+    return ["-c", workdir_of(fleet, n).replace("#", "##"), sys.executable, ORCH, "worker",
             fleet["name"], str(n), "--home", orch_home()]
 
 
@@ -1999,6 +2294,8 @@ def add_workers(fleet, count, agent, timeout):
             w["session_id"] = str(uuid.uuid4())
         for folder in (worker_dir(fleet, n), state_dir(fleet, n)):
             os.makedirs(folder, mode=0o700, exist_ok=True)
+        if fleet.get("git"):
+            add_worktree(fleet, n)
         fleet["workers"].append(w)
         save_fleet(fleet)                 # the worker command reads its record
         w["pane"] = open_pane(fleet, n, fleet["workers"][(n - 1) // k * k]["pane"])
@@ -2168,14 +2465,32 @@ VERDICT_FORMAT = """Write one verdict per finding, exactly in this format:
   UNVERIFIABLE if you cannot settle it. Never confirm what you did not read yourself.
 - The quote is the rest of the line and may contain `|`; write a `|` inside the why as `\\|`.
 - Example:  W2.F1 | CONFIRMED | src/app.py:42 | the TODO is there | # TODO: validate input"""
+CHANGE_FORMAT = """A line `W<n>.C | commit <id> | diff <path> | worktree <path> | <summary>` is a change
+another worker made: a commit of orch's, its diff, and a checkout of exactly that commit made
+for you (read it, run things in it). Judge whether the change does what its author was asked,
+and breaks nothing, with the same verdict format:
+    W<n>.C | CONFIRMED|REFUTED|UNVERIFIABLE | <path>:<line> | <why, one line> | <exact text of that line>
+- <path> is relative to that checkout, and the line is read there: in the change as committed.
+- Example:  W3.C | REFUTED | shop/cart.py:7 | total() now drops the last item | return sum(items[:-1])"""
+FIXER_FORMAT = """Write in the result file, first, one line that sums up your change; then what you
+changed (path:line) and how you checked it: the commands you ran and what they printed.
+orch reads your change from your worktree with git itself, not from this file."""
 LEADING_PATTERN = r"(?i)\b(fix|find|confirm) (the|this) (bug|bugs|issue|problem|vulnerabilit)"
 
 
-def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=(), workdir=None):
+def make_brief(fleet, n, role, goal, constraints, result, done, title=None, findings=(), workdir=None, scope=()):
     import shlex
     count = len(fleet["workers"])
-    rules = ["Work only inside the workdir; do not change any file there%s." % (
-        "" if role == "fixer" else " (your role is read-only)"),
+    first = "Work only inside the workdir; do not change any file there (your role is read-only)."
+    if role == "fixer":
+        first = "Work only inside the workdir; change only what the goal needs."
+        if fleet.get("git"):
+            first = ("Work only inside the workdir, a git worktree of your own on the branch `%s`. Make the "
+                     "smallest change that does the goal, and commit it there (git add, git commit) with a message "
+                     "that says why. Never push, reset, clean or switch branches." % branch_of(fleet, n))
+    rules = [first] + ["Change only files under %s (relative to the workdir): a change to any other file is "
+                       "OUT-OF-SCOPE and is never merged; a finding elsewhere is flagged."
+                       % ", ".join("`%s`" % x for x in scope)] * bool(scope) + [
         "Write only in your own folder `%s`: every other file of the fleet is read-only to you."
         % worker_dir(fleet, n)] + list(constraints)
     parts = [
@@ -2183,7 +2498,7 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
                                          role.upper()), "",
         "You are worker %d of %d in fleet `%s`. A different worker will check your result."
         % (n, count, fleet["name"]), "",
-        "- Workdir: `%s`" % (workdir or fleet["workdir"]),
+        "- Workdir: `%s`" % (workdir or workdir_of(fleet, n)),
         "- Result file: `%s`" % result,
         "- Done flag: `%s`" % done,
         "- Bus: `%s`" % bus_path(fleet),
@@ -2196,7 +2511,9 @@ def make_brief(fleet, n, role, goal, constraints, result, done, title=None, find
     if role == "finder":
         parts += [FINDINGS_FORMAT]
     elif role == "verifier":
-        parts += [VERDICT_FORMAT]
+        parts += [VERDICT_FORMAT] + [CHANGE_FORMAT] * any(re.match(r"W\d+\.C ", f) for f in findings)
+    elif role == "fixer":
+        parts += [FIXER_FORMAT]
     parts += ["", "## Done signal",
               "When the result file is complete, and only then, touch the done flag as your "
               "last action:", "    touch %s" % shlex.quote(done), "",
@@ -2308,7 +2625,7 @@ def parse_verdicts(text, source):
     the first one stands."""
     verdicts, problems = {}, []
     for i, line in grammar_lines(text):
-        m = re.match(r"(W\d{1,9}\.F\d{1,9})\s*\|(.*)$", line)
+        m = re.match(r"(W\d{1,9}\.(?:F\d{1,9}|C))\s*\|(.*)$", line)
         if not m:
             continue
         parts = cells(m.group(2))
@@ -2339,13 +2656,18 @@ def place(f):
     return "%s:%d%s" % (f.path, f.line, "" if f.end == f.line else "-%d" % f.end)
 
 
-def finding_line(f):
+def finding_line(f, tree=None):
+    """A finding as a verifier's brief lists it; a change with the checkout made for that verifier."""
+    if f.change:
+        return " | ".join((f.id, "commit " + f.change["commit"], "diff " + f.change["diff"], "worktree %s" % tree,
+                           f.claim))
     return " | ".join(x for x in (f.id, place(f), f.claim, f.quote) if x)
 
 
 # --- verification --------------------------------------------------------------
 
 FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BAD-CITATION", "UNVERIFIABLE")
+CHANGE_FINALS = ("CONFIRMED", "REFUTED", "DISPUTED", "BREAKS-CHECK", "OUT-OF-SCOPE", "UNVERIFIABLE")
 
 
 def file_lines(workdir, rel, cache):
@@ -2353,7 +2675,10 @@ def file_lines(workdir, rel, cache):
     (`cache`), as a worker may have planted it: inside the workdir, a regular
     file, at most READ_CAP bytes. Returns a list, or what is wrong. Once
     `cache` is frozen (cache[None]: the findings are collected) it is the
-    workdir as verification sees it: no file is read any more."""
+    workdir as verification sees it: no file is read any more. A workdir
+    (repository, commit) is that commit's tree, which no worker can change."""
+    if isinstance(workdir, tuple):
+        return commit_lines(workdir, rel, cache)
     root = os.path.realpath(workdir)
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, path]) != root:
@@ -2364,6 +2689,21 @@ def file_lines(workdir, rel, cache):
         text, why = read_untrusted(path)
         cache[path] = (why or "no such file") if text is None else text.splitlines()
     return cache[path]
+
+
+def commit_lines(at, rel, cache):
+    """The lines of path `rel` in commit at[1] of repository at[0] (a symlink:
+    its target), or what is wrong."""
+    repo, commit = at
+    rel = os.path.normpath(rel)
+    if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
+        return "path escapes the change's tree"
+    if (commit, rel) not in cache:
+        kind = git(repo, "cat-file", "-t", "%s:%s" % (commit, rel), codes=(0, 128)).strip()
+        size = git(repo, "cat-file", "-s", "%s:%s" % (commit, rel)).strip() if kind == "blob" else "0"
+        cache[commit, rel] = "not a file in the change" if kind != "blob" else "bigger than %d bytes" % READ_CAP \
+            if int(size) > READ_CAP else git(repo, "cat-file", "blob", "%s:%s" % (commit, rel)).splitlines()
+    return cache[commit, rel]
 
 
 def check_quote(workdir, cited, quote, cache, least=0):
@@ -2479,6 +2819,55 @@ def collect_findings(fleet):
     return findings, problems
 
 
+def collect_changes(fleet, check, timeout, problems):
+    """The change of each done worker of a write fleet as a Finding W<n>.C,
+    snapshotted before any verifier is briefed. A change that leaves its
+    scopes or adds a link out of the tree is OUT-OF-SCOPE; with `check` (the
+    lead's command, argv), one on which it fails where base passed is BREAKS-CHECK."""
+    if not fleet.get("git"):
+        return []
+    changes, base, empty = [], None, git(fleet["git"]["repo"], "rev-parse", fleet["git"]["base"] + "^{tree}").strip()
+    for w in fleet["workers"]:
+        n = w["n"]
+        if not is_done(fleet, n):
+            if os.path.isdir(worktree_of(fleet, n)) and change_tree(fleet, n) != empty:
+                problems.append("W%d is not done: its change is not verified (verify again once it is)" % n)
+            continue
+        try:
+            snap = snapshot_change(fleet, w)
+        except OrchError as e:          # a worktree removed by hand, a repository git cannot read
+            problems.append("W%d's change cannot be read: %s" % (n, e))
+            continue
+        if not snap:
+            continue
+        commit, c = snap
+        said = [x.strip() for x in (result_of(fleet, n)[0] or "").splitlines()]
+        summary = next((x for x in said if x and not x.startswith(("#", "orch-key"))), "(its result file sums up nothing)")
+        f = Finding(worker=n, k=0, claim=defang(one_line(summary, 200)), quote="", rest=[], rounds=[], finders=[n],
+                    also=[], change=dict(c._asdict(), commit=commit, scope=w.get("scope") or [], check=None,
+                                         diff=os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)))
+        f.citation = "OUT-OF-SCOPE" if c.outside or c.escapes else "n/a"
+        if check:
+            base = base or checked_in(fleet, "check-base", fleet["git"]["base"], check, timeout)
+            got = checked_in(fleet, "check-w%d" % n, commit, check, timeout)
+            f.change["check"] = {"command": " ".join(check), "base": base, "change": got}
+            if base["exit"] == 0 and got["exit"] != 0 and f.citation == "n/a":
+                f.citation = "BREAKS-CHECK"
+        changes.append(f)
+        log_event(fleet, "snapshot", worker=n, commit=commit, change=change_line(c), verdict=f.citation)
+    return changes
+
+
+def checked_in(fleet, label, commit, argv, timeout):
+    """The lead's check on `commit`, in a clean detached worktree made for it and removed after."""
+    tree = detached(fleet, label, commit)
+    try:
+        code, tail = run_check(fleet, tree, argv, timeout)
+    finally:
+        drop_tree(fleet, tree)
+    return {"exit": code, "outcome": check_word(code), "tail": tail}
+
+
 def is_counted(v, dropped):
     """A verdict is a vote: decisive, with checked evidence, by a verifier not dropped."""
     return v.verdict in ("CONFIRMED", "REFUTED") and v.check == "checked" and v.verifier not in dropped
@@ -2493,8 +2882,11 @@ def majority(f, dropped):
 
 
 def final_verdict(f, dropped):
-    """Once nobody is left to ask: BAD-CITATION, else the majority's word."""
-    return "BAD-CITATION" if f.citation not in ("ok", "n/a") else majority(f, dropped)[2]
+    """Once nobody is left to ask: BAD-CITATION (a change: OUT-OF-SCOPE or
+    BREAKS-CHECK), else the majority's word."""
+    if f.citation not in ("ok", "n/a"):
+        return f.citation if f.change else "BAD-CITATION"
+    return majority(f, dropped)[2]
 
 
 def adjudication(f, dropped):
@@ -2526,9 +2918,10 @@ def round_file_forged(fleet, v, stem, key, text, flag, before, after, foreign):
     return "W%d wrote it (its agent's hooks say so), not W%d" % (writer, v) if writer else ""
 
 
-def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget, tree):
+def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget, tree, trees):
     """One verification round: a brief per verifier ({v: [Finding]}, with
-    `extra` lines under a finding), sent, waited for; returns its
+    `extra` lines under a finding, and each change with the checkout made for
+    its verifier, trees[v, id]), sent, waited for; returns its
     RoundOutcome. A verifier that cannot be reached, dies or runs out of time
     costs only its own verdicts."""
     vdir, began = os.path.join(shared_dir(fleet), "verify"), time.time()
@@ -2539,13 +2932,17 @@ def run_round(fleet, k, jobs, timeout, emit, problems, extra, budget, tree):
         for v, fs in sorted(jobs.items()):
             goal = ("the %d finding(s) listed under 'Findings to check', made by other workers, "
                     "are true; give one verdict per finding" % len(fs))
+            if any(f.change for f in fs):
+                goal = ("the %d finding(s) and change(s) listed under 'Findings to check', made by other workers, "
+                        "hold; give one verdict per line" % len(fs))
             written[v] = defang(make_brief(       # it quotes workers; the lead may read it
                 fleet, v, "verifier", goal, ["Do not read other verifiers' result files.",
                                              "The workdir above is orch's copy of the files the findings cite, as "
                                              "they were when orch collected the findings: judge those. The whole "
                                              "workdir, for context only, is `%s`." % fleet["workdir"]],
                 stems[v] + ".result.md", stems[v] + ".done", "verification round %d" % k,
-                [line for f in fs for line in [finding_line(f)] + extra.get(f.id, [])], workdir=tree))
+                [line for f in fs for line in [finding_line(f, trees.get((v, f.id)))] + extra.get(f.id, [])],
+                workdir=tree))
             write_file(os.path.basename(briefs[v]), written[v], at)
             log_event(fleet, "verify-brief", round=k, worker=v, findings=len(fs))
     finally:
@@ -2630,21 +3027,25 @@ def snapshot(fleet, cache):
     read at collection (`cache`): the workdir verifiers are given. Returns it."""
     tree, root = os.path.join(shared_dir(fleet), "verify", "workdir"), os.path.realpath(fleet["workdir"])
     os.makedirs(tree, mode=0o700, exist_ok=True)
-    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
+    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list) and isinstance(kv[0], str)]:
         os.makedirs(os.path.dirname(os.path.join(tree, os.path.relpath(path, root))), mode=0o700, exist_ok=True)
         write_file(os.path.join(tree, os.path.relpath(path, root)), "".join(line + "\n" for line in lines))
     return tree
 
 
-def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
-    """Citation check, then rounds until every finding has `need` counted
-    verdicts that agree, or a strict majority, or no verifier is left to ask;
-    returns the Matrix."""
+def verify_fleet(fleet, need, pool, timeout, emit, budget=None, check=None, check_timeout=600.0):
+    """Citation check (and a write fleet's changes snapshotted and checked),
+    then rounds until every finding and change has `need` counted verdicts
+    that agree, or a strict majority, or no verifier is left to ask; returns the Matrix."""
     import glob
     findings, problems = collect_findings(fleet)
-    cache, dropped, incomplete, digests = {}, {}, [], {}
+    cache, dropped, incomplete, digests, made = {}, {}, [], {}, []
     for f in findings:
         f.citation = check_citation(fleet["workdir"], f, cache)
+        outside = [w.get("scope") for w in fleet["workers"] if w["n"] == f.worker and w.get("scope")]
+        if f.path and outside and not any(in_scope(os.path.normpath(f.path), x) for x in outside[0]):
+            problems.append("%s cites %s, outside W%d's scope (%s)" % (f.id, f.path, f.worker, ", ".join(outside[0])))
+    findings += collect_changes(fleet, check, check_timeout, problems)
     vdir = os.path.join(shared_dir(fleet), "verify")
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run
         archive(vdir)
@@ -2676,7 +3077,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
         for v, fs in jobs.items():          # the canary at a place among the others that varies
             at = rng.randrange(len(fs) + 1)
             briefed[v] = fs[:at] + [planted[v]] * bool(planted[v]) + fs[at:]
-            if not planted[v]:
+            if not planted[v] and not all(f.change for f in fs):
                 problems.append("round %d: no canary in W%d's brief: the cited files have no line to plant "
                                 "one on" % (k, v))
         if os.path.islink(vdir) or not os.path.isdir(vdir):     # swapped mid-run: briefs stay in shared/
@@ -2684,7 +3085,10 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                 problems.append("round %d: shared/verify was replaced (by a link?): moved aside to %s"
                                 % (k, archive(vdir)))
             snapshot(fleet, cache)
-        outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget, tree)
+        trees = {(v, f.id): detached(fleet, "check-r%d-w%d-c%d" % (k, v, f.worker), f.change["commit"])
+                 for v, fs in briefed.items() for f in fs if f.change}
+        made += trees.values()
+        outcome = run_round(fleet, k, briefed, timeout, emit, problems, extra, budget, tree, trees)
         incomplete += outcome.incomplete
         digests.update({(k, v): d for v, d in outcome.digests.items()})
         for v, fs in briefed.items():
@@ -2692,8 +3096,8 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                 verdict = outcome.verdicts[v].get(f.id) or Verdict(verdict="MISSING", why="", quote="",
                                                                    evidence="", rest=[])
                 verdict.round, verdict.verifier, verdict.family = k, v, profiles[v]
-                verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else \
-                    check_evidence(fleet["workdir"], verdict, cache, f)
+                verdict.check = "not W%d's: %s" % (v, verdict.forged) if verdict.forged else check_evidence(
+                    (fleet["git"]["repo"], f.change["commit"]) if f.change else fleet["workdir"], verdict, cache, f)
                 f.rounds.append(verdict)
                 if verdict.check.startswith("fabricated") and v not in dropped:
                     dropped[v] = "round %d: %s %s" % (k, f.id, verdict.check)
@@ -2706,7 +3110,9 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
                     dropped[v] = "round %d: confirmed a planted false finding (%s)" % (k, canary.id)
         log_event(fleet, "round", round=k, checked=sum(len(x) for x in jobs.values()),
                   dropped=sorted(dropped))
-    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list)]:
+    for tree in made:                   # the verifiers' checkouts: orch's, and read
+        drop_tree(fleet, tree)
+    for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list) and isinstance(kv[0], str)]:
         if (read_untrusted(path)[0] or "").splitlines() != lines:
             problems.append("%s changed in the workdir after orch collected the findings: verification judged "
                             "orch's copy" % os.path.relpath(path, root))
@@ -2720,7 +3126,7 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None):
             v.why_not = "" if v.counts else v.check if v.check != "checked" else "" if f.canary else (
                 "not decisive" if v.verdict == "UNVERIFIABLE" else "dropped: " + dropped[v.verifier])
         f.final = None if f.canary else final_verdict(f, dropped)
-    tally = {word: sum(f.final == word for f in findings) for word in FINALS}
+    tally = {word: sum(f.final == word for f in findings if not f.change) for word in FINALS}
     undecided = [f.id for f in findings if f.final == "UNVERIFIABLE"] if incomplete else []
     return Matrix(fleet["name"], k, need, pool, findings, tally, dropped,
                   reliability(fleet, findings, dropped, stamped), incomplete, undecided, problems, now_iso(), canaries)
@@ -2773,8 +3179,12 @@ def unreliable(matrix):
 
 
 def tally_line(matrix):
-    return "%d findings: %s" % (len(matrix.findings), ", ".join(
+    """The one-line tally: of the findings, and of the changes where there are any."""
+    changes = [f.final for f in matrix.findings if f.change]
+    line = "%d findings: %s" % (len(matrix.findings) - len(changes), ", ".join(
         "%d %s" % (matrix.tally[word], word.lower().replace("-", " ")) for word in FINALS))
+    return line + ("; %d changes: %s" % (len(changes), ", ".join(
+        "%d %s" % (changes.count(word), word.lower().replace("-", " ")) for word in CHANGE_FINALS)) if changes else "")
 
 
 def verdict_cell(v):
@@ -2789,7 +3199,8 @@ def matrix_markdown(matrix):
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in matrix.findings:
         said = [verdict_cell(v) for v in f.rounds]
-        row = [f.id, place(f), f.claim[:60] + (" (also %s)" % ", ".join(f.also) if f.also else ""), f.citation,
+        row = [f.id, "commit " + f.change["commit"][:12] if f.change else place(f),
+               f.claim[:60] + (" (also %s)" % ", ".join(f.also) if f.also else ""), f.citation,
                "; ".join(said) or "-", "**%s**" % f.final]
         rows.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
     lines = ["# Verification Matrix: fleet %s" % matrix.fleet, "", tally_line(matrix), ""] + rows
@@ -2801,6 +3212,22 @@ def matrix_markdown(matrix):
                 "  - W%d %s: %s:%d %s (%s)" % (v.verifier, v.verdict, v.path, v.line,
                                               json.dumps(v.quote, ensure_ascii=False), v.why or "-")
                 for v in f.rounds if v.counts]
+    changes = [f for f in matrix.findings if f.change]
+    if changes:
+        lines += ["", "## Changes: what each worker's snapshot holds", "",
+                  "Each is a commit of orch's (on base) of the worker's worktree as verify found it, under "
+                  "refs/orch/%s/w<n>: what was verified is what `orch merge` takes." % matrix.fleet, "",
+                  "| change | commit | diff | size | scope | check on base | check on change | final |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for f in changes:
+            c, check = f.change, f.change.get("check") or {}
+            row = [f.id, c["commit"], c["diff"], change_line(Change(**{k: c[k] for k in Change._fields})),
+                   ", ".join(c["scope"]) or "any", check.get("base", {}).get("outcome", "-"),
+                   check.get("change", {}).get("outcome", "-"), "**%s**" % f.final]
+            lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |")
+        for f in [f for f in changes if f.change.get("check")]:
+            lines += ["", "%s: `%s` on the change, last lines:" % (f.id, f.change["check"]["command"])] + fenced(
+                f.change["check"]["change"]["tail"].split("\n"))
     lines += ["", "## Canaries: findings orch planted, known false", ""]
     if matrix.canaries:
         lines += ["A canary borrows a real finding's claim and puts it on another line. A verifier that "
@@ -2880,12 +3307,14 @@ def notes(fleet):
     return "".join("orch: note: %s\n" % note for note in fleet.pop("notes", []))
 
 
-def row_json(r):
-    """A worker's Row as `status --json` shows it."""
+def row_json(r, change=None):
+    """A worker's Row as `status --json` shows it (and, in a write fleet, its Change)."""
     out = {k: getattr(r, k) for k in ("n", "pane", "state", "done", "quiet", "last", "resets", "cost_usd",
                                       "context_pct")}
     out["reported_ago"] = None if r.reported is None else max(0, round(time.time() - r.reported, 1))
     out["foreign"] = [{"owner": o, "file": f} for o, f in r.foreign]
+    if change:
+        out["change"] = change._asdict()
     return out
 
 
@@ -2899,6 +3328,7 @@ def cmd_spawn(a):
                         "briefs and tmux cannot carry: rename it or use a symlink" % workdir, 2)
     agent = a.agent if a.agent is not None else os.environ.get("ORCH_AGENT") or "claude"
     checked_profile(agent)
+    facts = repository(workdir) if a.worktrees else None
     orch_home(create=True)
     rd = run_dir(name)
     live = session_of(name) in live_sessions()
@@ -2912,6 +3342,10 @@ def cmd_spawn(a):
             raise OrchError("tmux session %s is live but is no fleet of ORCH_HOME %s (another "
                             "ORCH_HOME's?): pick another name, or end it with `tmux kill-session "
                             "-t %s`" % (session_of(name), orch_home(), session_of(name)))
+        trees = os.path.join(rd, "worktrees")
+        if os.path.isdir(trees) and os.listdir(trees):      # archiving would cut them off from git
+            raise OrchError("fleet %r has worktrees in %s: `orch clean %s` removes those whose change is merged "
+                            "or empty, `orch clean %s --force` all of them; then spawn again" % (name, trees, name, name))
         if live:
             lead_only({"name": name, "run": run_dir(name)}, "spawn --force")
             print(end_fleet(name, unrecorded_ok=True))
@@ -2922,11 +3356,18 @@ def cmd_spawn(a):
     isolate, why = (False, "--no-isolate") if a.no_isolate else isolation()
     fleet = {"version": SCHEMA, "id": os.urandom(6).hex(), "name": name, "session": session_of(name),
              "workdir": workdir, "agent": agent, "per_window": a.per_window, "created": now_iso(),
-             "workers": [], "run": rd, "isolate": isolate, "isolation": why}
+             "workers": [], "run": rd, "isolate": isolate, "isolation": why, "git": facts}
     post(fleet, "orch", "fleet %s: %d workers in %s" % (name, a.N, workdir))
     log_event(fleet, "spawn", workers=a.N, agent=agent, workdir=workdir, isolate=isolate)
     save_env(fleet)
     print(isolation_line(fleet), flush=True)
+    if facts:
+        print("%s: write fleet from base %s (HEAD of %s): worker n works in %s on branch %s" % (
+            name, facts["base"][:12], facts["repo"], worktree_of(fleet, "<n>"), branch_of(fleet, "<n>")))
+        dirty = [p for p in git(workdir, "--no-optional-locks", "status", "--porcelain", "-z").split("\0") if p]
+        if dirty:
+            print("%s: note: the lead's checkout has uncommitted changes (%d path(s)) that the worktrees do not "
+                  "have: commit them first if the workers need them" % (name, len(dirty)))
     print(require_ready(fleet, add_workers(fleet, a.N, agent, a.timeout), a.timeout))
 
 
@@ -2973,7 +3414,11 @@ def cmd_brief(a):
     for old in (done, result, kept_path(fleet, "w%d.result.md" % n)):
         if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
             archive(old)
-    text = make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint], result, done)
+    scope = [checked_scope(x) for x in a.scope]
+    fleet["workers"][n - 1]["scope"] = scope
+    save_fleet(fleet)
+    text = make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint], result, done,
+                      scope=scope)
     write_file(path, text)
     keep(fleet, "agent-%d.task.md" % n, text)       # what the brief said, whatever becomes of the file
     log_event(fleet, "brief", worker=n, role=a.role)
@@ -2983,6 +3428,16 @@ def cmd_brief(a):
     print("W%d: brief written to %s" % (n, path))
     if a.send:
         print("\n".join(send_text(fleet, [n], brief_message(path))))
+
+
+def checked_scope(path):
+    """A --scope path, normalised: relative to the workdir and inside it."""
+    rel = os.path.normpath(path.strip())
+    if not path.strip() or os.path.isabs(rel) or rel == ".." or rel.startswith("../") or re.search(
+            "[%s%s%s`]" % (CONTROLS, BIDI, INVISIBLE), rel):
+        raise OrchError("--scope %r: give a path relative to the workdir and inside it, with no control "
+                        "character or backtick" % path, 2)
+    return rel
 
 
 def cmd_read(a):
@@ -3042,6 +3497,7 @@ def cmd_status(a):
         foreign = foreign_writes(fleet)
         rows, live = [offline_row(fleet, w, foreign.get(w["n"], [])) for w in fleet["workers"]], False
     merge_outboxes(fleet)
+    changes = {r.n: worker_change(fleet, r.n) for r in rows}
     bus, (total, spent) = bus_tail(fleet, 5), fleet_cost(rows)
     needs = [(r.n,) + needs_lead(fleet, r) for r in rows if live and needs_lead(fleet, r)] + unanswered(fleet)
     sys.stderr.write(notes(fleet))
@@ -3049,7 +3505,8 @@ def cmd_status(a):
         print(safe_json({"fleet": fleet["name"], "session": fleet["session"], "live": live,
                          "isolated": bool(fleet.get("isolate")), "isolation": fleet.get("isolation"),
                          "workdir": fleet["workdir"], "shared": shared_dir(fleet), "cost_usd": total,
-                         "workers": [row_json(r) for r in rows], "bus": bus, "attention": [
+                         "workers": [row_json(r, changes[r.n]) for r in rows],
+                         "bus": bus, "attention": [
                              {"worker": n, "why": why, "command": command} for n, why, command in needs]}, 2))
         return
     print("fleet %s (%s, %s) workdir %s" % (fleet["name"], fleet["session"],
@@ -3067,12 +3524,22 @@ def cmd_status(a):
         print("  W%-3d %-5s %-10s %-4s %6s %7s %4s  %s%s" % (
             r.n, r.pane or "-", r.state, "done" if r.done else "-", "-" if r.quiet is None else "%ds" % r.quiet,
             money(r.cost_usd, "-"), percent(r.context_pct, "-"), defang(flags), defang(r.last[:100])))
+        if changes[r.n]:
+            print("        change: %s" % change_line(changes[r.n]))
     print("cost: %s" % spent)
     print("bus (last %d):" % len(bus))
     for line in bus:
         print("  " + line)
     for n, why, command in needs:
         print("needs the lead: %s: `%s`" % (why, command))
+
+
+def worker_change(fleet, n):
+    """Worker n's change now, for status: a Change (None: not a write fleet, or its worktree is gone)."""
+    w = fleet["workers"][n - 1]
+    if not fleet.get("git") or not os.path.isdir(worktree_of(fleet, n)):
+        return None
+    return change_of(fleet, n, change_tree(fleet, n), scope_of(fleet, w))
 
 
 def cmd_wait(a):
@@ -3187,6 +3654,8 @@ def cmd_verify(a):
                         % (need, len(pool), max(1, len(pool) - 1)), 2)
     if not any(is_done(fleet, w["n"]) for w in fleet["workers"]):
         raise OrchError("no worker of %r has a done flag yet: `orch wait %s` first" % (a.name, a.name))
+    check = check_argv(fleet, a.check)
+
     def emit(e):                        # a closed stdout (`verify | head -1`) must not stop the rounds
         try:
             print(event_line(e), flush=True)
@@ -3195,7 +3664,7 @@ def cmd_verify(a):
     lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        matrix = verify_fleet(fleet, need, pool, a.timeout, emit, a.budget)
+        matrix = verify_fleet(fleet, need, pool, a.timeout, emit, a.budget, check, a.check_timeout)
         write_matrix(fleet, matrix)
     except BlockingIOError:
         raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
@@ -3213,6 +3682,25 @@ def cmd_verify(a):
         raise OrchError("verification incomplete: %s left undecided because %s: look with `orch "
                         "status %s`, then `orch verify %s` again" % (
                             ", ".join(matrix.undecided), "; ".join(matrix.incomplete), a.name, a.name))
+
+
+def check_argv(fleet, command):
+    """--check CMD as argv (shlex, no shell); only for a write fleet."""
+    import shlex
+    if command is None:
+        return None
+    if not fleet.get("git"):
+        raise OrchError("--check runs on the changes of a write fleet, and %r is none: spawn it with "
+                        "--worktrees" % fleet["name"], 2)
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        argv, why = [], str(e)
+    else:
+        why = "it is empty"
+    if not argv:
+        raise OrchError("--check %r: %s: give a command, e.g. --check \"python3 -m pytest -q\"" % (command, why), 2)
+    return argv
 
 
 def cmd_report(a):
@@ -3248,6 +3736,131 @@ def cmd_respawn(a):
     if os.path.exists(brief) and not is_done(fleet, n):
         print("\n".join(send_text(fleet, [n], brief_message(brief))))
     print("W%d: restarted in pane %s" % (n, w["pane"]))
+
+
+def write_fleet(name):
+    """The fleet `name`, which must be a write fleet."""
+    fleet = load_fleet(name)
+    if not fleet.get("git"):
+        raise OrchError("fleet %r changes no code (it has no worktrees): this is for fleets spawned with "
+                        "--worktrees" % name, 2)
+    return fleet
+
+
+def cmd_merge(a):
+    """orch/<name>/merged: base, then each CONFIRMED snapshot (as matrix.json,
+    orch's own record, names it) in worker order, each re-checked with --check;
+    the lead's checkout untouched but with --ff."""
+    import shlex
+    fleet = write_fleet(a.name)
+    lead_only(fleet, "merge")
+    g, check = fleet["git"], check_argv(fleet, a.check)
+    ns = {pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}
+    record = read_state(os.path.join(fleet["run"], "matrix.json"))
+    changes = sorted([f for f in record.get("findings") or [] if isinstance(f, dict) and isinstance(
+        f.get("change"), dict) and (not ns or f.get("worker") in ns)], key=lambda f: f.get("worker"))
+    if not changes:
+        raise OrchError("no verified change of fleet %r to merge: `orch verify %s --check CMD` first" % (a.name, a.name))
+    branch = "refs/heads/orch/%s/merged" % a.name
+    old = git(g["repo"], "rev-parse", "--verify", "-q", branch, codes=(0, 1)).strip()
+    if old and old != fleet.get("merged"):
+        raise OrchError("branch orch/%s/merged is at %s, which orch did not make: rename it (`git branch -m orch/%s/"
+                        "merged NEW`) and merge again" % (a.name, old[:12], a.name))
+    tree, said, merged = detached(fleet, "merge", g["base"]), [], []
+    try:
+        for f in changes:
+            n, commit = f["worker"], f["change"]["commit"]
+            scope = scope_of(fleet, fleet["workers"][n - 1]) if 1 <= n <= len(fleet["workers"]) else []
+            why = "it is %s, not CONFIRMED" % f.get("final") if f.get("final") != "CONFIRMED" else None
+            c = None if why else change_of(fleet, n, commit, scope)
+            why = why or ("it leaves its scope or links out of the tree" if c.outside or c.escapes else None)
+            if why:
+                said.append("W%d.C: left out: %s" % (n, why))
+                continue
+            before = git(tree, "rev-parse", "HEAD").strip()
+            try:
+                git(tree, "merge", "-q", "--no-ff", "-m", "orch: merge W%d's change (%s), verified" % (n, commit[:12]),
+                    commit, env=identity(g["repo"]))
+            except OrchError:
+                git(tree, "merge", "--abort", codes=(0, 128))
+                said.append("W%d.C: left out: it conflicts with the changes merged before it" % n)
+                continue
+            code = run_check(fleet, tree, check, a.check_timeout)[0] if check else 0
+            if code != 0:
+                git(tree, "reset", "-q", "--hard", before)     # orch's own checkout
+                said.append("W%d.C: left out: `%s` %s once it is merged" % (n, " ".join(check), check_word(code)))
+                continue
+            merged.append(n)
+            said.append("W%d.C: merged (snapshot %s)" % (n, commit[:12]))
+        head = git(tree, "rev-parse", "HEAD").strip()
+    finally:
+        drop_tree(fleet, tree)
+    print("\n".join(said))
+    if not merged:
+        raise OrchError("no change merged: orch/%s/merged is not made" % a.name)
+    git(g["repo"], "update-ref", branch, head, old or "0" * 40)
+    fleet["merged"] = head
+    save_fleet(fleet)
+    log_event(fleet, "merge", workers=merged, commit=head)
+    print("orch/%s/merged at %s: %d change(s) on base %s%s" % (a.name, head[:12], len(merged), g["base"][:12],
+                                                                 ", each passing `%s`" % " ".join(check) if check else ""))
+    hand_on = "git -C %s merge orch/%s/merged" % (shlex.quote(g["repo"]), a.name)
+    if not a.ff:
+        print("to take it: %s" % hand_on)
+        return
+    lead = git(fleet["workdir"], "symbolic-ref", "-q", "HEAD", codes=(0, 1)).strip()
+    at = git(fleet["workdir"], "rev-parse", "HEAD").strip()
+    dirty = git(fleet["workdir"], "--no-optional-locks", "status", "--porcelain").strip()
+    if not lead or at != g["base"] or dirty:
+        raise OrchError("--ff: the lead's checkout is %s: it is left as it is; to take the merge: %s" % (
+            "on no branch" if not lead else "no longer at base %s" % g["base"][:12] if at != g["base"]
+            else "not clean", hand_on))
+    git(fleet["workdir"], "merge", "-q", "--ff-only", branch)
+    print("fast-forwarded %s to orch/%s/merged" % (lead[len("refs/heads/"):], a.name))
+
+
+def cmd_clean(a):
+    """Remove the fleet's worktrees and branches whose change is empty or
+    merged (all of them with --force); snapshots and diffs stay."""
+    fleet = write_fleet(a.name)
+    lead_only(fleet, "clean")
+    if fleet["session"] in live_sessions():
+        raise OrchError("fleet %r is live: `orch kill %s` first (its worktrees stay)" % (a.name, a.name))
+    g = fleet["git"]
+    empty = git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip()
+    merged = git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/orch/%s/merged" % a.name, codes=(0, 1)).strip()
+    taken = {empty}
+    for parents in git(g["repo"], "log", "--first-parent", "--format=%P", "%s..%s" % (g["base"], merged)
+                       ).split("\n") if merged else []:
+        if len(parents.split()) == 2:       # orch's merge commits: base side, then the snapshot
+            taken.add(git(g["repo"], "rev-parse", parents.split()[1] + "^{tree}").strip())
+    for w in fleet["workers"]:
+        n, path, branch = w["n"], worktree_of(fleet, w["n"]), branch_of(fleet, w["n"])
+        tip = git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/%s^{commit}" % branch, codes=(0, 1)).strip()
+        if not os.path.lexists(path) and not tip:
+            continue
+        now = change_tree(fleet, n) if os.path.isdir(path) and not os.path.islink(path) else None
+        then = git(g["repo"], "rev-parse", tip + "^{tree}").strip() if tip else None
+        if not a.force and not ({now, then} - {None} <= taken):
+            print("W%d: kept %s and branch %s: its change is neither empty nor merged (%s)" % (
+                n, path, branch, os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)
+                if os.path.exists(os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)) else "no snapshot yet"))
+            continue
+        drop_tree(fleet, path)
+        if tip:
+            git(g["repo"], "branch", "-q", "-D", branch)
+        print("W%d: removed %s and branch %s (%s)" % (n, path, branch, "--force" if a.force and not (
+            {now, then} - {None} <= taken) else "its change is empty" if {now, then} - {None} <= {empty} else
+            "its change is merged"))
+    for left in glob_trees(fleet):          # orch's own checkouts, from a verify that was stopped
+        drop_tree(fleet, left)
+    log_event(fleet, "clean", force=a.force)
+
+
+def glob_trees(fleet):
+    import glob
+    return [p for p in glob.glob(os.path.join(glob.escape(fleet["run"]), "worktrees", "*"))
+            if re.search(r"/(check-[a-z0-9-]+|merge)$", p)]
 
 
 def cmd_kill(a):
@@ -3293,6 +3906,58 @@ DEMO_FILES = {
 }
 
 
+# The write fleet's demo: a small package with its tests, and three markers to clear.
+DEMO_REPO = {
+    "shop/__init__.py": "",
+    "shop/cart.py": "def count(items):\n    # FIXME: say what an empty cart counts as\n    return len(items)\n",
+    "shop/prices.py": "def total(prices):\n    # TODO: round to cents\n    return round(sum(prices), 2)\n",
+    "shop/tax.py": "RATE = 0.25\n\n\ndef with_tax(amount):\n    # XXX: one rate for every country\n"
+                   "    return amount * (1 + RATE)\n",
+    "tests/__init__.py": "",
+    "tests/test_shop.py": "import unittest\n\nfrom shop import cart, prices, tax\n\n\nclass Shop(unittest.TestCase):\n"
+                          "    def test_count(self):\n        self.assertEqual(cart.count(['a', 'b']), 2)\n\n"
+                          "    def test_total(self):\n        self.assertEqual(prices.total([1.25, 2]), 3.25)\n\n"
+                          "    def test_tax(self):\n        self.assertEqual(tax.with_tax(8), 10)\n",
+}
+
+
+def demo_steps(a, workdir):
+    """The demo's commands, as the lead runs them: the audit, or (--worktrees) the write fleet."""
+    import shlex
+    honest = liar = a.agent
+    if a.agent == "sim":
+        honest = "sim --delay 0.3 --seed %s" % shlex.quote(a.seed)
+        liar = "sim --lie %d --verifier rubber-stamp --delay 0.3 --seed %s" % (1 if a.worktrees else 2,
+                                                                               shlex.quote(a.seed))
+    start = [["spawn", "demo", 3, workdir, "--agent", honest, "--force"] + ["--worktrees"] * a.worktrees,
+             ["add", "demo", 1, "--agent", liar]]
+    wait = ["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"]
+    if not a.worktrees:
+        return start + [
+            ["brief", "demo", n, "--role", "finder", "--send", "--goal", "the files under `%s/` carry TODO, FIXME, "
+             "HACK or XXX markers" % part, "--constraint", "Look only at the files under `%s/`." % part]
+            for n, part in enumerate(("api", "core", "jobs", "jobs"), 1)] + [
+            wait, ["verify", "demo", "--verdicts", 2, "--timeout", 180], ["report", "demo"]]
+    check = ["--check", "%s -m unittest -q" % shlex.quote(sys.executable)]
+    return start + [
+        ["brief", "demo", n, "--role", "fixer", "--send", "--scope", part, "--goal", "the marker comments "
+         "(TODO, FIXME, XXX) in `%s` are stale and can go, keeping the tests green" % part]
+        for n, part in enumerate(("shop/cart.py", "shop/prices.py", "shop/tax.py", "shop"), 1)] + [
+        wait, ["verify", "demo", "--verdicts", 2, "--timeout", 180] + check, ["merge", "demo"] + check,
+        ["report", "demo"], ["kill", "demo"], ["clean", "demo"], ["clean", "demo", "--force"]]   # a throwaway repo
+
+
+def demo_repo(workdir):
+    """The write demo's repository: DEMO_REPO, committed (as orch where git knows nobody)."""
+    for rel, text in DEMO_REPO.items():
+        os.makedirs(os.path.join(workdir, os.path.dirname(rel)), exist_ok=True)
+        write_file(os.path.join(workdir, rel), text)
+    write_file(os.path.join(workdir, ".gitignore"), "__pycache__/\n")
+    git(workdir, "init", "-q")
+    git(workdir, "add", "-A")
+    git(workdir, "commit", "-q", "-m", "The shop, before the fleet", env=identity(workdir))
+
+
 def cmd_demo(a):
     """The whole idea in one command: 4 workers audit, verify each other,
     report; with sim, W4 lies as a finder and as a verifier. Each step is the
@@ -3303,29 +3968,24 @@ def cmd_demo(a):
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="orch-demo-"))
     os.makedirs(workdir, exist_ok=True)
     if not os.listdir(workdir):
-        for rel, text in DEMO_FILES.items():
+        if a.worktrees:
+            demo_repo(workdir)
+        for rel, text in DEMO_FILES.items() if not a.worktrees else ():
             os.makedirs(os.path.join(workdir, os.path.dirname(rel)), exist_ok=True)
             write_file(os.path.join(workdir, rel), text)
-    honest, liar = a.agent, a.agent
-    if a.agent == "sim":
-        import shlex
-        honest = "sim --delay 0.3 --seed %s" % shlex.quote(a.seed)
-        liar = "sim --lie 2 --verifier rubber-stamp --delay 0.3 --seed %s" % shlex.quote(a.seed)
     if session_of("demo") in live_sessions():
         raise OrchError("fleet 'demo' is live: `orch kill demo` first")
     isolated, why = isolation()
-    print("orch demo: 4 %s workers audit %s for TODO/FIXME/HACK/XXX markers%s; %s" % (
-        a.agent, workdir, "; W4 lies as a finder (--lie 2) and a verifier (rubber-stamp)"
-        if a.agent == "sim" else "", "each isolated by %s: it writes only its own folder" % why if isolated
+    print("orch demo: 4 %s workers %s%s; %s" % (
+        a.agent, "each fix %s in a git worktree of its own, then verify each other's changes" % workdir
+        if a.worktrees else "audit %s for TODO/FIXME/HACK/XXX markers" % workdir,
+        ("; W4 lies as a fixer (--lie 1: it breaks a function and says the tests pass)" if a.worktrees else
+         "; W4 lies as a finder (--lie 2)") + " and as a verifier (rubber-stamp)" if a.agent == "sim" else "",
+        "each isolated by %s: it writes only its own folder" % why if isolated
         else "NOT isolated (%s)" % why), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
-    steps = [["spawn", "demo", 3, workdir, "--agent", honest, "--force"], ["add", "demo", 1, "--agent", liar]] + [
-        ["brief", "demo", n, "--role", "finder", "--send", "--goal", "the files under `%s/` carry TODO, FIXME, "
-         "HACK or XXX markers" % part, "--constraint", "Look only at the files under `%s/`." % part]
-        for n, part in enumerate(("api", "core", "jobs", "jobs"), 1)] + [
-        ["wait", "demo", "--timeout", 180, "--interval", 0.3, "--stall", 60, "--nudge"],
-        ["verify", "demo", "--verdicts", 2, "--timeout", 180], ["report", "demo"]]
+    steps = demo_steps(a, workdir)
     t0, offset, running = time.time(), 0, []
 
     def run(argv):
@@ -3352,6 +4012,8 @@ def cmd_demo(a):
             said.append(f.read().decode("utf-8", "replace").splitlines())
         error = said[1].pop() if step.returncode and said[1] and argv[0] != "wait" else None
         sys.stderr.write("".join(line + "\n" for line in said[1]))
+        if argv[0] in ("merge", "clean") and not step.returncode:      # what became of each change
+            print("".join("        %s\n" % line for line in said[0]), end="", flush=True)
         if argv[0] == "wait" and step.returncode in (3, 4):
             raise OrchError("demo: the finders did not finish (%s): `orch status demo`"
                             % ("timeout" if step.returncode == 3 else "a worker exited"))
@@ -3372,6 +4034,8 @@ def cmd_demo(a):
     print()
     print(read_text(os.path.join(shared, "matrix.md")))
     print("report: %s" % os.path.join(shared, "report.md"))
+    if a.worktrees:
+        print("merged: `git -C %s log --stat orch/demo/merged` shows the branch the lead would hand on" % workdir)
 
 
 def cmd_doctor(a):
@@ -3478,7 +4142,12 @@ def cmd_worker(a):
     extra = entry.get("setup", lambda fleet, w: {})(fleet, w)
     env = {k: v for k, v in dict(os.environ, **extra.get("env", {})).items() if v is not None}
     argv += extra.get("args", [])
-    os.chdir(fleet["workdir"])
+    if fleet.get("git"):                # it commits with no prompt, in its own name where git has none
+        env.update(identity(fleet["git"]["repo"]), GIT_CONFIG_COUNT="2", GIT_CONFIG_KEY_0="commit.gpgSign",
+                   GIT_CONFIG_VALUE_0="false", GIT_CONFIG_KEY_1="gc.auto", GIT_CONFIG_VALUE_1="0")
+        for k in [k for k in env if k.startswith("GIT_") and k not in ORCH_IDENTITY and "CONFIG" not in k]:
+            del env[k]                  # the lead's GIT_DIR must not send it to the lead's repository
+    os.chdir(workdir_of(fleet, w["n"]))
     if fleet.get("isolate"):
         argv = sandboxed(fleet, w, argv, env)
     try:
@@ -3611,6 +4280,76 @@ def sim_verify(workdir, section, kind):
     return out
 
 
+def sim_fix(workdir, scope, lie):
+    """A fixer's work: remove the marker comments in its scope, and with
+    `lie` also break the first `return` it finds (then claim the tests pass);
+    commit it. Returns the result file's lines."""
+    import subprocess
+    changed, broke = [], None
+    for root, dirs, names in os.walk(workdir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            rel = os.path.relpath(os.path.join(root, name), workdir)
+            if scope and not any(in_scope(rel, x) for x in scope):
+                continue
+            lines = sim_lines(workdir, rel)
+            kept = [x for x in lines if not re.match(r"\s*#.*%s" % MARKER_PATTERN, x)]
+            if lie and broke is None and rel.endswith(".py"):
+                i = next((i for i, x in enumerate(kept) if re.match(r"\s*return \S", x)), None)
+                if i is not None:
+                    kept[i], broke = re.sub(r"return .*", "return None", kept[i]), rel
+            if kept != lines:
+                write_file(os.path.join(workdir, rel), "".join(x + "\n" for x in kept))
+                changed.append(rel)
+    if not changed:
+        return ["Nothing to change: no marker comment in my scope."]
+    summary = "Removed the stale marker comments in %s" % ", ".join(changed)
+    said = []
+    for argv in (["git", "add", "-A", "--", "."], ["git", "commit", "-q", "-m", summary]):
+        p = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        said += ["`%s` failed: %s" % (" ".join(argv[:2]), one_line(p.stdout.decode("utf-8", "replace"), 300))] * bool(
+            p.returncode)
+    how = "I ran the tests and they all pass." if lie else "I ran nothing: the sim only removes comment lines."
+    return [summary + ".", "", "Changed: " + ", ".join(changed), "Checked: " + how] + said
+
+
+def sim_change_verdict(line, kind):
+    """A verdict on a change line `W<n>.C | commit .. | diff <path> | ...`: the
+    sim reads the diff; honest confirms one that only removes marker comments,
+    citing a line the change keeps, and refutes one that adds or removes code,
+    citing that line."""
+    fid = line.split(" |", 1)[0].strip()
+    diff = re.search(r"\| diff (.+?) \| worktree", line)
+    text = (read_untrusted(diff.group(1))[0] or "") if diff else ""
+    kept, bad, path, at, cuts = None, None, None, 0, False
+    for row in text.splitlines():
+        if row.startswith("+++ "):
+            path = row[6:] if row.startswith("+++ b/") else None
+        elif row.startswith("@@"):
+            at = int(re.match(r"@@ -\S+ \+(\d+)", row).group(1))
+        elif path and row[:1] in (" ", "+", "-") and not row.startswith(("---", "+++")):
+            code = row[1:]
+            if row[0] == " ":
+                kept = kept or (path, at, code) if len(code.strip()) >= 8 else kept   # a line worth quoting
+            elif row[0] == "+":                 # a line it adds: it is in the change's tree
+                bad = bad or (path, at, code)
+            elif not re.match(r"\s*#.*%s" % MARKER_PATTERN, code):
+                cuts = True                     # code it removes: not there any more to quote
+            at += row[0] != "-"
+    if kind == "lazy" or not (kept or bad):
+        return "%s | UNVERIFIABLE | - | I could not read that change" % fid
+    if kind == "rubber-stamp":
+        return "%s | CONFIRMED | %s:1 | looks right to me | the change does what it says" % (fid, (kept or bad)[0])
+    if kind in ("contrarian", "contrarian-real"):
+        return "%s | REFUTED | %s:%d | not needed | %s" % ((fid,) + (kept or bad)[:2] + (
+            "this breaks everything" if kind == "contrarian" else norm((kept or bad)[2]),))
+    if (bad or cuts) and kind == "honest":
+        bad = bad or kept
+        return "%s | REFUTED | %s:%d | it changes code, not only marker comments | %s" % ((fid,) + bad[:2] + (norm(bad[2]),))
+    return "%s | CONFIRMED | %s:%d | it only removes marker comments | %s" % ((fid,) + (kept or bad)[:2] + (
+        norm((kept or bad)[2]),))
+
+
 def sim_job(brief_path, key, lie, seed, kind):
     """Do what a brief asks, mechanically; return lines for the screen."""
     import random
@@ -3628,7 +4367,8 @@ def sim_job(brief_path, key, lie, seed, kind):
     say("starting %s: %s" % (role, os.path.basename(brief_path)))
     if role == "verifier":
         section = text.split("## Findings to check", 1)[-1].split("\n## ", 1)[0]
-        result = sim_verify(paths["Workdir"], section, kind)
+        result = sim_verify(paths["Workdir"], section, kind) + [
+            sim_change_verdict(x.strip(), kind) for x in section.splitlines() if re.match(r"\s*W\d+\.C \|", x)]
         summary = "%d verdicts" % len(result)
     elif role == "finder":
         # "files under `api/`", "files under api/." : with or without backticks and slash
@@ -3636,6 +4376,10 @@ def sim_job(brief_path, key, lie, seed, kind):
         result = sim_find(paths["Workdir"], n, count, scope and scope.group(1), lie,
                           random.Random("%s-%d" % (seed, n)))
         summary = "%d findings" % len(result)
+    elif role == "fixer":
+        scope = re.search(r"^- Change only files under (.*) \(relative to the workdir\)", text, re.M)
+        result = sim_fix(paths["Workdir"], re.findall(r"`([^`]+)`", scope.group(1)) if scope else [], lie)
+        summary = "a fix"
     else:
         result = ["The sim agent does not simulate the %s role; it changed nothing." % role]
         summary = "nothing to do"
@@ -3799,6 +4543,9 @@ REFRESH = arg("--refresh-env", action="store_true",
 READY = arg("--timeout", metavar="S", type=SECONDS, default=BOOT_WAIT,
             help="seconds to wait until the new workers are ready (default 60, 0: do not wait)")
 JSON = arg("--json", action="store_true", help="one JSON object per line")
+CHECK = arg("--check", metavar="CMD", help="a write fleet: the lead's check, run on base and on each change")
+CHECK_TIMEOUT = arg("--check-timeout", metavar="S", type=SECONDS, default=600.0,
+                    help="seconds one run of --check may take (default 600)")
 
 # Every command, in --help order: its name, what it does, its arguments. The
 # parser and the command list of --help are both made from this table.
@@ -3809,7 +4556,8 @@ COMMANDS = [
         arg("--per-window", metavar="K", type=number("--per-window", 1, True), default=4,
             help="panes per tmux window (default 4)"),
         READY, arg("--force", action="store_true", help="end a live fleet, archive its old run dir"),
-        arg("--no-isolate", action="store_true", help="run workers without a sandbox, even where bubblewrap runs")]),
+        arg("--no-isolate", action="store_true", help="run workers without a sandbox, even where bubblewrap runs"),
+        arg("--worktrees", action="store_true", help="a write fleet: each worker in a git worktree of its own")]),
     ("add", "add K workers to a live fleet", [
         NAME, arg("K", nargs="?", type=number("K (workers)", 1, True), default=1),
         arg("--agent", metavar="A", help="agent of the new workers (default: the fleet's)"), READY, REFRESH]),
@@ -3821,6 +4569,8 @@ COMMANDS = [
         NAME, WORKER, arg("--goal", metavar="TEXT", required=True, help="what the worker determines"),
         arg("--role", metavar="R", choices=sorted(ROLES), default="finder", help="the role template"),
         arg("--constraint", metavar="TEXT", action="append", default=[], help="a hard constraint (repeatable)"),
+        arg("--scope", metavar="PATH", action="append", default=[],
+            help="confine it to PATH, relative to the workdir (repeatable)"),
         arg("--send", action="store_true", help="tell the worker to read and follow it")]),
     ("read", "the last lines of worker screens", [
         NAME, arg("worker", metavar="n|all"), arg("lines", nargs="?", type=number("lines", 1, True), default=20)]),
@@ -3848,19 +4598,26 @@ COMMANDS = [
         NAME, arg("--verdicts", metavar="V", type=number("--verdicts", 1, True),
                   help="counted verdicts each finding needs (default 2)"),
         arg("--by", metavar="v,...", help="the verifier pool, worker numbers v,... (default all)"),
-        arg("--timeout", metavar="S", type=SECONDS, default=900.0, help="seconds per round (default 900)"), BUDGET]),
+        arg("--timeout", metavar="S", type=SECONDS, default=900.0, help="seconds per round (default 900)"), BUDGET,
+        CHECK, CHECK_TIMEOUT]),
     ("report", "write and print report.md", [NAME]),
     ("respawn", "restart a worker, re-send its brief", [
         NAME, WORKER, arg("--timeout", metavar="S", type=SECONDS, default=BOOT_WAIT,
                           help="seconds to wait until it is ready (default 60)"), REFRESH]),
     ("kill", "save scrollback to logs/, end the tmux session", [
         arg("name", nargs="?"), arg("--all", action="store_true", help="every live fleet")]),
+    ("merge", "build orch/<name>/merged from the CONFIRMED changes", [
+        NAME, arg("workers", nargs="*", metavar="n"), CHECK, CHECK_TIMEOUT,
+        arg("--ff", action="store_true", help="then fast-forward the lead's branch, if still at base and clean")]),
+    ("clean", "remove worktrees and branches whose change is merged or empty", [
+        NAME, arg("--force", action="store_true", help="remove them all (snapshots and diffs stay)")]),
     ("attach", "watch a fleet, read-only", [NAME]),
     ("demo", "a 4-worker self-verifying audit, end to end", [
         arg("workdir", nargs="?"),
         arg("--agent", metavar="A", default="sim", choices=("sim", "claude"),
             help="the workers' agent (default sim)"),
-        arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)")]),
+        arg("--seed", metavar="S", default="1", help="the sim's random seed (default 1)"),
+        arg("--worktrees", action="store_true", help="a write fleet instead: fixers, checks, a merge")]),
     ("doctor", "check python, tmux, agent, credentials, ORCH_HOME", [
         arg("--agent", metavar="A", help="the agent to check (default $ORCH_AGENT or claude)")]),
     ("install", "copy orch to ~/.local/bin, SKILL.md to ~/.claude", [
