@@ -2003,16 +2003,31 @@ def add_worktree(fleet, n):
     git(g["repo"], "worktree", "add", "-q", "-b", branch, path, g["base"])
 
 
+def admin_dir(fleet, tree):
+    """The admin dir of worktree `tree` in the git dir, found from git's own
+    record of it (each admin dir's gitdir file), never from the tree's .git
+    file, which whoever works in the tree can rewrite; None if git has none."""
+    root, want = os.path.join(fleet["git"]["gitdir"], "worktrees"), os.path.join(os.path.realpath(tree), ".git")
+    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if os.path.realpath(read_text(os.path.join(root, d, "gitdir"), "").strip() or "/") == want:
+            return os.path.join(root, d)
+    return None
+
+
+def in_tree(fleet, tree):
+    """git() arguments that work in worktree `tree` through its admin dir, not its .git file."""
+    admin = admin_dir(fleet, tree)
+    if not admin:
+        raise OrchError("%s is no worktree git knows of (`git worktree list` shows them)" % tree)
+    return {"gitdir": admin, "tree": tree}
+
+
 def worker_git_binds(fleet, n):
     """What worker n's git must write to commit in its worktree: the worktree,
     its admin dir in the git dir, the object store, and its fleet's branches
     (with their logs). The lead's branches and config stay read-only."""
     g, tree = fleet["git"], worktree_of(fleet, n)
-    admin = read_text(os.path.join(tree, ".git"), "")
-    admin = admin[len("gitdir: "):].strip() if admin.startswith("gitdir: ") else ""
-    if not admin or os.path.dirname(os.path.realpath(admin)) != os.path.join(g["gitdir"], "worktrees"):
-        admin = None                    # rewritten: bind nothing of it
-    return [p for p in [tree, admin, os.path.join(g["gitdir"], "objects")] + [
+    return [p for p in [tree, admin_dir(fleet, tree), os.path.join(g["gitdir"], "objects")] + [
         os.path.join(g["gitdir"], *(top + ("heads", "orch", fleet["name"]))) for top in [("refs",), ("logs", "refs")]]
         if p and os.path.isdir(p)]
 
@@ -3767,7 +3782,8 @@ def cmd_merge(a):
         raise OrchError("branch orch/%s/merged is at %s, which orch did not make: rename it (`git branch -m orch/%s/"
                         "merged NEW`) and merge again" % (a.name, old[:12], a.name))
     tree, said, merged = detached(fleet, "merge", g["base"]), [], []
-    try:
+    try:                                # the check runs the changes' code there: its .git file is theirs
+        here = in_tree(fleet, tree)
         for f in changes:
             n, commit = f["worker"], f["change"]["commit"]
             scope = scope_of(fleet, fleet["workers"][n - 1]) if 1 <= n <= len(fleet["workers"]) else []
@@ -3777,22 +3793,22 @@ def cmd_merge(a):
             if why:
                 said.append("W%d.C: left out: %s" % (n, why))
                 continue
-            before = git(tree, "rev-parse", "HEAD").strip()
+            before = git(tree, "rev-parse", "HEAD", **here).strip()
             try:
                 git(tree, "merge", "-q", "--no-ff", "-m", "orch: merge W%d's change (%s), verified" % (n, commit[:12]),
-                    commit, env=identity(g["repo"]))
+                    commit, env=identity(g["repo"]), **here)
             except OrchError:
-                git(tree, "merge", "--abort", codes=(0, 128))
+                git(tree, "merge", "--abort", codes=(0, 128), **here)
                 said.append("W%d.C: left out: it conflicts with the changes merged before it" % n)
                 continue
             code = run_check(fleet, tree, check, a.check_timeout)[0] if check else 0
             if code != 0:
-                git(tree, "reset", "-q", "--hard", before)     # orch's own checkout
+                git(tree, "reset", "-q", "--hard", before, **here)     # orch's own checkout
                 said.append("W%d.C: left out: `%s` %s once it is merged" % (n, " ".join(check), check_word(code)))
                 continue
             merged.append(n)
             said.append("W%d.C: merged (snapshot %s)" % (n, commit[:12]))
-        head = git(tree, "rev-parse", "HEAD").strip()
+        head = git(tree, "rev-parse", "HEAD", **here).strip()
     finally:
         drop_tree(fleet, tree)
     print("\n".join(said))
