@@ -2096,6 +2096,8 @@ def change_line(c):
     flags = ["binary: " + ", ".join(c.binary)] * bool(c.binary) + ["deletes: " + ", ".join(c.deleted)] * bool(
         c.deleted) + ["links out: " + ", ".join(c.escapes)] * bool(c.escapes) + [
         "OUT OF SCOPE: " + ", ".join(c.outside)] * bool(c.outside)
+    if not c.files:
+        return "none"
     return defang(one_line("%d file(s) +%d -%d%s" % (c.files, c.added, c.removed, "".join(
         " | " + x for x in flags)), 300))
 
@@ -3890,6 +3892,10 @@ def cmd_kill(a):
         names = [d for d in names if session_home(session_of(d)) in ("", orch_home())]
     for name in names:
         print(end_fleet(name))
+        with contextlib.suppress(OrchError):
+            if load_fleet(name).get("git"):
+                print("%s: its worktrees, branches and snapshots stay: `orch merge %s`, then `orch clean %s`"
+                      % (name, name, name))
     if a.all and not names:
         print("no live fleets")
 
