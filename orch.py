@@ -2040,8 +2040,8 @@ def change_tree(fleet, n):
     index = os.path.join(own_dir(os.path.join(fleet["run"], "git")), "w%d.index" % n)
     env = {"GIT_INDEX_FILE": index}
     tree = worktree_of(fleet, n)
-    if not os.path.isdir(tree):
-        raise OrchError("W%d's worktree %s is gone" % (n, tree))
+    if os.path.islink(tree) or not os.path.isdir(tree):
+        raise OrchError("W%d's worktree %s is %s" % (n, tree, "a link now" if os.path.islink(tree) else "gone"))
     if not os.path.exists(index):
         git(tree, "read-tree", g["base"], env=env, gitdir=g["gitdir"], tree=tree)
     git(tree, "add", "-A", "--", ".", env=env, gitdir=g["gitdir"], tree=tree)
@@ -3554,9 +3554,13 @@ def cmd_status(a):
 def worker_change(fleet, n):
     """Worker n's change now, for status: a Change (None: not a write fleet, or its worktree is gone)."""
     w = fleet["workers"][n - 1]
-    if not fleet.get("git") or not os.path.isdir(worktree_of(fleet, n)):
+    if not fleet.get("git") or not os.path.lexists(worktree_of(fleet, n)):
         return None
-    return change_of(fleet, n, change_tree(fleet, n), scope_of(fleet, w))
+    try:
+        return change_of(fleet, n, change_tree(fleet, n), scope_of(fleet, w))
+    except OrchError as e:              # a file git cannot take (a FIFO), a worktree made a link
+        fleet.setdefault("notes", []).append("W%d's change cannot be read: %s" % (n, e))
+        return None
 
 
 def cmd_wait(a):
