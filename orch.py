@@ -2116,12 +2116,42 @@ def snapshot_change(fleet, w):
         n, fleet["name"], "".join("W%d: %s\n" % (n, one_line(s, 200)) for s in said.splitlines()))
     commit = git(g["repo"], "commit-tree", tree, "-p", g["base"], "-m", defang(message),
                  env=identity(g["repo"])).strip()
+    if not intact(fleet, commit):       # an object it reuses was planted under the name of other content
+        raise OrchError("its snapshot %s does not hold what its worktree holds: an object in %s was "
+                        "rewritten (a worker can write the object store): run `git fsck`" % (commit[:12], g["gitdir"]))
     git(g["repo"], "update-ref", "refs/orch/%s/w%d" % (fleet["name"], n), commit)
     changes = own_dir(os.path.join(shared_dir(fleet), "changes"))
     path = os.path.join(changes, "w%d.diff" % n)
     archive(path) if os.path.lexists(path) else None
     write_diff(g["repo"], g["base"], commit, path)
     return commit, change_of(fleet, n, commit, scope_of(fleet, w))
+
+
+def intact(fleet, commit):
+    """Whether every object `commit` adds to base still hashes to its name.
+    git does not check that when it reads a loose object, and a write fleet's
+    workers write the object store: one could give a snapshot's id other
+    content after orch made it."""
+    import hashlib
+    import subprocess
+    g = fleet["git"]
+    names = git(g["repo"], "rev-list", "--objects", "--no-object-names", commit, "--not", g["base"]).split()
+    p = subprocess.run(["git"] + GIT_SAFE + ["cat-file", "--batch"], cwd=g["repo"], input="".join(
+        x + "\n" for x in names).encode(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+    out, at = p.stdout, 0
+    for name in names:
+        head, _, rest = out[at:].partition(b"\n")
+        said = head.split()
+        if len(said) != 3 or said[0].decode() != name:
+            return False
+        size = int(said[2])
+        body = rest[:size]
+        at += len(head) + 1 + size + 1
+        digest = (hashlib.sha256 if len(name) == 64 else hashlib.sha1)(b"%s %d\0" % (said[1], size) + body)
+        if digest.hexdigest() != name:
+            return False
+    return p.returncode == 0
 
 
 def write_diff(repo, old, new, path):
@@ -2325,8 +2355,10 @@ def add_workers(fleet, count, agent, timeout):
 def isolation_line(fleet):
     """What spawn and status say of the fleet's sandbox."""
     if fleet.get("isolate"):
-        return "%s: workers are isolated (%s): each writes only its own folder %s" % (
-            fleet["name"], fleet.get("isolation"), os.path.join(shared_dir(fleet), "w<n>"))
+        return "%s: workers are isolated (%s): each writes only its own folder %s%s" % (
+            fleet["name"], fleet.get("isolation"), os.path.join(shared_dir(fleet), "w<n>"),
+            " and its worktree %s (with what git needs to commit there)" % worktree_of(fleet, "<n>")
+            if fleet.get("git") else "")
     return "%s: workers are NOT isolated (%s): each can write every file of the fleet; orch's own record " \
            "still keeps what it read" % (fleet["name"], fleet.get("isolation") or "an older fleet")
 
@@ -2843,11 +2875,11 @@ def collect_changes(fleet, check, timeout, problems):
     lead's command, argv), one on which it fails where base passed is BREAKS-CHECK."""
     if not fleet.get("git"):
         return []
-    changes, base, empty = [], None, git(fleet["git"]["repo"], "rev-parse", fleet["git"]["base"] + "^{tree}").strip()
+    changes, base = [], None
     for w in fleet["workers"]:
         n = w["n"]
         if not is_done(fleet, n):
-            if os.path.isdir(worktree_of(fleet, n)) and change_tree(fleet, n) != empty:
+            if (worker_change(fleet, n) or Change(0, 0, 0, [], [], [], [])).files:
                 problems.append("W%d is not done: its change is not verified (verify again once it is)" % n)
             continue
         try:
@@ -3129,6 +3161,10 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None, check=None, chec
                   dropped=sorted(dropped))
     for tree in made:                   # the verifiers' checkouts: orch's, and read
         drop_tree(fleet, tree)
+    for f in [f for f in findings if f.change and f.citation == "n/a" and not intact(fleet, f.change["commit"])]:
+        f.citation = "UNVERIFIABLE"
+        problems.append("%s: its snapshot's objects were rewritten in the object store during verification: what "
+                        "the verifiers read may not be the change; run `git fsck`, then verify again" % f.id)
     for path, lines in [kv for kv in cache.items() if isinstance(kv[1], list) and isinstance(kv[0], str)]:
         if (read_untrusted(path)[0] or "").splitlines() != lines:
             problems.append("%s changed in the workdir after orch collected the findings: verification judged "
@@ -3796,6 +3832,8 @@ def cmd_merge(a):
             why = "it is %s, not CONFIRMED" % f.get("final") if f.get("final") != "CONFIRMED" else None
             c = None if why else change_of(fleet, n, commit, scope)
             why = why or ("it leaves its scope or links out of the tree" if c.outside or c.escapes else None)
+            why = why or (None if intact(fleet, commit) else "its snapshot's objects were rewritten after verify "
+                          "(a worker can write the object store): run `git fsck`")
             if why:
                 said.append("W%d.C: left out: %s" % (n, why))
                 continue
