@@ -1888,8 +1888,9 @@ def bwrap_argv(argv, env, reads, writes, chdir):
         args += ["--bind", os.path.realpath(path), os.path.realpath(path)]
     socket = (env.pop("TMUX", None) or "").split(",")[0]
     env.pop("TMUX_PANE", None)
-    if socket:
-        args += ["--tmpfs", os.path.dirname(os.path.realpath(socket))]
+    servers = os.path.join(os.environ.get("TMUX_TMPDIR") or "/tmp", "tmux-%d" % os.getuid())   # where tmux puts it
+    for d in sorted({os.path.dirname(os.path.realpath(socket)) if socket else None, os.path.realpath(servers)} - {None}):
+        args += ["--tmpfs", d] if os.path.isdir(d) else []
     return args + ["--unshare-pid", "--die-with-parent", "--chdir", os.path.realpath(chdir), "--"] + argv
 
 
@@ -1906,21 +1907,24 @@ def sandboxed(fleet, w, argv, env):
     for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
         os.makedirs(path, mode=0o700, exist_ok=True)
     writes = [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes
-    if fleet.get("git"):
+    if fleet.get("git"):                # its worktree, its git metadata in it; the repository read-only
         reads += [fleet["git"]["repo"], fleet["git"]["gitdir"]]
-        writes += worker_git_binds(fleet, w["n"])
+        writes.append(worktree_of(fleet, w["n"]))
     return bwrap_argv(argv, env, reads, writes, workdir_of(fleet, w["n"]))
 
 
 # --- write fleets: git worktrees, snapshots, checks -----------------------------
 # In a write fleet (spawn --worktrees) worker n edits a worktree of its own,
-# runs/<name>/worktrees/w<n>, on the branch orch/<name>/w<n> at the fleet's
-# base. orch reads a change with git itself from the worktree's files, never
-# from the worker's word or branch: a snapshot is a commit of those files on
-# base, under refs/orch/<name>/w<n>, and that commit is what is verified,
-# checked and merged. orch's own git names the repository's git dir (never a
-# worktree's .git file, which its worker can rewrite), runs no hook, no
-# fsmonitor and no gc, and signs nothing.
+# runs/<name>/worktrees/w<n>: a clone of the repository that borrows its
+# objects (git clone --shared), on the branch orch/<name>/w<n> at the fleet's
+# base. Its git metadata is its own, inside it: a sandboxed worker commits
+# there and writes nothing of the repository's .git, neither its objects nor
+# its branches. orch reads a change with git itself from the worktree's files,
+# never from the worker's word or branch: a snapshot is a commit of those
+# files on base, in the repository, under refs/orch/<name>/w<n>, and that
+# commit is what is verified, checked and merged. orch's own git names the
+# repository's git dir (never a .git a worker or the code under check can
+# rewrite), runs no hook, no fsmonitor and no gc, and signs nothing.
 
 GIT_SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgSign=false",
             "-c", "gc.auto=0", "-c", "core.quotePath=true", "-c", "core.pager=cat"]
@@ -1930,8 +1934,10 @@ ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost"
 
 # A worker's change as git sees it against base: how many files it touches and
 # lines it adds and removes, and the paths to flag: binary files, deleted
-# files, symlinks that point out of the tree, files outside its scopes.
-Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside")
+# files, links out (a symlink whose target is absolute or climbs with '..',
+# a submodule, whose content is not in the change), files outside its scopes;
+# and the paths it touches (the first FINDINGS_CAP), as text a terminal shows.
+Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside paths")
 
 
 def git(cwd, *args, env=None, codes=(0,), out=None, gitdir=None, tree=None):
@@ -1991,16 +1997,14 @@ def workdir_of(fleet, n):
 
 
 def add_worktree(fleet, n):
-    """Worker n's worktree on a new branch at base; refused where its path or branch is already taken."""
-    g, path, branch = fleet["git"], worktree_of(fleet, n), branch_of(fleet, n)
+    """Worker n's worktree: a clone borrowing the repository's objects, on a new branch at base."""
+    g, path = fleet["git"], worktree_of(fleet, n)
     if os.path.lexists(path):
         raise OrchError("%s already exists: W%d's worktree must be new (`orch clean %s` removes old ones)"
                         % (path, n, fleet["name"]))
-    if git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/" + branch, codes=(0, 1)).strip():
-        raise OrchError("branch %s already exists (an earlier fleet's?): `orch clean %s`, or `git branch -D %s` "
-                        "if its work is merged, or pick another fleet name" % (branch, fleet["name"], branch))
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    git(g["repo"], "worktree", "add", "-q", "-b", branch, path, g["base"])
+    git(g["repo"], "clone", "-q", "--shared", "--no-checkout", g["gitdir"], path)
+    git(path, "checkout", "-q", "-b", branch_of(fleet, n), g["base"])
 
 
 def admin_dir(fleet, tree):
@@ -2020,16 +2024,6 @@ def in_tree(fleet, tree):
     if not admin:
         raise OrchError("%s is no worktree git knows of (`git worktree list` shows them)" % tree)
     return {"gitdir": admin, "tree": tree}
-
-
-def worker_git_binds(fleet, n):
-    """What worker n's git must write to commit in its worktree: the worktree,
-    its admin dir in the git dir, the object store, and its fleet's branches
-    (with their logs). The lead's branches and config stay read-only."""
-    g, tree = fleet["git"], worktree_of(fleet, n)
-    return [p for p in [tree, admin_dir(fleet, tree), os.path.join(g["gitdir"], "objects")] + [
-        os.path.join(g["gitdir"], *(top + ("heads", "orch", fleet["name"]))) for top in [("refs",), ("logs", "refs")]]
-        if p and os.path.isdir(p)]
 
 
 def change_tree(fleet, n):
@@ -2061,8 +2055,8 @@ def change_of(fleet, n, new, scope=None):
             paths.append(path)
             if status == "D":
                 deleted.append(path)
-            elif mode == "120000":
-                links.append((path, sha))
+            elif mode in ("120000", "160000"):
+                links.append((path, sha if mode == "120000" else None))
             i += 2
         else:                               # added<TAB>removed<TAB>path
             a, r, path = (head.split("\t", 2) + ["", ""])[:3]
@@ -2073,12 +2067,22 @@ def change_of(fleet, n, new, scope=None):
                 added, removed = added + int(a), removed + int(r)
             i += 1
     for path, sha in links:
-        target = git(g["repo"], "cat-file", "blob", sha)
-        inside = os.path.normpath(os.path.join(os.path.dirname(path), target))
-        if os.path.isabs(target) or inside == ".." or inside.startswith("../"):
+        target = git(g["repo"], "cat-file", "blob", sha) if sha else "a submodule"
+        if not sha or os.path.isabs(target) or ".." in target.split("/"):
             escapes.append("%s -> %s" % (path, target))
     outside = sorted({p for p in paths if scope and not any(in_scope(p, s) for s in scope)})
-    return Change(files, added, removed, binary, deleted, escapes, outside)
+    shown = lambda ps: [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in ps]
+    return Change(files, added, removed, shown(binary), shown(deleted), shown(escapes), shown(outside),
+                  shown(paths[:FINDINGS_CAP]))
+
+
+def worker_tip(fleet, n):
+    """The commit and tree worker n's branch is at in its worktree, as its own
+    git says (only rev-parse runs there: no hook, program or pager of its
+    config); (None, None) where there is none."""
+    said = git(fleet["git"]["repo"], "rev-parse", "-q", "HEAD^{commit}", "HEAD^{tree}", codes=(0, 1, 128),
+               gitdir=os.path.join(worktree_of(fleet, n), ".git")).split()
+    return (said[0], said[1]) if len(said) == 2 else (None, None)
 
 
 def in_scope(path, scope):
@@ -2110,8 +2114,9 @@ def snapshot_change(fleet, w):
     tree = change_tree(fleet, n)
     if tree == git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip():
         return None
-    said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..refs/heads/%s" % (g["base"], branch_of(fleet, n)),
-               codes=(0, 128))
+    tip, _ = worker_tip(fleet, n)       # its commits' subjects, read with the repository's config, not its own
+    said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..%s" % (g["base"], tip), codes=(0, 128), env={
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES": os.path.join(worktree_of(fleet, n), ".git", "objects")}) if tip else ""
     message = "orch: W%d's change in fleet %s, as verify found it\n\n%s" % (
         n, fleet["name"], "".join("W%d: %s\n" % (n, one_line(s, 200)) for s in said.splitlines()))
     commit = git(g["repo"], "commit-tree", tree, "-p", g["base"], "-m", defang(message),
@@ -2119,7 +2124,11 @@ def snapshot_change(fleet, w):
     if not intact(fleet, commit):       # an object it reuses was planted under the name of other content
         raise OrchError("its snapshot %s does not hold what its worktree holds: an object in %s was "
                         "rewritten (a worker can write the object store): run `git fsck`" % (commit[:12], g["gitdir"]))
-    git(g["repo"], "update-ref", "refs/orch/%s/w%d" % (fleet["name"], n), commit)
+    ref = "refs/orch/%s/w%d" % (fleet["name"], n)
+    old = git(g["repo"], "rev-parse", "--verify", "-q", ref, codes=(0, 1)).strip()
+    if old and old != commit:           # an earlier snapshot (a fleet of that name before) stays reachable
+        git(g["repo"], "update-ref", "refs/orch/%s/old/%s" % (fleet["name"], old), old)
+    git(g["repo"], "update-ref", ref, commit)
     changes = own_dir(os.path.join(shared_dir(fleet), "changes"))
     path = os.path.join(changes, "w%d.diff" % n)
     archive(path) if os.path.lexists(path) else None
@@ -2204,10 +2213,11 @@ def run_check(fleet, tree, argv, timeout):
     lines), status None when it ran out of time."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    where = os.path.join(tree, fleet["git"]["prefix"])      # the lead's workdir, within the repository
     if fleet.get("isolate"):
-        argv = bwrap_argv(argv, env, reads=[tree], writes=[tree], chdir=tree)
+        argv = bwrap_argv(argv, env, reads=[tree], writes=[tree], chdir=where)
     try:
-        p = subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        p = subprocess.Popen(argv, cwd=where, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return 127, "cannot run %s: %s" % (argv[0], e.strerror)
@@ -2802,6 +2812,8 @@ def check_evidence(workdir, v, cache, f):
     file orch did not keep), 'missing' (no verdict), or 'fabricated: <what is wrong>'."""
     if v.verdict == "MISSING" or v.path is None or not v.quote:
         return "missing" if v.verdict == "MISSING" else "unsupported"
+    if v.verdict == "CONFIRMED" and f.change and os.path.normpath(v.path) not in f.change["paths"]:
+        return "unsupported: a CONFIRMED verdict on a change must cite a file the change touches"
     if v.verdict == "CONFIRMED" and f.path is not None and not (
             os.path.normpath(v.path) == os.path.normpath(f.path) and f.line - 2 <= v.line <= v.end <= f.end + 2):
         return "unsupported: a CONFIRMED verdict's evidence must lie at the finding's cited lines"
@@ -2879,7 +2891,7 @@ def collect_changes(fleet, check, timeout, problems):
     for w in fleet["workers"]:
         n = w["n"]
         if not is_done(fleet, n):
-            if (worker_change(fleet, n) or Change(0, 0, 0, [], [], [], [])).files:
+            if getattr(worker_change(fleet, n), "files", 0):
                 problems.append("W%d is not done: its change is not verified (verify again once it is)" % n)
             continue
         try:
@@ -3718,16 +3730,9 @@ def cmd_verify(a):
             print(event_line(e), flush=True)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with alone(fleet, "verify"):
         matrix = verify_fleet(fleet, need, pool, a.timeout, emit, a.budget, check, a.check_timeout)
         write_matrix(fleet, matrix)
-    except BlockingIOError:
-        raise OrchError("a verify of fleet %r is already running: let it finish (`orch status %s` "
-                        "shows it), then run this one again" % (a.name, a.name))
-    finally:
-        os.close(lock)
     log_event(fleet, "verify", need=need, **{word.lower(): count for word, count in matrix.tally.items()})
     sys.stderr.write(notes(fleet))
     for p in matrix.problems:
@@ -3739,6 +3744,21 @@ def cmd_verify(a):
         raise OrchError("verification incomplete: %s left undecided because %s: look with `orch "
                         "status %s`, then `orch verify %s` again" % (
                             ", ".join(matrix.undecided), "; ".join(matrix.incomplete), a.name, a.name))
+
+
+@contextlib.contextmanager
+def alone(fleet, what):
+    """While no other verify or merge of the fleet runs (they share its matrix and checkouts)."""
+    lock = os.open(os.path.join(fleet["run"], "verify.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OrchError("a verify or merge of fleet %r is already running: let it finish, then run this %s "
+                            "again" % (fleet["name"], what))
+        yield
+    finally:
+        os.close(lock)
 
 
 def check_argv(fleet, command):
@@ -3815,7 +3835,8 @@ def cmd_merge(a):
     ns = {pick_workers(fleet, n, allow_all=False)[0]["n"] for n in a.workers}
     record = read_state(os.path.join(fleet["run"], "matrix.json"))
     changes = sorted([f for f in record.get("findings") or [] if isinstance(f, dict) and isinstance(
-        f.get("change"), dict) and (not ns or f.get("worker") in ns)], key=lambda f: f.get("worker"))
+        f.get("change"), dict) and isinstance(f.get("worker"), int) and re.match(
+        r"[0-9a-f]{40,64}\Z", str(f["change"].get("commit"))) and (not ns or f["worker"] in ns)], key=lambda f: f["worker"])
     if not changes:
         raise OrchError("no verified change of fleet %r to merge: `orch verify %s --check CMD` first" % (a.name, a.name))
     branch = "refs/heads/orch/%s/merged" % a.name
@@ -3823,38 +3844,8 @@ def cmd_merge(a):
     if old and old != fleet.get("merged"):
         raise OrchError("branch orch/%s/merged is at %s, which orch did not make: rename it (`git branch -m orch/%s/"
                         "merged NEW`) and merge again" % (a.name, old[:12], a.name))
-    tree, said, merged = detached(fleet, "merge", g["base"]), [], []
-    try:                                # the check runs the changes' code there: its .git file is theirs
-        here = in_tree(fleet, tree)
-        for f in changes:
-            n, commit = f["worker"], f["change"]["commit"]
-            scope = scope_of(fleet, fleet["workers"][n - 1]) if 1 <= n <= len(fleet["workers"]) else []
-            why = "it is %s, not CONFIRMED" % f.get("final") if f.get("final") != "CONFIRMED" else None
-            c = None if why else change_of(fleet, n, commit, scope)
-            why = why or ("it leaves its scope or links out of the tree" if c.outside or c.escapes else None)
-            why = why or (None if intact(fleet, commit) else "its snapshot's objects were rewritten after verify "
-                          "(a worker can write the object store): run `git fsck`")
-            if why:
-                said.append("W%d.C: left out: %s" % (n, why))
-                continue
-            before = git(tree, "rev-parse", "HEAD", **here).strip()
-            try:
-                git(tree, "merge", "-q", "--no-ff", "-m", "orch: merge W%d's change (%s), verified" % (n, commit[:12]),
-                    commit, env=identity(g["repo"]), **here)
-            except OrchError:
-                git(tree, "merge", "--abort", codes=(0, 128), **here)
-                said.append("W%d.C: left out: it conflicts with the changes merged before it" % n)
-                continue
-            code = run_check(fleet, tree, check, a.check_timeout)[0] if check else 0
-            if code != 0:
-                git(tree, "reset", "-q", "--hard", before, **here)     # orch's own checkout
-                said.append("W%d.C: left out: `%s` %s once it is merged" % (n, " ".join(check), check_word(code)))
-                continue
-            merged.append(n)
-            said.append("W%d.C: merged (snapshot %s)" % (n, commit[:12]))
-        head = git(tree, "rev-parse", "HEAD", **here).strip()
-    finally:
-        drop_tree(fleet, tree)
+    with alone(fleet, "merge"):
+        head, said, merged = merge_changes(fleet, changes, check, a.check_timeout)
     print("\n".join(said))
     if not merged:
         raise OrchError("no change merged: orch/%s/merged is not made" % a.name)
@@ -3875,43 +3866,80 @@ def cmd_merge(a):
         raise OrchError("--ff: the lead's checkout is %s: it is left as it is; to take the merge: %s" % (
             "on no branch" if not lead else "no longer at base %s" % g["base"][:12] if at != g["base"]
             else "not clean", hand_on))
-    git(fleet["workdir"], "merge", "-q", "--ff-only", branch)
+    git(fleet["workdir"], "merge", "-q", "--ff-only", "--no-overwrite-ignore", head)   # the commit orch made
     print("fast-forwarded %s to orch/%s/merged" % (lead[len("refs/heads/"):], a.name))
 
 
+def merge_changes(fleet, changes, check, timeout):
+    """Base, then each change that may go in (CONFIRMED in orch's record, in
+    scope, its objects intact), merged in a checkout of orch's and checked
+    there: (the last commit, what became of each, the workers merged)."""
+    g = fleet["git"]
+    tree, said, merged = detached(fleet, "merge", g["base"]), [], []
+    try:                                # the check runs the changes' code there: its .git file is theirs
+        here = in_tree(fleet, tree)
+        for f in changes:
+            n, commit = f["worker"], f["change"]["commit"]
+            scope = scope_of(fleet, fleet["workers"][n - 1]) if n in range(1, len(fleet["workers"]) + 1) else []
+            why = "it is %s, not CONFIRMED" % f.get("final") if f.get("final") != "CONFIRMED" else None
+            c = None if why else change_of(fleet, n, commit, scope)
+            why = why or ("it leaves its scope or links out of the tree" if c.outside or c.escapes else None)
+            why = why or (None if intact(fleet, commit) else "its snapshot's objects were rewritten after verify "
+                          "(a worker can write the object store): run `git fsck`")
+            if why:
+                said.append("W%d.C: left out: %s" % (n, why))
+                continue
+            before = git(tree, "rev-parse", "HEAD", **here).strip()
+            try:
+                git(tree, "merge", "-q", "--no-ff", "-m", "orch: merge W%d's change (%s), verified" % (n, commit[:12]),
+                    commit, env=identity(g["repo"]), **here)
+            except OrchError:
+                git(tree, "merge", "--abort", codes=(0, 128), **here)
+                said.append("W%d.C: left out: it conflicts with the changes merged before it" % n)
+                continue
+            code = run_check(fleet, tree, check, timeout)[0] if check else 0
+            git(tree, "reset", "-q", "--hard", "HEAD" if code == 0 else before, **here)   # orch's own checkout:
+            git(tree, "clean", "-q", "-ffdx", **here)       # what the check wrote goes before the next
+            if code != 0:
+                said.append("W%d.C: left out: `%s` %s once it is merged" % (n, " ".join(check), check_word(code)))
+                continue
+            merged.append(n)
+            said.append("W%d.C: merged (snapshot %s)" % (n, commit[:12]))
+        return git(tree, "rev-parse", "HEAD", **here).strip(), said, merged
+    finally:
+        drop_tree(fleet, tree)
+
+
 def cmd_clean(a):
-    """Remove the fleet's worktrees and branches whose change is empty or
-    merged (all of them with --force); snapshots and diffs stay."""
+    """Remove the fleet's worktrees (each with its branch and commits) whose
+    change is empty or merged, all of them with --force; snapshots and diffs stay."""
     fleet = write_fleet(a.name)
     lead_only(fleet, "clean")
     if fleet["session"] in live_sessions():
         raise OrchError("fleet %r is live: `orch kill %s` first (its worktrees stay)" % (a.name, a.name))
-    g = fleet["git"]
+    g, merged = fleet["git"], fleet.get("merged")       # orch's record of what it merged, not the branch
     empty = git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip()
-    merged = git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/orch/%s/merged" % a.name, codes=(0, 1)).strip()
     taken = {empty}
     for parents in git(g["repo"], "log", "--first-parent", "--format=%P", "%s..%s" % (g["base"], merged)
                        ).split("\n") if merged else []:
         if len(parents.split()) == 2:       # orch's merge commits: base side, then the snapshot
             taken.add(git(g["repo"], "rev-parse", parents.split()[1] + "^{tree}").strip())
     for w in fleet["workers"]:
-        n, path, branch = w["n"], worktree_of(fleet, w["n"]), branch_of(fleet, w["n"])
-        tip = git(g["repo"], "rev-parse", "--verify", "-q", "refs/heads/%s^{commit}" % branch, codes=(0, 1)).strip()
-        if not os.path.lexists(path) and not tip:
+        n, path = w["n"], worktree_of(fleet, w["n"])
+        if not os.path.lexists(path):
             continue
-        now = change_tree(fleet, n) if os.path.isdir(path) and not os.path.islink(path) else None
-        then = git(g["repo"], "rev-parse", tip + "^{tree}").strip() if tip else None
-        if not a.force and not ({now, then} - {None} <= taken):
-            print("W%d: kept %s and branch %s: its change is neither empty nor merged (%s)" % (
-                n, path, branch, os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)
-                if os.path.exists(os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)) else "no snapshot yet"))
+        try:                            # its files now, and what its branch holds: both empty or merged
+            trees, why = {change_tree(fleet, n), worker_tip(fleet, n)[1]} - {None}, None
+        except OrchError as e:
+            trees, why = {None}, "its change cannot be read: %s" % e
+        kept = os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)
+        if not a.force and not trees <= taken:
+            print("W%d: kept %s: %s (%s)" % (n, path, why or "its change is neither empty nor merged",
+                                            kept if os.path.exists(kept) else "no snapshot yet"))
             continue
         drop_tree(fleet, path)
-        if tip:
-            git(g["repo"], "branch", "-q", "-D", branch)
-        print("W%d: removed %s and branch %s (%s)" % (n, path, branch, "--force" if a.force and not (
-            {now, then} - {None} <= taken) else "its change is empty" if {now, then} - {None} <= {empty} else
-            "its change is merged"))
+        print("W%d: removed %s with its branch %s (%s)" % (n, path, branch_of(fleet, n), "--force" if not trees <= taken
+              else "its change is empty" if trees <= {empty} else "its change is merged"))
     for left in glob_trees(fleet):          # orch's own checkouts, from a verify that was stopped
         drop_tree(fleet, left)
     log_event(fleet, "clean", force=a.force)
