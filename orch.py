@@ -2089,10 +2089,13 @@ def in_scope(path, scope):
     return path == scope.rstrip("/") or path.startswith(scope.rstrip("/") + "/") or scope in ("", ".")
 
 
-def scope_of(fleet, w):
-    """Worker w's scopes, relative to the repository."""
-    prefix = (fleet.get("git") or {}).get("prefix", "")
-    return [os.path.normpath(prefix + s) for s in w.get("scope") or []]
+def scope_of(fleet, w, rel=False):
+    """Worker w's scopes as its last brief set them (scopes.json, orch's own),
+    relative to the repository (rel: to the workdir, as the lead gave them)."""
+    given = read_state(os.path.join(fleet["run"], "scopes.json")).get(str(w["n"]))
+    given = [x for x in given if isinstance(x, str)] if isinstance(given, list) else []
+    prefix = "" if rel else (fleet.get("git") or {}).get("prefix", "")
+    return [os.path.normpath(prefix + x) for x in given]
 
 
 def change_line(c):
@@ -2818,7 +2821,7 @@ def check_evidence(workdir, v, cache, f):
             os.path.normpath(v.path) == os.path.normpath(f.path) and f.line - 2 <= v.line <= v.end <= f.end + 2):
         return "unsupported: a CONFIRMED verdict's evidence must lie at the finding's cited lines"
     why = check_cited(workdir, v, cache, least=8)
-    if why.startswith("not in orch's copy"):
+    if why.startswith(("not in orch's copy", "bigger than")):      # not the verifier's lie
         return "unsupported: " + why
     return "checked" if why == "ok" else ("unsupported: " if "too short" in why else "fabricated: ") + why
 
@@ -2885,6 +2888,7 @@ def collect_changes(fleet, check, timeout, problems):
     snapshotted before any verifier is briefed. A change that leaves its
     scopes or adds a link out of the tree is OUT-OF-SCOPE; with `check` (the
     lead's command, argv), one on which it fails where base passed is BREAKS-CHECK."""
+    import shlex
     if not fleet.get("git"):
         return []
     changes, base = [], None
@@ -2905,13 +2909,17 @@ def collect_changes(fleet, check, timeout, problems):
         said = [x.strip() for x in (result_of(fleet, n)[0] or "").splitlines()]
         summary = next((x for x in said if x and not x.startswith(("#", "orch-key"))), "(its result file sums up nothing)")
         f = Finding(worker=n, k=0, claim=defang(one_line(summary, 200)), quote="", rest=[], rounds=[], finders=[n],
-                    also=[], change=dict(c._asdict(), commit=commit, scope=w.get("scope") or [], check=None,
+                    also=[], change=dict(c._asdict(), commit=commit, scope=scope_of(fleet, w, rel=True), check=None,
                                          diff=os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)))
         f.citation = "OUT-OF-SCOPE" if c.outside or c.escapes else "n/a"
         if check:
-            base = base or checked_in(fleet, "check-base", fleet["git"]["base"], check, timeout)
+            if base is None:
+                base = checked_in(fleet, "check-base", fleet["git"]["base"], check, timeout)
+                if base["exit"] != 0:
+                    problems.append("`%s` %s on base itself: no change can be told to break it; fix the command "
+                                    "(or base) and verify again" % (shlex.join(check), base["outcome"]))
             got = checked_in(fleet, "check-w%d" % n, commit, check, timeout)
-            f.change["check"] = {"command": " ".join(check), "base": base, "change": got}
+            f.change["check"] = {"command": shlex.join(check), "base": base, "change": got}
             if base["exit"] == 0 and got["exit"] != 0 and f.citation == "n/a":
                 f.citation = "BREAKS-CHECK"
         changes.append(f)
@@ -3103,7 +3111,8 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None, check=None, chec
     cache, dropped, incomplete, digests, made = {}, {}, [], {}, []
     for f in findings:
         f.citation = check_citation(fleet["workdir"], f, cache)
-        outside = [w.get("scope") for w in fleet["workers"] if w["n"] == f.worker and w.get("scope")]
+        outside = [scope_of(fleet, w, rel=True) for w in fleet["workers"] if w["n"] == f.worker]
+        outside = [x for x in outside if x]
         if f.path and outside and not any(in_scope(os.path.normpath(f.path), x) for x in outside[0]):
             problems.append("%s cites %s, outside W%d's scope (%s)" % (f.id, f.path, f.worker, ", ".join(outside[0])))
     findings += collect_changes(fleet, check, check_timeout, problems)
@@ -3480,8 +3489,8 @@ def cmd_brief(a):
         if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
             archive(old)
     scope = [checked_scope(x) for x in a.scope]
-    fleet["workers"][n - 1]["scope"] = scope
-    save_fleet(fleet)
+    with updating(fleet, "scopes.json") as scopes:      # briefs written at once each keep theirs
+        scopes[str(n)] = scope
     text = make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint], result, done,
                       scope=scope)
     write_file(path, text)
@@ -3499,7 +3508,7 @@ def checked_scope(path):
     """A --scope path, normalised: relative to the workdir and inside it."""
     rel = os.path.normpath(path.strip())
     if not path.strip() or os.path.isabs(rel) or rel == ".." or rel.startswith("../") or re.search(
-            "[%s%s%s`]" % (CONTROLS, BIDI, INVISIBLE), rel):
+            "[\n\t%s%s%s`]" % (CONTROLS, BIDI, INVISIBLE), rel):
         raise OrchError("--scope %r: give a path relative to the workdir and inside it, with no control "
                         "character or backtick" % path, 2)
     return rel
@@ -3854,7 +3863,7 @@ def cmd_merge(a):
     save_fleet(fleet)
     log_event(fleet, "merge", workers=merged, commit=head)
     print("orch/%s/merged at %s: %d change(s) on base %s%s" % (a.name, head[:12], len(merged), g["base"][:12],
-                                                                 ", each passing `%s`" % " ".join(check) if check else ""))
+                                                                 ", each passing `%s`" % shlex.join(check) if check else ""))
     hand_on = "git -C %s merge orch/%s/merged" % (shlex.quote(g["repo"]), a.name)
     if not a.ff:
         print("to take it: %s" % hand_on)
@@ -3874,6 +3883,7 @@ def merge_changes(fleet, changes, check, timeout):
     """Base, then each change that may go in (CONFIRMED in orch's record, in
     scope, its objects intact), merged in a checkout of orch's and checked
     there: (the last commit, what became of each, the workers merged)."""
+    import shlex
     g = fleet["git"]
     tree, said, merged = detached(fleet, "merge", g["base"]), [], []
     try:                                # the check runs the changes' code there: its .git file is theirs
@@ -3901,7 +3911,7 @@ def merge_changes(fleet, changes, check, timeout):
             git(tree, "reset", "-q", "--hard", "HEAD" if code == 0 else before, **here)   # orch's own checkout:
             git(tree, "clean", "-q", "-ffdx", **here)       # what the check wrote goes before the next
             if code != 0:
-                said.append("W%d.C: left out: `%s` %s once it is merged" % (n, " ".join(check), check_word(code)))
+                said.append("W%d.C: left out: `%s` %s once it is merged" % (n, shlex.join(check), check_word(code)))
                 continue
             merged.append(n)
             said.append("W%d.C: merged (snapshot %s)" % (n, commit[:12]))

@@ -1438,6 +1438,22 @@ def demo_job(seed=None, umask=None, python=None, workdir="demo"):
     return job
 
 
+def no_git_identity(env, root):
+    """env made to run git with no identity and no user config: a HOME of its
+    own under root, no GIT_* variables, no XDG config."""
+    for k in [k for k in env if k.startswith("GIT_") or k == "XDG_CONFIG_HOME"]:
+        del env[k]
+    env["HOME"] = os.path.join(root, "userhome")
+    os.makedirs(env["HOME"], exist_ok=True)
+
+
+def demo_worktrees_job(sb):
+    """`orch demo --worktrees`, where git knows nobody."""
+    no_git_identity(sb.env, sb.root)
+    sb.wd = os.path.join(sb.root, "demo-wörk-wt")
+    yield sb.orch("demo", sb.wd, "--worktrees", timeout=120)
+
+
 def verify_four_job(sb):
     """Four sim finders, W4 a liar that plants false findings (and as a verifier
     confirms everything), then `verify --rounds 2`."""
@@ -1457,6 +1473,7 @@ def shared_runs():
       demo-1, demo-2, demo-3 b `orch demo --seed S` (a seed with a space too)
       demo-umask0              `orch demo` started with umask 0
       demo-py38                `orch demo` run by Python 3.8 (only if one is found)
+      demo-worktrees           demo_worktrees_job
       verify-4                 verify_four_job"""
     if SHARED_RUNS:
         return SHARED_RUNS
@@ -1465,6 +1482,7 @@ def shared_runs():
     py38 = python38()
     if py38:
         jobs["demo-py38"] = demo_job(python=py38, workdir="demo-38")
+    jobs["demo-worktrees"] = demo_worktrees_job
     jobs["verify-4"] = verify_four_job
 
     def run(sb, job):
@@ -4169,18 +4187,19 @@ class Truth(OrchCase):
     def test_a_limited_worker_is_resumed_after_its_reset_and_never_before(self):
         limit = os.path.join(self.sb.root, "limit.ansi.txt")
         with open(limit, "w") as f:         # Codex's words, a reset a few seconds ahead
-            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro, or try again in 3 seconds.\n\n"
+            f.write("\u25a0 You've hit your usage limit. Upgrade to Pro, or try again in 6 seconds.\n\n"
                     "\u203a Ask Codex to do anything\n\n  ? for shortcuts\n")
-        typed = self.fake("codex", (0, "codex-idle"), (2.5, limit), fleet="grenze")
+        # idle 4 s (spawn's 2 s of settling and then some, on a loaded machine), then limited
+        typed = self.fake("codex", (0, "codex-idle"), (4, limit), fleet="grenze")
         self.spawn("grenze", 1, None, "codex")
         wait_for(lambda: self.states("grenze") == ["limited"], 10, what="the usage-limit screen")
         resets = self.status("grenze")["workers"][0]["resets"]
-        self.assertAlmostEqual(resets, time.time() + 3, delta=1.5)
+        self.assertAlmostEqual(resets, time.time() + 6, delta=1.5)
         self.assertIn("resets %s" % time.strftime("%H:%M", time.localtime(resets)), self.ok("status", "grenze").out)
         r = self.sb.orch("wait", "grenze", "--nudge", "--interval", "0.2", "--timeout", "0.5")
         self.assertEqual(r.code, 3, r)
         self.assertFalse(os.path.exists(typed), "nudged before the reset")
-        r = self.sb.orch("wait", "grenze", "--nudge", "--interval", "0.2", "--timeout", "3.5")
+        r = self.sb.orch("wait", "grenze", "--nudge", "--interval", "0.2", "--timeout", "6.5")
         self.assertEqual(r.code, 3, r)
         self.assertIn(b"Your usage limit has reset. Retry the exact step", read_bytes(typed))
         resumed = [e for e in self.sb.events("grenze", "resume")]
@@ -4923,7 +4942,8 @@ class Security(OrchCase):
 # A hostile worker, named aider (a line REPL, "> " when idle): each message is one
 # JSON list of steps, done in order, each logged to hostile.log in its own folder:
 #   ["write"|"append", path, text], ["replace", path, old, new], ["remove", path],
-#   ["wait", path] (until it exists), ["orch", argv, {env changes, null: unset}].
+#   ["wait", path] (until it exists), ["orch", argv, {env changes, null: unset}],
+#   ["run", argv, cwd] (says "exit <status>").
 HOSTILE = r"""#!%s
 import json, os, subprocess, sys, time
 log = os.path.join(os.environ["ORCH_OUT"], "hostile.log")
@@ -4957,6 +4977,10 @@ while True:
             elif step[0] == "remove":
                 os.remove(step[1])
                 said = "ok"
+            elif step[0] == "run":
+                r = subprocess.run(step[1], cwd=step[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=30)
+                said = "exit %%d" %% r.returncode
             else:
                 old = open(step[1], encoding="utf-8").read() if step[0] == "replace" else ""
                 text = old.replace(step[2], step[3]) if step[0] == "replace" else step[2]
@@ -5099,6 +5123,616 @@ class Isolation(OrchCase):
         self.assertEqual(report.count("(not written by orch) [orch] fleeT offen"), 2, report)   # rewritten, replayed
         self.assertNotIn("trust me", report)
         self.assertNotIn("F9", report)
+
+
+# =============================================================================
+# Write fleets (issue 25): a git worktree per worker, verify's snapshots and
+# --check, merge of CONFIRMED snapshots only, clean that keeps unmerged work.
+
+# A small package with its tests: a marker comment in each of three files.
+CALC = {
+    ".gitignore": "__pycache__/\n*.log\n",
+    "calc/__init__.py": "",
+    "calc/add.py": "def add(a, b):\n    # TODO: take any number of terms\n    return a + b\n",
+    "calc/mul.py": "def mul(a, b):\n    # FIXME: say what an overflow does\n    return a * b\n",
+    "calc/neg.py": "def neg(a):\n    # XXX: call it negate\n    return -a\n",
+    "docs/usage.txt": "add, mul and neg: see calc/.\n",
+    "tests/__init__.py": "",
+    "tests/test_calc.py": "import unittest\n\nfrom calc import add, mul, neg\n\n\nclass Calc(unittest.TestCase):\n"
+                          "    def test_add(self):\n        self.assertEqual(add.add(2, 3), 5)\n\n"
+                          "    def test_mul(self):\n        self.assertEqual(mul.mul(2, 3), 6)\n\n"
+                          "    def test_neg(self):\n        self.assertEqual(neg.neg(2), -2)\n",
+}
+# Each marked file as an honest fixer leaves it: without its marker line.
+FIXED = {rel: "".join(x for x in CALC[rel].splitlines(True) if "# " not in x)
+         for rel in ("calc/add.py", "calc/mul.py", "calc/neg.py")}
+FIXER = "sim --delay 0.1"
+FIX_GOAL = "the marker comments (TODO, FIXME, XXX) in your scope are stale and can go, keeping the tests green"
+CHECK = "%s -m unittest -q" % shlex.quote(sys.executable)
+LEAD = ["-c", "user.name=Lead", "-c", "user.email=lead@example.org"]      # the test's own commits, as the lead
+TRAP = "#!/bin/sh\ntouch '%s'\nexit 1\n"      # a hook or fsmonitor: it leaves its mark if anything runs it
+HOOKS = ("post-checkout", "post-merge", "post-commit", "pre-commit", "commit-msg", "reference-transaction",
+         "post-index-change", "pre-auto-gc", "post-rewrite", "pre-merge-commit", "prepare-commit-msg")
+
+
+class WriteFleets(OrchCase):
+    """`spawn --worktrees`: each worker changes code in a git worktree of its
+    own; verify snapshots each change and has others verify it (and --check
+    it); merge takes only CONFIRMED snapshots into orch/<name>/merged; clean
+    removes only what is empty or merged. Real git, tmux and sim workers, on a
+    HOME where git knows nobody."""
+
+    def setUp(self):
+        super().setUp()
+        no_git_identity(self.sb.env, self.sb.root)
+
+    # -- git, as the lead sees it
+    def git(self, cwd, *args, **kw):
+        """git args in cwd with the sandbox's env: its stdout; the exit status
+        must be kw code (default 0; None: any)."""
+        r = subprocess.run(["git"] + [str(a) for a in args], cwd=cwd, env=kw.get("env", self.sb.env),
+                           stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if kw.get("code", 0) is not None:
+            self.assertEqual(r.returncode, kw.get("code", 0), "git %s: %s" % (
+                " ".join(map(str, args)), r.stderr.decode("utf-8", "replace")))
+        return r.stdout.decode("utf-8", "surrogateescape")
+
+    def rev(self, repo, ref):
+        """The commit `ref` names, or '' where it names none."""
+        return self.git(repo, "rev-parse", "--verify", "-q", ref + "^{commit}", code=None).strip()
+
+    def files(self, repo, rev):
+        """{path: content} of every file in commit `rev` (a link: its target)."""
+        names = [p for p in self.git(repo, "ls-tree", "-r", "-z", "--name-only", rev).split("\0") if p]
+        return {p: self.git(repo, "cat-file", "blob", "%s:%s" % (rev, p)) for p in names}
+
+    def entries(self, repo, rev):
+        """{path: (mode, blob id)} of every file in commit `rev`."""
+        out = {}
+        for row in self.git(repo, "ls-tree", "-r", "-z", rev).split("\0"):
+            if row:
+                meta, path = row.split("\t", 1)
+                out[path] = (meta.split()[0], meta.split()[2])
+        return out
+
+    def repo(self, name, files=CALC):
+        """The lead's checkout: `files` committed once on branch `lead`."""
+        wd = self.sb.workdir(name, files)
+        self.git(wd, "init", "-q", "-b", "lead")
+        self.git(wd, "add", "-A")
+        self.git(wd, *LEAD, "commit", "-q", "-m", "base")
+        return wd
+
+    def lead(self, wd):
+        """What the lead has: its branch, HEAD, `git status` and every file outside .git."""
+        files = {k: v for k, v in tree_digest(wd).items() if k.split("/")[0] != ".git"}
+        return (self.git(wd, "symbolic-ref", "HEAD").strip(), self.rev(wd, "HEAD"),
+                self.git(wd, "status", "--porcelain"), files)
+
+    def worker(self, tree):
+        """What a worker has: its branch tip, index, `git status` and every file outside .git."""
+        files = {k: v for k, v in tree_digest(tree).items() if k.split("/")[0] != ".git"}
+        return (self.rev(tree, "HEAD"), self.git(tree, "ls-files", "-s"), self.git(tree, "status", "--porcelain"),
+                files)
+
+    def check_on(self, repo, rev, sb=None):
+        """CHECK's exit status on a copy of commit `rev`'s files."""
+        import tarfile
+        sb = sb or self.sb
+        out = tempfile.mkdtemp(dir=sb.root)
+        tar = subprocess.run(["git", "archive", "--format=tar", rev], cwd=repo, env=sb.env,
+                             stdout=subprocess.PIPE, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            t.extractall(out)
+        return subprocess.run(shlex.split(CHECK), cwd=out, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=60).returncode
+
+    def wt(self, name, n, *parts):
+        return self.sb.run(name, "worktrees", "w%d" % n, *parts)
+
+    def tip(self, name, n):
+        """Worker n's branch and the commit it is at, as git in its worktree says."""
+        return (self.git(self.wt(name, n), "symbolic-ref", "HEAD").strip(),
+                self.git(self.wt(name, n), "rev-parse", "HEAD").strip())
+
+    def poison(self, tree, marker):
+        """Set every git config the worker of `tree` can write (its git dir's
+        config.worktree; its own config where its git dir is its own) to run
+        `marker`'s trap as fsmonitor and hooks."""
+        gitdir = self.git(tree, "rev-parse", "--absolute-git-dir").strip()
+        section = self.traps(os.path.join(os.path.dirname(marker), os.path.basename(marker) + ".hooks"), marker)
+        for name in ["config.worktree"] + ["config"] * (os.path.commonpath([gitdir, tree]) == tree):
+            with open(os.path.join(gitdir, name), "a") as f:
+                f.write(section)
+
+    def fleet(self, name, wd, agents, scopes, *spawn_flags):
+        """A write fleet, worker n running agents[n-1]; each worker with a list
+        of scopes (None: no brief) briefed as a fixer of them, then waited for.
+        Returns spawn's Result."""
+        i, spawned = 0, None
+        while i < len(agents):
+            k = next((j for j in range(i, len(agents)) if agents[j] != agents[i]), len(agents)) - i
+            if i == 0:
+                spawned = self.ok("spawn", name, k, wd, "--worktrees", "--agent", agents[i], "--timeout", "20",
+                                  *spawn_flags)
+            else:
+                self.ok("add", name, k, "--agent", agents[i], "--timeout", "20")
+            i += k
+        briefed, paths = [n for n, s in enumerate(scopes, 1) if s is not None], {}
+        for n in briefed:                       # one at a time: each records its worker's scopes
+            r = self.ok("brief", name, n, "--role", "fixer", "--goal", FIX_GOAL,
+                        *[x for s in scopes[n - 1] for x in ("--scope", s)])
+            paths[n] = re.match(r"W\d+: brief written to (.+)$", r.out).group(1)
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(briefed))) as pool:      # sent side by side
+            sent = list(pool.map(lambda n: self.sb.orch("send", name, n, "Read and follow the brief in `%s` - work "
+                                                        "autonomously, do not wait for confirmation." % paths[n]),
+                                 briefed))
+        for r in sent:
+            self.assertEqual(r.code, 0, r)
+        self.ok("wait", name, *(briefed + ["--timeout", "30", "--interval", "0.2"]))
+        return spawned
+
+    def matrix(self, name):
+        return json.loads(self.sb.text(self.sb.run(name, "matrix.json")))
+
+    def traps(self, root, marker):
+        """A config section that runs `marker`'s trap as fsmonitor and as every hook."""
+        hooks = os.path.join(root, "hooks")
+        os.makedirs(hooks, exist_ok=True)
+        for hook in HOOKS:
+            write_exe(os.path.join(hooks, hook), TRAP % marker)
+        return "[core]\n\tfsmonitor = %s\n\thooksPath = %s\n" % (os.path.join(hooks, "post-checkout"), hooks)
+
+    # -- the tests
+    def test_only_confirmed_snapshots_are_merged_and_the_leads_checkout_is_untouched(self):
+        wd = self.repo("wörk-fix")
+        base = self.rev(wd, "HEAD")
+        write_tree(wd, {"notes.txt": "the lead's own, not committed\n"})
+        before = self.lead(wd)
+        r = self.fleet("fix", wd, [FIXER] * 3 + ["sim --lie 1 --verifier rubber-stamp --delay 0.1"],
+                       [["calc/add.py"], ["calc/mul.py"], ["calc/neg.py"], ["calc", "docs"]])
+        self.assertIn("fix: write fleet from base %s" % base[:12], r.out)
+        self.assertIn("fix: note: the lead's checkout has uncommitted changes (1 path(s))", r.out)
+        for n in (1, 2, 3, 4):                  # W4 came by `add`: a worktree all the same
+            self.assertEqual(self.tip("fix", n)[0], "refs/heads/orch/fix/w%d" % n)
+            self.assertEqual(self.git(self.wt("fix", n), "rev-parse", "HEAD^").strip(), base)   # its one commit
+            self.assertFalse(os.path.exists(self.wt("fix", n, "notes.txt")))
+        brief = self.sb.text(self.sb.shared("fix", "agent-4.task.md"))
+        self.assertIn("- Workdir: `%s`" % self.wt("fix", 4), brief)
+        self.assertIn("- Change only files under `calc`, `docs` (relative to the workdir)", brief)
+        self.assertIn("commit it there", brief)
+        self.assertEqual(self.git(self.wt("fix", 1), "log", "-1", "--format=%s|%an <%ae>").strip(),
+                         "Removed the stale marker comments in calc/add.py|orch <orch@localhost>")  # git knows nobody
+
+        r = self.ok("verify", "fix", "--check", CHECK, "--timeout", "30", timeout=120)
+        self.assertIn("0 findings: 0 confirmed, 0 refuted, 0 disputed, 0 bad citation, 0 unverifiable; 4 changes: "
+                      "3 confirmed, 0 refuted, 0 disputed, 1 breaks check, 0 out of scope, 0 unverifiable", r.out)
+        matrix = self.matrix("fix")
+        changes = {f["id"]: f for f in matrix["findings"]}
+        self.assertEqual({k: f["final"] for k, f in changes.items()},
+                         {"W1.C": "CONFIRMED", "W2.C": "CONFIRMED", "W3.C": "CONFIRMED", "W4.C": "BREAKS-CHECK"})
+        snaps = {n: self.rev(wd, "refs/orch/fix/w%d" % n) for n in (1, 2, 3, 4)}
+        for n, f in ((n, changes["W%d.C" % n]) for n in (1, 2, 3, 4)):
+            c = f["change"]
+            self.assertEqual(c["commit"], snaps[n], f)
+            self.assertEqual(self.git(wd, "rev-list", "--parents", "-n", "1", snaps[n]).split(), [snaps[n], base])
+            self.assertEqual(c["diff"], self.sb.shared("fix", "changes", "w%d.diff" % n))
+            self.assertIn("-    # ", self.sb.text(c["diff"]))
+            self.assertEqual(c["check"]["command"], " ".join(shlex.split(CHECK)))
+            self.assertEqual(c["check"]["base"]["outcome"], "passes", c)
+            self.assertEqual((c["binary"], c["deleted"], c["escapes"], c["outside"]), ([], [], [], []), c)
+            self.assertEqual(self.git(wd, "log", "-1", "--format=%an <%ae>", snaps[n]).strip(), "orch <orch@localhost>")
+            self.assertIn("\n\nW%d: Removed the stale marker comments in calc/" % n,
+                          self.git(wd, "log", "-1", "--format=%B", snaps[n]))   # its own commit's subject
+            if n < 4:
+                self.assertEqual((c["files"], c["added"], c["removed"], c["check"]["change"]["outcome"]),
+                                 (1, 0, 1, "passes"), c)
+                counted = [(v["verifier"], v["verdict"], v["check"]) for v in f["rounds"] if v["counts"]]
+                self.assertEqual(len(counted), 2, f)
+                self.assertTrue(all(v != n and word == "CONFIRMED" and check == "checked"
+                                    for v, word, check in counted), f)
+        w4 = changes["W4.C"]
+        self.assertEqual((w4["change"]["files"], w4["change"]["added"], w4["change"]["removed"]), (3, 1, 4), w4)
+        self.assertEqual(w4["change"]["check"]["change"]["outcome"], "fails (exit 1)")
+        self.assertIn("AssertionError: None != 5", w4["change"]["check"]["change"]["tail"])
+        self.assertEqual(w4["rounds"], [])                                  # final at once: nobody asked
+        self.assertEqual(list(matrix["dropped"]), ["4"])                    # the rubber stamp fabricated
+        briefs = {p: self.sb.text(p) for p in glob.glob(self.sb.shared("fix", "verify", "r*-w*.task.md"))}
+        lines = [(p, m) for p, text in briefs.items() for m in re.finditer(
+            r"^\s*W(\d)\.C \| commit ([0-9a-f]{40}) \| diff (\S+) \| worktree (\S+) \| (.+)$", text, re.M)]
+        self.assertTrue(lines, briefs)
+        for p, m in lines:
+            n = int(m.group(1))
+            self.assertNotIn("-w%d.task.md" % n, p)                         # never its author
+            self.assertEqual((m.group(2), m.group(3)), (snaps[n], self.sb.shared("fix", "changes", "w%d.diff" % n)))
+        md = self.sb.text(self.sb.shared("fix", "matrix.md"))
+        self.assertIn("## Changes", md)
+        self.assertIn("| W4.C | %s |" % snaps[4], md)
+        status = self.ok("status", "fix").out
+        self.assertRegex(status, r"\n  W1 .*\n        change: 1 file\(s\) \+0 -1\n")
+        self.assertRegex(status, r"\n  W4 .*\n        change: 3 file\(s\) \+1 -4\n")
+        self.assertEqual(self.lead(wd), before)
+
+        # The worktrees after verify's snapshot: nothing of it reaches the merge.
+        with open(self.wt("fix", 1, "calc", "add.py"), "a") as f:
+            f.write("print('after verify')\n")
+        write_tree(self.wt("fix", 2), {"calc/late.py": "x = 1\n"})
+        self.git(self.wt("fix", 3), *LEAD, "commit", "-q", "--allow-empty", "-m", "after verify")
+        r = self.ok("merge", "fix", "--check", CHECK, timeout=120)
+        merged = self.rev(wd, "refs/heads/orch/fix/merged")
+        for n in (1, 2, 3):
+            self.assertIn("W%d.C: merged (snapshot %s)" % (n, snaps[n][:12]), r.out)
+        self.assertIn("W4.C: left out: it is BREAKS-CHECK, not CONFIRMED", r.out)
+        self.assertIn("orch/fix/merged at %s: 3 change(s) on base %s" % (merged[:12], base[:12]), r.out)
+        self.assertIn("to take it: git -C %s merge orch/fix/merged" % shlex.quote(wd), r.out)
+        self.assertEqual([p.split() for p in self.git(wd, "log", "--first-parent", "--format=%P",
+                                                          "%s..%s" % (base, merged)).split("\n")[::-1] if p],
+                         [[self.rev(wd, "refs/heads/orch/fix/merged~%d" % (4 - n)), snaps[n]] for n in (1, 2, 3)])
+        was, want = self.entries(wd, base), self.entries(wd, base)
+        for n in (1, 2, 3):
+            want.update({p: e for p, e in self.entries(wd, snaps[n]).items() if was.get(p) != e})
+        self.assertEqual(self.entries(wd, merged), want)
+        self.assertEqual(self.files(wd, merged), dict(self.files(wd, base), **FIXED))
+        self.assertEqual((self.check_on(wd, merged), self.check_on(wd, base)), (0, 0))
+        self.assertNotEqual(self.check_on(wd, snaps[4]), 0)
+        self.assertEqual(self.lead(wd), before)                             # never touched without --ff
+
+        # --ff: only on a clean checkout still at base.
+        r = self.sb.orch("merge", "fix", "--ff")
+        self.assert_one_error_line(r, 1, "not clean")
+        self.assertIn("git -C %s merge orch/fix/merged" % shlex.quote(wd), r.err)
+        self.assertEqual(self.lead(wd), before)
+        os.remove(os.path.join(wd, "notes.txt"))
+        write_tree(wd, {"docs/usage.txt": "the lead moved on\n"})
+        self.git(wd, *LEAD, "commit", "-q", "-am", "the lead's own work")
+        moved = self.lead(wd)
+        r = self.sb.orch("merge", "fix", "--ff")
+        self.assert_one_error_line(r, 1, "no longer at base %s" % base[:12])
+        self.assertIn("git -C %s merge orch/fix/merged" % shlex.quote(wd), r.err)
+        self.assertEqual(self.lead(wd), moved)
+        self.git(wd, "reset", "-q", "--hard", base)
+        r = self.ok("merge", "fix", "--ff")
+        self.assertIn("fast-forwarded lead to orch/fix/merged", r.out)
+        self.assertEqual(self.rev(wd, "HEAD"), self.rev(wd, "refs/heads/orch/fix/merged"))
+        self.assertEqual(self.git(wd, "symbolic-ref", "HEAD").strip(), "refs/heads/lead")
+        self.assertEqual(self.git(wd, "status", "--porcelain"), "")
+        for rel, text in FIXED.items():
+            self.assertEqual(self.sb.text(os.path.join(wd, rel)), text)
+
+    def test_a_snapshot_takes_every_file_but_ignored_ones_and_clean_keeps_all_unmerged_work(self):
+        wd = self.repo("wörk-keep")
+        base = self.rev(wd, "HEAD")
+        self.fleet("keep", wd, [FIXER] * 6, [["calc/add.py"], ["calc/mul.py"], None, [], None, None],
+                   "--no-isolate")                                      # the path where bubblewrap is missing
+        # W4 fixed every marker and committed; more of its work lies staged, changed and untracked.
+        w4 = self.wt("keep", 4)
+        write_tree(w4, {"notes/staged.txt": "staged\n", "docs/usage.txt": "see calc/ and tests/\n",
+                        "notes/idea.txt": "an idea\n", "debug.log": "ignored\n",
+                        "calc/__pycache__/add.cpython.pyc": "ignored too\n"})
+        self.git(w4, "add", "notes/staged.txt")
+        workers = {n: self.worker(self.wt("keep", n)) for n in (1, 2, 4)}
+        r = self.ok("verify", "keep", "--timeout", "30", timeout=120)
+        self.assertIn("3 changes: 2 confirmed, 1 refuted, 0 disputed, 0 breaks check, 0 out of scope", r.out)
+        self.assertEqual({f["id"]: f["final"] for f in self.matrix("keep")["findings"]},
+                         {"W1.C": "CONFIRMED", "W2.C": "CONFIRMED", "W4.C": "REFUTED"})
+        self.assertEqual({n: self.worker(self.wt("keep", n)) for n in (1, 2, 4)}, workers)   # untouched
+        snap = self.rev(wd, "refs/orch/keep/w4")
+        self.assertEqual(self.files(wd, snap), dict(CALC, **dict(FIXED, **{      # committed, staged, changed, new
+            "notes/staged.txt": "staged\n", "docs/usage.txt": "see calc/ and tests/\n",
+            "notes/idea.txt": "an idea\n"})))
+        self.assertEqual(self.rev(wd, "refs/orch/keep/w3"), "")             # no change: no snapshot
+        self.assertFalse(os.path.exists(self.sb.shared("keep", "changes", "w3.diff")))
+
+        r = self.sb.orch("merge", "keep", "4")
+        self.assert_one_error_line(r, 1, "no change merged")
+        self.assertIn("W4.C: left out: it is REFUTED, not CONFIRMED", r.out)
+        self.assertEqual(self.rev(wd, "refs/heads/orch/keep/merged"), "")
+        r = self.ok("merge", "keep", "1")                                   # W2's stays unmerged
+        self.assertNotIn("W2.C", r.out)
+        self.assertEqual(self.rev(wd, "refs/heads/orch/keep/merged^2"), self.rev(wd, "refs/orch/keep/w1"))
+        write_tree(self.wt("keep", 5), {"docs/usage.txt": "W5's, not committed\n"})
+        write_tree(self.wt("keep", 6), {"notes/w6.txt": "W6's, untracked\n"})
+        tip6 = self.tip("keep", 6)
+        self.ok("respawn", "keep", 6)                                       # a new agent, the same worktree
+        self.assertEqual((self.tip("keep", 6), self.sb.text(self.wt("keep", 6, "notes", "w6.txt"))),
+                         (tip6, "W6's, untracked\n"))
+
+        self.assert_one_error_line(self.sb.orch("clean", "keep"), 1, "is live")
+        tips, refs = {n: self.tip("keep", n) for n in range(1, 7)}, self.git(wd, "for-each-ref", "refs/orch/keep")
+        self.assertEqual(len(refs.splitlines()), 3, refs)                   # the snapshots of W1, W2, W4
+        merged = self.rev(wd, "refs/heads/orch/keep/merged")
+        self.ok("kill", "keep")                                             # kill leaves every one of them
+        self.assertEqual(({n: self.tip("keep", n) for n in range(1, 7)}, self.git(wd, "for-each-ref", "refs/orch/keep"),
+                          self.rev(wd, "refs/heads/orch/keep/merged")), (tips, refs, merged))
+        self.assert_one_error_line(self.sb.orch("spawn", "keep", 1, wd, "--worktrees", "--force", "--agent", FIXER),
+                                   1, "orch clean keep")
+        self.assertFalse(self.sb.has_session("keep"))
+        self.assertEqual({n: self.tip("keep", n) for n in range(1, 7)}, tips)
+
+        r = self.ok("clean", "keep")
+        said = dict(re.findall(r"^W(\d): (.*)$", r.out, re.M))
+        for n, why in ((1, "its change is merged"), (3, "its change is empty")):
+            self.assertRegex(said.get(str(n), ""), r"^removed %s .*\(%s\)$" % (re.escape(self.wt("keep", n)), why))
+            self.assertFalse(os.path.lexists(self.wt("keep", n)))
+        for n, diff in ((2, self.sb.shared("keep", "changes", "w2.diff")), (4, self.sb.shared("keep", "changes", "w4.diff")),
+                        (5, "no snapshot yet"), (6, "no snapshot yet")):
+            self.assertRegex(said.get(str(n), ""), r"^kept %s\b.*: its change is neither empty nor merged \(%s\)$"
+                             % (re.escape(self.wt("keep", n)), re.escape(diff)))
+            self.assertEqual(self.tip("keep", n), tips[n])
+        self.assertEqual(self.git(self.wt("keep", 2), "rev-parse", "HEAD^").strip(), base)   # committed, not merged
+        self.assertEqual(self.worker(w4), workers[4])
+        self.assertEqual(self.sb.text(self.wt("keep", 5, "docs", "usage.txt")), "W5's, not committed\n")
+        self.assertEqual(self.sb.text(self.wt("keep", 6, "notes", "w6.txt")), "W6's, untracked\n")
+
+        r = self.ok("clean", "keep", "--force")
+        for n in (2, 4, 5, 6):
+            self.assertRegex(r.out, r"(?m)^W%d: removed %s .*\(--force\)$" % (n, re.escape(self.wt("keep", n))))
+        self.assertEqual(glob.glob(self.sb.run("keep", "worktrees", "*")), [])
+        self.assertEqual(self.git(wd, "worktree", "list", "--porcelain").count("worktree "), 1)
+        self.assertEqual(self.git(wd, "branch", "--list", "orch/keep/w*"), "")
+        self.assertEqual((self.git(wd, "for-each-ref", "refs/orch/keep"), self.rev(wd, "refs/heads/orch/keep/merged")),
+                         (refs, merged))
+        for n in (1, 2, 4):
+            self.assertTrue(os.path.isfile(self.sb.shared("keep", "changes", "w%d.diff" % n)))
+        self.assertEqual(self.rev(wd, "HEAD"), base)
+
+    def test_out_of_scope_links_out_and_hostile_git_config_are_never_merged_or_run(self):
+        wd = self.repo("wörk-wild")
+        self.git(wd, "config", "extensions.worktreeConfig", "true")       # a worktree's own config is live
+        base = self.rev(wd, "HEAD")
+        self.fleet("wild", wd, [FIXER] * 5, [["calc"], ["calc/mul.py"], ["calc/neg.py"], ["calc/add.py"], ["tests"]])
+        evil, ran = os.path.join(self.sb.root, "evil"), os.path.join(self.sb.root, "evil.ran")
+        write_tree(evil, {"EVIL": "not this repository's\n"})
+        self.git(evil, "init", "-q")
+        self.git(evil, "add", "-A")
+        self.git(evil, *LEAD, "commit", "-q", "-m", "evil")
+        with open(os.path.join(evil, ".git", "config"), "a") as f:
+            f.write(self.traps(evil, ran))
+        # W1: links out of the tree, and a config of its worktree's own that would run its hooks.
+        os.symlink("/etc/passwd", self.wt("wild", 1, "calc", "passwd"))
+        os.symlink("../../../../secret", self.wt("wild", 1, "calc", "up"))
+        os.symlink("add.py", self.wt("wild", 1, "calc", "inside"))
+        ran1 = os.path.join(self.sb.root, "worktree-config.ran")
+        self.poison(self.wt("wild", 1), ran1)
+        # W2: a file outside its scope. W3: the tests deleted, and a name that is an attack on a terminal.
+        write_tree(self.wt("wild", 2), {"docs/usage.txt": "W2 was here\n"})
+        os.remove(self.wt("wild", 3, "tests", "test_calc.py"))
+        name = "evil\nname\x1b]0;pwned\x07\x1b[31m\x9b\u202e.py"
+        write_tree(self.wt("wild", 3), {name: "x = 1\n"})
+        # W4: its worktree's .git made to point at another repository.
+        if os.path.isdir(self.wt("wild", 4, ".git")):
+            shutil.rmtree(self.wt("wild", 4, ".git"))
+        with open(self.wt("wild", 4, ".git"), "w") as f:
+            f.write("gitdir: %s\n" % os.path.join(evil, ".git"))
+        # W5: a test that, once run by --check, points the checkout's .git there too.
+        write_tree(self.wt("wild", 5), {"tests/test_evil.py": "with open('.git', 'w') as f:\n"
+                                        "    f.write('gitdir: %s\\n')\nprint('evil: .git rewritten')\n"
+                                        % os.path.join(evil, ".git")})
+
+        status, js = self.ok("status", "wild"), self.status("wild")
+        r = self.ok("verify", "wild", "--check", CHECK, "--timeout", "30", timeout=120)
+        self.assertIn("5 changes: 1 confirmed, 1 refuted, 0 disputed, 0 breaks check, 3 out of scope, 0 unverifiable",
+                      r.out)
+        matrix = self.matrix("wild")
+        self.assertIn("evil: .git rewritten", matrix["findings"][4]["change"]["check"]["change"]["tail"])
+        self.assertEqual({f["id"]: (f["final"], len(f["rounds"])) for f in matrix["findings"]},
+                         {"W1.C": ("OUT-OF-SCOPE", 0), "W2.C": ("OUT-OF-SCOPE", 0), "W3.C": ("OUT-OF-SCOPE", 0),
+                          "W4.C": ("CONFIRMED", 2), "W5.C": ("REFUTED", 2)})
+        changes = {w["n"]: w["change"] for w in js["workers"]}
+        self.assertEqual(changes[1]["escapes"], ["calc/passwd -> /etc/passwd", "calc/up -> ../../../../secret"])
+        self.assertEqual(changes[2]["outside"], ["docs/usage.txt"])
+        self.assertEqual((changes[3]["deleted"], changes[3]["outside"]), (["tests/test_calc.py"],
+                                                                          sorted([name, "tests/test_calc.py"])))
+        self.assertEqual(matrix["findings"][0]["change"]["escapes"], changes[1]["escapes"])
+        rows = status.out.splitlines()
+        shown = {int(rows[i][3]): rows[i + 1] for i in range(len(rows) - 1) if re.match(r"  W\d ", rows[i])}
+        self.assertIn("links out: calc/passwd -> /etc/passwd, calc/up -> ../../../../secret", shown[1])
+        self.assertIn("OUT OF SCOPE: docs/usage.txt", shown[2])
+        self.assertIn("deletes: tests/test_calc.py", shown[3])
+        self.assertIn("\\u001b]0;pwned\\u0007\\u001b[31m\\u009b\\u202e.py", shown[3])    # one line, escaped
+        self.assertRegex(shown[3], r"^        change: .*OUT OF SCOPE: .*evil")
+        md = self.sb.text(self.sb.shared("wild", "matrix.md"))
+        (row,) = [x for x in md.splitlines() if x.startswith("| W3.C | %s" % matrix["findings"][2]["change"]["commit"])]
+        self.assertIn("\\u001b]0;pwned\\u0007", row)
+        self.assertIn("deletes: tests/test_calc.py", row)
+
+        r1 = self.ok("merge", "wild", "--check", CHECK, timeout=120)
+        for n in (1, 2, 3):
+            self.assertIn("W%d.C: left out: it is OUT-OF-SCOPE, not CONFIRMED" % n, r1.out)
+        self.assertIn("W5.C: left out: it is REFUTED, not CONFIRMED", r1.out)
+        snaps = {n: self.rev(wd, "refs/orch/wild/w%d" % n) for n in range(1, 6)}
+        self.assertEqual(self.files(wd, "refs/heads/orch/wild/merged"),
+                         dict(self.files(wd, base), **{"calc/add.py": FIXED["calc/add.py"]}))
+        # Verifiers fooled into confirming each: merge still leaves out what leaves its scope, and the
+        # check that rewrites its checkout's .git cannot send orch's git elsewhere.
+        record = self.matrix("wild")
+        for f in record["findings"]:
+            f["final"] = "CONFIRMED"
+        with open(self.sb.run("wild", "matrix.json"), "w") as f:
+            json.dump(record, f)
+        r2 = self.ok("merge", "wild", "--check", CHECK, timeout=120)
+        for n in (1, 2, 3):
+            self.assertIn("W%d.C: left out: it leaves its scope or links out of the tree" % n, r2.out)
+        self.assertIn("W5.C: merged (snapshot %s)" % snaps[5][:12], r2.out)
+        merged = self.rev(wd, "refs/heads/orch/wild/merged")
+        self.assertEqual(self.git(wd, "log", "--first-parent", "--format=%P", "-n", "2", merged).split(),
+                         [self.rev(wd, merged + "^"), snaps[5], self.rev(wd, merged + "~2"), snaps[4]])
+        self.assertEqual(self.files(wd, merged), dict(self.files(wd, base), **{
+            "calc/add.py": FIXED["calc/add.py"], "tests/test_evil.py": self.files(wd, snaps[5])["tests/test_evil.py"]}))
+        self.ok("kill", "wild")
+        self.assertEqual((os.path.exists(ran), os.path.exists(ran1)), (False, False))
+        # The traps are live: git run the plain way in those worktrees runs them.
+        self.git(self.wt("wild", 1), "status", code=None)
+        self.git(self.wt("wild", 4), "status", code=None)
+        self.assertEqual((os.path.exists(ran), os.path.exists(ran1)), (True, True))
+        os.remove(ran)
+        os.remove(ran1)
+        cleaned = [self.ok("clean", "wild"), self.ok("clean", "wild", "--force")]
+        self.assertRegex(cleaned[0].out, r"(?m)^W5: removed %s .*\(its change is merged\)$"
+                         % re.escape(self.wt("wild", 5)))
+        self.assertRegex(cleaned[0].out, r"(?m)^W1: kept %s\b" % re.escape(self.wt("wild", 1)))
+        self.assertEqual(glob.glob(self.sb.run("wild", "worktrees", "*")), [])
+        self.assertEqual((os.path.exists(ran), os.path.exists(ran1)), (False, False))
+        for r in [status, r, r1, r2, self.ok("report", "wild"), self.ok("status", "wild", "--json")] + cleaned:
+            for ch in RAW_CONTROLS:
+                self.assertNotIn(ch, r.out + r.err, (ch, r))
+        self.assertEqual(self.rev(wd, "HEAD"), base)
+
+    def test_a_huge_change_is_cut_and_verified_in_bounded_time(self):
+        wd = self.repo("wörk-huge")
+        self.fleet("huge", wd, [FIXER] * 2, [["calc"], None])
+        with open(self.wt("huge", 1, "calc", "big.txt"), "w") as f:
+            f.write("a line of the huge file\n" * 720000)                   # 17.3 MB: past the 16 MB orch reads
+        with open(self.wt("huge", 1, "calc", "blob.bin"), "wb") as f:
+            f.write(bytes(range(256)) * 64)
+        status = self.status("huge")["workers"][0]["change"]
+        self.assertEqual((status["files"], status["added"], status["binary"]), (5, 720000, ["calc/blob.bin"]), status)
+        t0 = time.monotonic()
+        r = self.ok("verify", "huge", "--timeout", "30", timeout=120)
+        self.assertLess(time.monotonic() - t0, 60, r)
+        diff = read_bytes(self.sb.shared("huge", "changes", "w1.diff"))
+        self.assertLess(len(diff), (16 << 20) + 300)
+        self.assertRegex(diff.decode("utf-8", "replace").rsplit("\n", 2)[-2], r"^\[orch: the diff is cut at 16777216 "
+                         r"bytes: `git diff [0-9a-f]{40} [0-9a-f]{40}` shows it whole\]$")
+        self.assertIn("binary: calc/blob.bin", self.sb.text(self.sb.shared("huge", "matrix.md")))
+        (f,) = self.matrix("huge")["findings"]
+        # The verifiers cite the huge file's real first line: too big for orch to read, not a lie of theirs.
+        self.assertEqual(self.matrix("huge")["dropped"], {}, f["rounds"])
+        self.assertTrue(all(not v["check"].startswith("fabricated") for v in f["rounds"]), f["rounds"])
+
+    @unittest.skipUnless(BWRAP, "needs bubblewrap (apt-get install bubblewrap)")
+    def test_isolated_a_worker_commits_on_its_branch_and_writes_nothing_of_anothers(self):
+        wd = self.repo("wörk-zelle")
+        base, gitdir = self.rev(wd, "HEAD"), os.path.join(wd, ".git")
+        bindir = os.path.join(self.sb.root, "bin")
+        os.makedirs(bindir)
+        write_exe(os.path.join(bindir, "aider"), HOSTILE % (sys.executable, ORCH_PY))
+        self.sb.env["PATH"] = bindir + os.pathsep + self.sb.env["PATH"]
+        r = self.ok("spawn", "zelle", 1, wd, "--worktrees", "--agent", FIXER, "--timeout", "20")
+        self.assertIn("workers are isolated", r.out)
+        self.ok("add", "zelle", 1, "--agent", "aider", "--timeout", "20")
+        before = self.lead(wd), self.worker(self.wt("zelle", 1)), read_bytes(os.path.join(gitdir, "config"))
+        own = self.wt("zelle", 2)
+        steps = [["write", os.path.join(own, "calc", "own.py"), "x = 2\n"],
+                 ["run", ["git", "add", "-A"], own],
+                 ["run", ["git", "commit", "-q", "-m", "W2 was here"], own],
+                 ["write", self.wt("zelle", 1, "calc", "theirs.py"), "x = 3\n"],
+                 ["append", os.path.join(wd, "calc", "add.py"), "x = 4\n"],
+                 ["write", os.path.join(gitdir, "refs", "heads", "lead"), "0" * 40 + "\n"],
+                 ["write", os.path.join(gitdir, "config"), "[core]\n\tbare = true\n"],
+                 ["write", os.path.join(gitdir, "hooks", "post-checkout"), "#!/bin/sh\n"],
+                 ["run", ["git", "--git-dir", gitdir, "update-ref", "-d", "refs/heads/lead"], own]]
+        self.ok("send", "zelle", 2, json.dumps(steps))
+        log = self.sb.shared("zelle", "w2", "hostile.log")
+        wait_for(lambda: os.path.exists(log) and len(self.sb.text(log).splitlines()) >= len(steps), 30,
+                 what="W2's steps")
+        said = [json.loads(x)[2] for x in self.sb.text(log).splitlines()]
+        self.assertEqual(said[:3], ["ok", "exit 0", "exit 0"], said)
+        self.assertEqual(said[3:8], ["refused: Read-only file system"] * 5, said)
+        self.assertNotEqual(said[8], "exit 0", said)
+        self.assertEqual(self.tip("zelle", 2)[0], "refs/heads/orch/zelle/w2")
+        self.assertEqual(self.git(own, "log", "-1", "--format=%s %P").strip(), "W2 was here " + base)
+        self.assertEqual(self.git(own, "show", "HEAD:calc/own.py"), "x = 2\n")
+        self.assertEqual((self.lead(wd), self.worker(self.wt("zelle", 1)),
+                          read_bytes(os.path.join(gitdir, "config"))), before)
+        self.assertFalse(os.path.exists(os.path.join(gitdir, "hooks", "post-checkout")))
+
+    def test_demo_worktrees_catches_the_liar_and_merges_a_branch_that_passes(self):
+        sb, r = self.shared_run("demo-worktrees")
+        self.assertRegex(r.out, r"\d+\.\ds  snapshot worker=4 commit=[0-9a-f]{40} change=3 file\(s\) \+1 -4 "
+                                r"verdict=BREAKS-CHECK\n")
+        self.assertIn("4 changes: 3 confirmed, 0 refuted, 0 disputed, 1 breaks check, 0 out of scope, 0 unverifiable",
+                      r.out)
+        for n in (1, 2, 3):
+            self.assertRegex(r.out, r"\n +W%d\.C: merged \(snapshot [0-9a-f]{12}\)\n" % n)
+        self.assertRegex(r.out, r"\n +W4\.C: left out: it is BREAKS-CHECK, not CONFIRMED\n")
+        self.assertIn("merged: `git -C %s log --stat orch/demo/merged`" % sb.wd, r.out)
+        finals = {f["id"]: f["final"] for f in json.loads(sb.text(sb.run("demo", "matrix.json")))["findings"]}
+        self.assertEqual(finals, {"W1.C": "CONFIRMED", "W2.C": "CONFIRMED", "W3.C": "CONFIRMED",
+                                  "W4.C": "BREAKS-CHECK"})
+        merged = self.git(sb.wd, "rev-parse", "refs/heads/orch/demo/merged", env=sb.env).strip()
+        base = self.git(sb.wd, "rev-parse", "HEAD", env=sb.env).strip()            # the demo takes nothing in
+        self.assertEqual(self.git(sb.wd, "rev-list", "--count", "%s..%s" % (base, merged), env=sb.env).strip(), "6")
+        self.assertEqual(self.check_on(sb.wd, merged, sb), 0)
+        self.assertNotEqual(self.check_on(sb.wd, "refs/orch/demo/w4", sb), 0)
+        self.assertEqual(self.git(sb.wd, "log", "-1", "--format=%an", merged, env=sb.env).strip(), "orch")
+        self.assertEqual(self.git(sb.wd, "status", "--porcelain", env=sb.env), "")
+        self.assertEqual(glob.glob(sb.run("demo", "worktrees", "*")), [])          # and cleans up after itself
+
+    def test_briefs_written_at_once_each_keep_their_scope(self):
+        wd = self.repo("wörk-race")
+        self.ok("spawn", "race", 8, wd, "--worktrees", "--agent", FIXER, "--timeout", "0")
+        for scope in ("calc", "docs"):          # a lead briefing its fixers side by side, twice
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                said = list(pool.map(lambda n: self.sb.orch("brief", "race", n, "--role", "fixer", "--goal", FIX_GOAL,
+                                                            "--scope", scope), range(1, 9)))
+            self.assertEqual([r.code for r in said], [0] * 8, said)
+        for n in range(1, 9):
+            write_tree(self.wt("race", n), {"calc/x.py": "x = %d\n" % n})
+        rows = self.ok("status", "race").out.splitlines()
+        shown = {int(rows[i][3]): rows[i + 1] for i in range(len(rows) - 1) if re.match(r"  W\d ", rows[i])}
+        self.assertEqual({n: "OUT OF SCOPE: calc/x.py" in line for n, line in shown.items()},
+                         dict.fromkeys(range(1, 9), True), shown)     # each has the scope its last brief gave it
+
+    def test_bad_input_is_one_line_and_changes_nothing(self):
+        plain = self.sb.workdir("wörk-plain", {"a.py": "x = 1\n"})
+        self.assert_one_error_line(self.sb.orch("spawn", "nogit", 2, plain, "--worktrees", "--agent", FIXER),
+                                   2, "is not in a git repository")
+        fresh = self.sb.workdir("wörk-fresh", {"a.py": "x = 1\n"})
+        self.git(fresh, "init", "-q")
+        self.assert_one_error_line(self.sb.orch("spawn", "fresh", 2, fresh, "--worktrees", "--agent", FIXER),
+                                   2, "has no commit yet")
+        for name in ("nogit", "fresh"):
+            self.assertFalse(self.sb.has_session(name))
+            self.assertFalse(os.path.exists(self.sb.run(name, "worktrees")))
+        wd = self.repo("wörk-bad")
+
+        # A fleet without worktrees: no --check, merge or clean; no change in status.
+        self.ok("spawn", "plain", 2, plain, "--agent", FIXER, "--timeout", "0")
+        open(self.sb.shared("plain", "w1", "done"), "w").close()
+        calls = [["verify", "plain", "--check", CHECK], ["merge", "plain"], ["clean", "plain"]] + [
+            ["brief", "plain", 1, "--role", "fixer", "--goal", "g", "--scope", bad]
+            for bad in ("/etc", "..", "../x", "calc/../../x", "a\x07b", "a`b", "", "a\nb", "a\tb", "a\u202eb")]
+        for call, r in zip(calls, self.sb.orch_each([(c, {}) for c in calls])):
+            self.assert_one_error_line(r, 2, "--scope" if call[0] == "brief" else "--worktrees")
+        self.assertNotIn("change", self.status("plain")["workers"][0])
+
+        # A write fleet, before any verify.
+        self.ok("spawn", "wf", 2, wd, "--worktrees", "--agent", FIXER, "--timeout", "0")
+        self.assert_one_error_line(self.sb.orch("merge", "wf"), 1, "no verified change of fleet 'wf' to merge")
+        open(self.sb.shared("wf", "w1", "done"), "w").close()
+        for check in ("", "'unclosed", "   "):
+            self.assert_one_error_line(self.sb.orch("verify", "wf", "--check", check), 2, "--check")
+        self.assert_one_error_line(self.sb.orch("clean", "wf"), 1, "is live")
+        change = self.status("wf")["workers"][0]["change"]
+        self.assertEqual({k: change.get(k) for k in ("files", "added", "removed", "binary", "deleted", "escapes",
+                                                     "outside")},
+                         {"files": 0, "added": 0, "removed": 0, "binary": [], "deleted": [], "escapes": [],
+                          "outside": []}, change)
+        # A git failure is one line naming the git command, and removes nothing.
+        self.ok("kill", "wf")
+        with open(self.sb.run("wf", "matrix.json"), "w") as f:         # a snapshot the repository lost
+            json.dump({"findings": [{"id": "W1.C", "worker": 1, "final": "CONFIRMED",
+                                     "change": {"commit": "1" * 40}}]}, f)
+        self.git(wd, "branch", "orch/wf/merged")                          # an earlier fleet's, say
+        self.assert_one_error_line(self.sb.orch("merge", "wf"), 1, "branch orch/wf/merged is at %s, which orch did "
+                                   "not make" % self.rev(wd, "HEAD")[:12])
+        self.assertEqual(self.rev(wd, "refs/heads/orch/wf/merged"), self.rev(wd, "HEAD"))
+        self.git(wd, "branch", "-D", "orch/wf/merged")
+        r = self.sb.orch("merge", "wf")
+        self.assert_one_error_line(r, 1, "`git ")
+        self.assertRegex(r.err, r"`git [^`]+` failed \(exit \d+\)")
+        self.assertEqual(self.rev(wd, "refs/heads/orch/wf/merged"), "")
+        with open(self.sb.run("wf", "git", "w1.index"), "wb") as f:     # orch's own index of W1's files, broken
+            f.write(b"DIRC not an index")
+        r = self.sb.orch("status", "wf")
+        self.assertNotIn("Traceback", r.err, r)
+        self.assertRegex(r.out + r.err, r"W1.*`git [^`]+` failed \(exit \d+\)")
+        r = self.sb.orch("clean", "wf")
+        self.assertNotIn("Traceback", r.err, r)
+        self.assertRegex(r.out + r.err, r"W1.*`git [^`]+` failed \(exit \d+\)")
+        self.assertTrue(os.path.isdir(self.wt("wf", 1)), r)
 
 
 PY39_ATTRS = {"removeprefix", "removesuffix", "is_relative_to", "randbytes", "waitstatus_to_exitcode",
@@ -6264,11 +6898,12 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 100-110 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 42, "Isolation": 20, "Bounded": 14, "Truth": 37, "States": 28, "Attention": 14, "Harness": 28, "Verification": 12,
+COST = {"Hostile": 42, "Isolation": 20, "Bounded": 14, "Truth": 41, "States": 28, "Attention": 14, "Harness": 28, "Verification": 12,
         "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
-        "Structure": 6, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4}
+        "Structure": 6, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4,
+        "WriteFleets": 40}
 PARTS = 5
-TOGETHER = ("Verification", "Security", "Python38")
+TOGETHER = ("Verification", "Security", "Python38", "WriteFleets")
 
 
 def run_in_parts():
