@@ -2888,9 +2888,19 @@ def collect_changes(fleet, check, timeout, problems):
     snapshotted before any verifier is briefed. A change that leaves its
     scopes or adds a link out of the tree is OUT-OF-SCOPE; with `check` (the
     lead's command, argv), one on which it fails where base passed is BREAKS-CHECK."""
-    import shlex
     if not fleet.get("git"):
         return []
+    tree = detached(fleet, "check", fleet["git"]["base"]) if check else None     # one, made clean for each run
+    try:
+        return changes_checked(fleet, check, timeout, problems, tree)
+    finally:
+        if tree:
+            drop_tree(fleet, tree)
+
+
+def changes_checked(fleet, check, timeout, problems, tree):
+    """collect_changes() with the check run in orch's checkout `tree`."""
+    import shlex
     changes, base = [], None
     for w in fleet["workers"]:
         n = w["n"]
@@ -2914,11 +2924,11 @@ def collect_changes(fleet, check, timeout, problems):
         f.citation = "OUT-OF-SCOPE" if c.outside or c.escapes else "n/a"
         if check:
             if base is None:
-                base = checked_in(fleet, "check-base", fleet["git"]["base"], check, timeout)
+                base = checked_in(fleet, tree, fleet["git"]["base"], check, timeout)
                 if base["exit"] != 0:
                     problems.append("`%s` %s on base itself: no change can be told to break it; fix the command "
                                     "(or base) and verify again" % (shlex.join(check), base["outcome"]))
-            got = checked_in(fleet, "check-w%d" % n, commit, check, timeout)
+            got = checked_in(fleet, tree, commit, check, timeout)
             f.change["check"] = {"command": shlex.join(check), "base": base, "change": got}
             if base["exit"] == 0 and got["exit"] != 0 and f.citation == "n/a":
                 f.citation = "BREAKS-CHECK"
@@ -2927,13 +2937,13 @@ def collect_changes(fleet, check, timeout, problems):
     return changes
 
 
-def checked_in(fleet, label, commit, argv, timeout):
-    """The lead's check on `commit`, in a clean detached worktree made for it and removed after."""
-    tree = detached(fleet, label, commit)
-    try:
-        code, tail = run_check(fleet, tree, argv, timeout)
-    finally:
-        drop_tree(fleet, tree)
+def checked_in(fleet, tree, commit, argv, timeout):
+    """The lead's check on `commit`, in orch's checkout `tree` made clean at
+    it first (through git's record of the tree: the last check ran code there)."""
+    here = in_tree(fleet, tree)
+    git(tree, "checkout", "-q", "-f", "--detach", commit, **here)
+    git(tree, "clean", "-q", "-ffdx", **here)
+    code, tail = run_check(fleet, tree, argv, timeout)
     return {"exit": code, "outcome": check_word(code), "tail": tail}
 
 
@@ -3958,7 +3968,7 @@ def cmd_clean(a):
 def glob_trees(fleet):
     import glob
     return [p for p in glob.glob(os.path.join(glob.escape(fleet["run"]), "worktrees", "*"))
-            if re.search(r"/(check-[a-z0-9-]+|merge)$", p)]
+            if re.search(r"/(check(-[a-z0-9-]+)?|merge)$", p)]
 
 
 def cmd_kill(a):

@@ -2299,6 +2299,36 @@ class RealPlugin(OrchCase):
         self.assertEqual([p for p in json.loads(plugin("list", "--json")) if p["id"] == "orch@orch"], [])
 
 
+def commits_in_its_worktree(case, agent, edit):
+    """A write fleet of 2 real `agent` workers on a fresh repository (HOME is
+    the test's own user: git knows nobody there): W1 makes the change with
+    `edit` (its worktree filled in) and commits it with the allowed git
+    commands, unasked; verify snapshots it, and the lead's branch stays."""
+    sb = case.sb
+    repo = sb.workdir("repo-" + agent, {"app.py": "print('helo')\n"})
+
+    def git(cwd, *args):
+        return subprocess.run(["git"] + list(args), cwd=cwd, env=sb.env, check=True, stdout=subprocess.PIPE,
+                              universal_newlines=True).stdout.strip()
+    git(repo, "init", "-q", "-b", "lead")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=Lead", "-c", "user.email=lead@example.org", "commit", "-qm", "base")
+    base = git(repo, "rev-parse", "HEAD")
+    case.ok("spawn", "wt", "2", repo, "--agent", agent, "--worktrees", "--timeout", "60", timeout=90)
+    tree, shared = sb.run("wt", "worktrees", "w1"), sb.shared("wt")
+    case.ok("send", "wt", "1", "-", stdin="\n".join([edit % tree, "BASH git add app.py && git commit -q -m 'Fix the "
+                                                    "greeting'", "BASH echo fixed > %s/w1/result.md" % shared,
+                                                    "BASH touch %s/w1/done" % shared]))
+    w = case.ok("wait", "wt", "1", "--timeout", "60", "--interval", "0.5", timeout=90)
+    case.assertNotRegex(w.out, r"permission|dialog|exited|unknown")
+    case.assertEqual(git(tree, "log", "-1", "--format=%s", "orch/wt/w1"), "Fix the greeting")
+    case.assertEqual(git(tree, "show", "orch/wt/w1:app.py"), "print('hello')")
+    case.assertEqual((git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")), (base, ""))
+    sb.orch("verify", "wt", "--timeout", "3")          # W2's verdict does not matter here: the snapshot does
+    case.assertEqual(git(repo, "show", "refs/orch/wt/w1:app.py"), "print('hello')")
+    case.assertIn("W1: Fix the greeting", git(repo, "log", "-1", "--format=%B", "refs/orch/wt/w1"))
+
+
 class RealCLI(OrchCase):
     """What the real-CLI fleets share: ORCH_HOME outside /tmp (where users have
     it), leftovers ended by PID, real screens kept for .ci/screens."""
@@ -2389,6 +2419,9 @@ class RealClaude(RealCLI):
         self.assertEqual(left, [], "left after `orch kill`: %s" % [self.cmdline(p) for p in left])
 
     # -- the tests
+    def test_a_fixer_commits_in_its_worktree_with_no_prompt(self):
+        commits_in_its_worktree(self, "claude", "WRITE %s/app.py print('hello')")
+
     def test_fleet_boots_idle_works_unattended_and_asks_for_permission(self):
         sb = self.sb
         self.ok("spawn", "real", "2", sb.workdir("wörk-real"), "--agent", "claude", "--timeout", "90",
@@ -3049,6 +3082,9 @@ class RealGemini(RealCLI):
         self.assertEqual(self.pids(name), [], "processes of fleet %s left after `orch kill`" % name)
 
     # -- the tests
+    def test_a_fixer_commits_in_its_worktree_with_no_prompt(self):
+        commits_in_its_worktree(self, "gemini", "WRITE %s/app.py print('hello')")
+
     def test_boots_idle_with_no_dialog_takes_ten_lines_and_stops_at_a_permission_prompt(self):
         sb, shared = self.sb, self.sb.shared("gem")
         wd = sb.workdir("wörk-gem", {"a.py": "x = 1\n"})
@@ -3507,6 +3543,9 @@ class RealCodex(RealCLI):
             self.assertIn("writable: [True, False, False, False]", list(self.api.results.values())[-1]["output"])
         self.assertTrue(os.path.isdir(wd))
         self.killed_clean("find")
+
+    def test_a_fixer_commits_in_its_worktree_with_no_prompt(self):
+        commits_in_its_worktree(self, "codex", "BASH printf \"print('hello')\\n\" > %s/app.py")
 
     def test_kill_leaves_no_process(self):
         self.fleet("ende", 2)
@@ -5970,6 +6009,46 @@ class Bench(OrchCase):
                          "`true` %.1f ms)\n" % (isolated * 1e3, isolated / python, plain * 1e3, plain / python,
                                                isolated / plain, sandbox * 1e3, sandbox / python, bare * 1e3))
         self.assertLess(isolated / plain, 3)      # loose: the sandbox is a few ms a worker
+
+    def test_write_fleet_cost(self):
+        """What a write fleet costs, on a repository of 2,000 files: `spawn
+        --worktrees` of 8 sim workers against the same spawn without, per worker
+        as a ratio to a bare `git worktree add`; and `verify --check` of 8
+        changes against the same verify without --check, as a ratio to the check
+        command alone (9 runs of it: base and each change)."""
+        repo = self.sb.workdir("wörk-wbench", {"pkg%02d/m%04d.py" % (i % 40, i): "def f():\n    return %d\n" % i
+                                               for i in range(2000)})
+        write_tree(repo, {"tests/__init__.py": "", "tests/test_a.py": "import unittest\n\n\nclass T(unittest.TestCase):\n"
+                          "    def test_a(self):\n        self.assertTrue(True)\n"})
+        for argv in (["init", "-q"], ["add", "-A"], LEAD + ["commit", "-q", "-m", "base"]):
+            subprocess.run(["git"] + argv, cwd=repo, check=True)
+        bare = []
+        for k in range(3):
+            t0 = time.perf_counter()
+            subprocess.run(["git", "-C", repo, "worktree", "add", "-q", "--detach", os.path.join(self.sb.root, "b%d" % k)],
+                           check=True)
+            bare.append(time.perf_counter() - t0)
+            subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", os.path.join(self.sb.root, "b%d" % k)],
+                           check=True)
+        plain = self.ok("spawn", "wp", 8, repo, "--agent", SIM, "--per-window", "8").elapsed
+        self.ok("kill", "wp")
+        spawned = self.ok("spawn", "wb", 8, repo, "--agent", SIM, "--per-window", "8", "--worktrees").elapsed
+        check = "%s -m unittest -q" % shlex.quote(sys.executable)
+        alone = median(lambda: subprocess.run(shlex.split(check), cwd=repo, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, check=True), 5)
+        for n in range(1, 9):
+            write_tree(self.sb.run("wb", "worktrees", "w%d" % n), {"pkg%02d/new.py" % n: "X = %d\n" % n})
+            write_tree(self.sb.shared("wb", "w%d" % n), {"result.md": "Added pkg%02d/new.py\n" % n, "done": ""})
+        without = self.ok("verify", "wb", "--timeout", "60").elapsed
+        checked = self.ok("verify", "wb", "--timeout", "60", "--check", check).elapsed
+        self.assertIn("8 changes", self.sb.text(self.sb.shared("wb", "matrix.md")))
+        b = statistics.median(bare)
+        sys.stderr.write("\nbench: on 2,000 files: a bare `git worktree add` %.0f ms; spawn of 8 sim workers %.0f ms, "
+                         "with --worktrees %.0f ms: %.1fx a bare worktree add per worker\n       verify of 8 changes "
+                         "%.1f s, with --check %.1f s: the check alone %.0f ms, --check adds %.1fx its 9 runs\n" % (
+                             b * 1e3, plain * 1e3, spawned * 1e3, (spawned - plain) / 8 / b, without, checked,
+                             alone * 1e3, (checked - without) / (9 * alone)))
+        self.ok("kill", "wb")
 
     def test_hook_cost(self):
         """What one Claude Code hook event (or status-line update) costs a worker:
