@@ -1929,6 +1929,7 @@ def sandboxed(fleet, w, argv, env):
 GIT_SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "commit.gpgSign=false",
             "-c", "gc.auto=0", "-c", "core.quotePath=true", "-c", "core.pager=cat"]
 CHECK_TAIL = 20                 # lines of a check's output the matrix keeps
+FILE_CAP = 64 << 20             # bytes of one file of a change orch takes (a sparse 4 GB file costs no disk)
 ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost",
                  "GIT_COMMITTER_NAME": "orch", "GIT_COMMITTER_EMAIL": "orch@localhost"}
 
@@ -1940,19 +1941,21 @@ ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost"
 Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside paths")
 
 
-def git(cwd, *args, env=None, codes=(0,), out=None, gitdir=None, tree=None):
+def git(cwd, *args, env=None, codes=(0,), stdin=None, gitdir=None, tree=None):
     """git args in `cwd` (a repository named by `gitdir`, with `tree` as its
     work tree, when given), never through a shell, with the lead's GIT_*
-    variables dropped; its stdout as text (surrogates for undecodable bytes),
-    or into the open file `out`. A failure is one OrchError line naming the command."""
+    variables dropped, fed `stdin` (text); its stdout as text (surrogates for
+    undecodable bytes). A failure is one OrchError line naming the command."""
     import subprocess
     base = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     argv = ["git"] + (["--git-dir", gitdir] if gitdir else []) + (["--work-tree", tree] if tree else []) + GIT_SAFE
     try:
-        p = subprocess.run(argv + list(args), cwd=cwd, env=dict(base, **(env or {})), stdin=subprocess.DEVNULL,
-                           stdout=out or subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise OrchError("cannot run git: %s: install git" % e.strerror)
+        p = subprocess.run(argv + list(args), cwd=cwd, env=dict(base, **(env or {})), input=(stdin or "").encode(
+            "utf-8", "surrogateescape"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:                # git is there, the directory is not (or not for us)
+        import shutil
+        raise OrchError("cannot run git in %s: %s" % (cwd, e.strerror) if shutil.which("git")
+                        else "cannot run git: %s: install git" % e.strerror)
     if p.returncode not in codes:
         said = p.stderr.decode("utf-8", "replace").strip().splitlines()
         raise OrchError("`git %s` failed (exit %d)%s" % (one_line(" ".join(args), 120), p.returncode,
@@ -2036,6 +2039,16 @@ def change_tree(fleet, n):
     tree = worktree_of(fleet, n)
     if os.path.islink(tree) or not os.path.isdir(tree):
         raise OrchError("W%d's worktree %s is %s" % (n, tree, "a link now" if os.path.islink(tree) else "gone"))
+    for root, dirs, names in os.walk(tree):     # what git would read past its own checks, never followed
+        dirs[:] = [d for d in dirs if root != tree or d != ".git"]
+        for name in [x for x in dirs + names if root != tree or x != ".git"]:   # its own .git: git skips it
+            path, at = os.path.join(root, name), os.lstat(os.path.join(root, name))
+            if name.lower() == ".git":
+                raise OrchError("it holds a repository of its own at %s: orch takes no nested repository"
+                                % defang(os.path.relpath(path, tree)))
+            if stat.S_ISREG(at.st_mode) and at.st_size > FILE_CAP:
+                raise OrchError("%s is %d MB, past the %d MB orch takes of one file" % (
+                    defang(os.path.relpath(path, tree)), at.st_size >> 20, FILE_CAP >> 20))
     if not os.path.exists(index):
         git(tree, "read-tree", g["base"], env=env, gitdir=g["gitdir"], tree=tree)
     git(tree, "add", "-A", "--", ".", env=env, gitdir=g["gitdir"], tree=tree)
@@ -2068,21 +2081,59 @@ def change_of(fleet, n, new, scope=None):
             i += 1
     for path, sha in links:
         target = git(g["repo"], "cat-file", "blob", sha) if sha else "a submodule"
-        if not sha or os.path.isabs(target) or ".." in target.split("/"):
+        if not sha or os.path.isabs(target) or {"..", ".git"} & set(target.lower().split("/")):
             escapes.append("%s -> %s" % (path, target))
+    escapes += ["%s: it changes how git checks out and merges" % p for p in paths   # merge=union, filters
+                if os.path.basename(p).lower() in (".gitattributes", ".gitmodules")]
     outside = sorted({p for p in paths if scope and not any(in_scope(p, s) for s in scope)})
     shown = lambda ps: [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for p in ps]
     return Change(files, added, removed, shown(binary), shown(deleted), shown(escapes), shown(outside),
                   shown(paths[:FINDINGS_CAP]))
 
 
-def worker_tip(fleet, n):
-    """The commit and tree worker n's branch is at in its worktree, as its own
-    git says (only rev-parse runs there: no hook, program or pager of its
-    config); (None, None) where there is none."""
-    said = git(fleet["git"]["repo"], "rev-parse", "-q", "HEAD^{commit}", "HEAD^{tree}", codes=(0, 1, 128),
-               gitdir=os.path.join(worktree_of(fleet, n), ".git")).split()
-    return (said[0], said[1]) if len(said) == 2 else (None, None)
+def worker_objects(fleet, n):
+    """Worker n's object store, once orch has seen that git can read it
+    without blocking or leaving it: directories and regular files only, its
+    alternates only the repository's own. Raises what is wrong."""
+    store = os.path.join(worktree_of(fleet, n), ".git", "objects")
+    if os.path.islink(os.path.dirname(store)) or os.path.islink(store) or not os.path.isdir(store):
+        raise OrchError("W%d's .git/objects is not a directory of its own" % n)
+    for root, dirs, names in os.walk(store):
+        for name in dirs + names:
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise OrchError("W%d's .git/objects holds %s, which is no file" % (n, defang(name)))
+    said, _ = read_untrusted(os.path.join(store, "info", "alternates"))
+    if any(os.path.realpath(x.strip()) != os.path.join(fleet["git"]["gitdir"], "objects") for x in (said or "").split("\n")
+           if x.strip()):
+        raise OrchError("W%d's .git/objects borrows from elsewhere than the repository" % n)
+    return store
+
+
+def worker_tips(fleet, n):
+    """Every commit worker n's clone names as a tip: HEAD, each ref (loose or
+    packed), each stash. Read as text (regular files only, never through its
+    git, whose config is the worker's)."""
+    root, tips = os.path.join(worktree_of(fleet, n), ".git"), set()
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise OrchError("W%d's .git is not a directory" % n)
+    files = [os.path.join(root, x) for x in ("HEAD", "packed-refs", os.path.join("logs", "refs", "stash"))]
+    for top, _, names in os.walk(os.path.join(root, "refs")):
+        files += [os.path.join(top, x) for x in names]
+    for path in files:
+        tips.update(re.findall(r"\b[0-9a-f]{40}(?:[0-9a-f]{24})?\b", read_untrusted(path)[0] or ""))
+    if len(tips) > FINDINGS_CAP:
+        raise OrchError("W%d's clone names %d commits" % (n, len(tips)))
+    return tips
+
+
+def tip_trees(fleet, n):
+    """The trees of the commits worker n's clone names (worker_tips); a commit
+    git cannot find there counts as None: work orch cannot prove merged."""
+    tips = sorted(worker_tips(fleet, n))
+    said = git(fleet["git"]["repo"], "cat-file", "--batch-check=%(objectname) %(objecttype)", stdin="".join(
+        "%s^{tree}\n" % t for t in tips), env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": worker_objects(fleet, n)})
+    return {row.split()[0] if row.endswith(" tree") else None for row in said.splitlines()}
 
 
 def in_scope(path, scope):
@@ -2117,9 +2168,12 @@ def snapshot_change(fleet, w):
     tree = change_tree(fleet, n)
     if tree == git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip():
         return None
-    tip, _ = worker_tip(fleet, n)       # its commits' subjects, read with the repository's config, not its own
-    said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..%s" % (g["base"], tip), codes=(0, 128), env={
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES": os.path.join(worktree_of(fleet, n), ".git", "objects")}) if tip else ""
+    said = ""                           # its commits' subjects, read with the repository's config, not its own
+    with contextlib.suppress(OrchError):
+        head = re.findall(r"[0-9a-f]{40,64}", read_untrusted(os.path.join(worktree_of(fleet, n), ".git", "refs", "heads",
+                                                                      branch_of(fleet, n)))[0] or "")
+        said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..%s" % (g["base"], head[0]), codes=(0, 128), env={
+            "GIT_ALTERNATE_OBJECT_DIRECTORIES": worker_objects(fleet, n)}) if head else ""
     message = "orch: W%d's change in fleet %s, as verify found it\n\n%s" % (
         n, fleet["name"], "".join("W%d: %s\n" % (n, one_line(s, 200)) for s in said.splitlines()))
     commit = git(g["repo"], "commit-tree", tree, "-p", g["base"], "-m", defang(message),
@@ -2141,29 +2195,39 @@ def snapshot_change(fleet, w):
 
 def intact(fleet, commit):
     """Whether every object `commit` adds to base still hashes to its name.
-    git does not check that when it reads a loose object, and a write fleet's
-    workers write the object store: one could give a snapshot's id other
-    content after orch made it."""
+    git does not check that when it reads a loose object, and a worker with
+    no sandbox can write the object store: one could give a snapshot's id
+    other content after orch made it. Read as a stream, a piece at a time."""
     import hashlib
     import subprocess
+    import tempfile
     g = fleet["git"]
     names = git(g["repo"], "rev-list", "--objects", "--no-object-names", commit, "--not", g["base"]).split()
-    p = subprocess.run(["git"] + GIT_SAFE + ["cat-file", "--batch"], cwd=g["repo"], input="".join(
-        x + "\n" for x in names).encode(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
-    out, at = p.stdout, 0
-    for name in names:
-        head, _, rest = out[at:].partition(b"\n")
-        said = head.split()
-        if len(said) != 3 or said[0].decode() != name:
-            return False
-        size = int(said[2])
-        body = rest[:size]
-        at += len(head) + 1 + size + 1
-        digest = (hashlib.sha256 if len(name) == 64 else hashlib.sha1)(b"%s %d\0" % (said[1], size) + body)
-        if digest.hexdigest() != name:
-            return False
-    return p.returncode == 0
+    with tempfile.TemporaryFile() as ask:
+        ask.write("".join(x + "\n" for x in names).encode())
+        ask.seek(0)
+        p = subprocess.Popen(["git"] + GIT_SAFE + ["cat-file", "--batch"], cwd=g["repo"], stdin=ask,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+    try:
+        for name in names:
+            said = p.stdout.readline().split()
+            if len(said) != 3 or said[0].decode() != name:
+                return False
+            left = int(said[2])
+            digest = (hashlib.sha256 if len(name) == 64 else hashlib.sha1)(b"%s %d\0" % (said[1], left))
+            while left:
+                piece = p.stdout.read(min(left, 1 << 20))
+                if not piece:
+                    return False
+                digest.update(piece)
+                left -= len(piece)
+            if p.stdout.read(1) != b"\n" or digest.hexdigest() != name:
+                return False
+        return True
+    finally:
+        p.kill()
+        p.wait()
 
 
 def write_diff(repo, old, new, path):
@@ -2199,15 +2263,23 @@ def detached(fleet, label, commit):
 
 
 def drop_tree(fleet, path):
-    """Remove a worktree of the fleet's and its admin dir."""
+    """Remove a worktree (or worker clone) of the fleet's, and its admin dir
+    only, never another's (no repository-wide prune: the lead's worktrees are
+    the lead's). What cannot be removed (code under check took its write
+    bits away) gets them back, or is moved aside."""
     import shutil
-    if os.path.lexists(path):
-        git(fleet["git"]["repo"], "worktree", "remove", "--force", "--force", path, codes=(0, 128))
-    if os.path.lexists(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.islink(path):
+    admin = admin_dir(fleet, path)
+    if os.path.islink(path):
         os.unlink(path)
-    git(fleet["git"]["repo"], "worktree", "prune")
+    for root, dirs, _ in os.walk(path) if os.path.isdir(path) else ():
+        for d in [root] + [os.path.join(root, x) for x in dirs if not os.path.islink(os.path.join(root, x))]:
+            with contextlib.suppress(OSError):
+                os.chmod(d, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        archive(path)
+    if admin:
+        shutil.rmtree(admin, ignore_errors=True)
 
 
 def run_check(fleet, tree, argv, timeout):
@@ -3948,8 +4020,8 @@ def cmd_clean(a):
         n, path = w["n"], worktree_of(fleet, w["n"])
         if not os.path.lexists(path):
             continue
-        try:                            # its files now, and what its branch holds: both empty or merged
-            trees, why = {change_tree(fleet, n), worker_tip(fleet, n)[1]} - {None}, None
+        try:                            # its files now, and every commit it names: all empty or merged
+            trees, why = {change_tree(fleet, n)} | tip_trees(fleet, n), None
         except OrchError as e:
             trees, why = {None}, "its change cannot be read: %s" % e
         kept = os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)

@@ -5618,6 +5618,50 @@ class WriteFleets(OrchCase):
                 self.assertNotIn(ch, r.out + r.err, (ch, r))
         self.assertEqual(self.rev(wd, "HEAD"), base)
 
+    def test_a_clone_that_would_hang_bloat_or_hide_commits_is_named_and_kept(self):
+        wd = self.repo("wörk-trap")
+        base = self.rev(wd, "HEAD")
+        lead_wt = os.path.join(self.sb.root, "lead-wt")            # a worktree of the lead's, its folder away now
+        self.git(wd, "worktree", "add", "-q", "-b", "leadfeat", lead_wt)
+        os.rename(lead_wt, lead_wt + ".away")
+        self.ok("spawn", "trap", 5, wd, "--worktrees", "--agent", FIXER, "--timeout", "20")
+        os.makedirs(self.wt("trap", 1, "sub", ".git", "objects"))    # W1: a repository in it, its HEAD a FIFO
+        os.mkfifo(self.wt("trap", 1, "sub", ".git", "HEAD"))
+        with open(self.wt("trap", 2, "big.bin"), "wb") as f:          # W2: 4 GB that cost no disk
+            f.truncate(4 << 30)
+        self.git(self.wt("trap", 3), "rm", "-q", "tests/test_calc.py")  # W3: a commit, then HEAD back at base
+        self.git(self.wt("trap", 3), *LEAD, "commit", "-q", "-m", "W3's commit")
+        self.git(self.wt("trap", 3), "checkout", "-q", "--detach", base)
+        write_tree(self.wt("trap", 4), {"calc/add.py": "W4's edit\n"})  # W4: an edit, stashed
+        self.git(self.wt("trap", 4), *LEAD, "stash", "-q")
+        write_tree(self.wt("trap", 5), {".gitattributes": "*.py merge=union\n"})    # W5: how git merges, a link
+        os.symlink(".git/config", self.wt("trap", 5, "cfg"))                         # into .git
+        write_tree(self.sb.shared("trap", "w5"), {"result.md": "Merge .py files by union\n", "done": ""})
+        t0 = time.monotonic()
+        r = self.ok("status", "trap", timeout=60)
+        self.assertLess(time.monotonic() - t0, 30)                 # neither the FIFO nor 4 GB holds it up
+        self.assertIn("W1's change cannot be read: it holds a repository of its own at sub/.git", r.err)
+        self.assertRegex(r.err, r"W2's change cannot be read: big.bin is 4096 MB, past the 64 MB")
+        counted = dict(row.split(": ") for row in self.git(wd, "count-objects", "-v").splitlines())
+        self.assertLess(int(counted["size"]) + int(counted["size-pack"]), 10000)     # KiB: no 4 GB blob in .git
+        r = self.ok("verify", "trap", "--timeout", "10", timeout=60)
+        self.assertIn("1 changes: 0 confirmed, 0 refuted, 0 disputed, 0 breaks check, 1 out of scope", r.out)
+        escapes = self.matrix("trap")["findings"][0]["change"]["escapes"]
+        self.assertEqual(sorted(escapes), [".gitattributes: it changes how git checks out and merges",
+                                           "cfg -> .git/config"])
+        self.ok("kill", "trap")
+        said = dict(re.findall(r"^W(\d): (.*)$", self.ok("clean", "trap").out, re.M))
+        for n in (1, 2):
+            self.assertRegex(said[str(n)], r"^kept .*: its change cannot be read")
+        for n in (3, 4, 5):                                        # a commit or a stash only its clone names
+            self.assertRegex(said[str(n)], r"^kept .*: its change is neither empty nor merged")
+        self.assertIn("W3's commit", self.git(self.wt("trap", 3), "log", "--format=%s", "orch/trap/w3"))
+        self.ok("clean", "trap", "--force")
+        self.assertEqual(glob.glob(self.sb.run("trap", "worktrees", "*")), [])
+        os.rename(lead_wt + ".away", lead_wt)                      # the lead's worktree: git still knows it
+        self.assertEqual(self.git(lead_wt, "symbolic-ref", "HEAD").strip(), "refs/heads/leadfeat")
+        self.assertEqual(self.rev(wd, "HEAD"), base)
+
     def test_a_huge_change_is_cut_and_verified_in_bounded_time(self):
         wd = self.repo("wörk-huge")
         self.fleet("huge", wd, [FIXER] * 2, [["calc"], None])
