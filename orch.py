@@ -3225,6 +3225,11 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None, check=None, chec
             break
         k += 1
         planted = {v: plant_canary(fleet, findings, v, jobs[v], taken, cache, rng) for v in sorted(jobs)}
+        for v in [v for v in sorted(jobs) if not planted[v]]:  # else a change the lead's check broke: known false
+            broke = [f for f in findings if f.citation == "BREAKS-CHECK" and f.worker != v]
+            f = rng.choice(broke) if broke else None
+            planted[v] = f and Finding(worker=f.worker, k=0, claim=f.claim, quote="", rest=[], rounds=[], also=[],
+                                       citation="n/a", canary=f.id, finders=[f.worker], change=f.change)
         briefed = {}
         for v, fs in jobs.items():          # the canary at a place among the others that varies
             at = rng.randrange(len(fs) + 1)
@@ -3386,11 +3391,12 @@ def matrix_markdown(matrix):
                 f.change["check"]["change"]["tail"].split("\n"))
     lines += ["", "## Canaries: findings orch planted, known false", ""]
     if matrix.canaries:
-        lines += ["A canary borrows a real finding's claim and puts it on another line. A verifier that "
-                  "confirms one has rubber-stamped: none of its verdicts count.", "",
+        lines += ["A canary borrows a real finding's claim and puts it on another line, or is a change the lead's "
+                  "check broke. A verifier that confirms one has rubber-stamped: none of its verdicts count.", "",
                   "| canary | planted at | claim of | verdict |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(x.replace("|", "\\|") for x in (
-            c.id, place(c), c.canary, "; ".join(verdict_cell(v) for v in c.rounds))) + " |" for c in matrix.canaries]
+            c.id, "commit " + c.change["commit"][:12] if c.change else place(c), c.canary,
+            "; ".join(verdict_cell(v) for v in c.rounds))) + " |" for c in matrix.canaries]
     else:
         lines.append("None planted.")
     head = ["worker"] + [k.replace("_", " ") for k in RELIABILITY]

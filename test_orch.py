@@ -5377,6 +5377,9 @@ class WriteFleets(OrchCase):
         self.assertIn("AssertionError: None != 5", w4["change"]["check"]["change"]["tail"])
         self.assertEqual(w4["rounds"], [])                                  # final at once: nobody asked
         self.assertEqual(list(matrix["dropped"]), ["4"])                    # the rubber stamp fabricated
+        # No finding to plant a canary on: W4's broken change is each honest verifier's canary, refuted.
+        self.assertTrue(matrix["canaries"])
+        self.assertEqual({(c["id"], v["verdict"]) for c in matrix["canaries"] for v in c["rounds"]}, {("W4.C", "REFUTED")})
         briefs = {p: self.sb.text(p) for p in glob.glob(self.sb.shared("fix", "verify", "r*-w*.task.md"))}
         lines = [(p, m) for p, text in briefs.items() for m in re.finditer(
             r"^\s*W(\d)\.C \| commit ([0-9a-f]{40}) \| diff (\S+) \| worktree (\S+) \| (.+)$", text, re.M)]
@@ -5661,6 +5664,17 @@ class WriteFleets(OrchCase):
         os.rename(lead_wt + ".away", lead_wt)                      # the lead's worktree: git still knows it
         self.assertEqual(self.git(lead_wt, "symbolic-ref", "HEAD").strip(), "refs/heads/leadfeat")
         self.assertEqual(self.rev(wd, "HEAD"), base)
+
+    def test_a_verifier_that_confirms_a_change_the_check_broke_is_dropped(self):
+        wd = self.repo("wörk-stamp")
+        self.fleet("stamp", wd, [FIXER, FIXER + " --lie 1", FIXER + " --verifier stamp-real"],
+                   [["calc/add.py"], ["calc/mul.py"], ["calc/neg.py"]])
+        self.ok("verify", "stamp", "--check", CHECK, "--timeout", "30", timeout=120)
+        matrix = self.matrix("stamp")
+        self.assertEqual(list(matrix["dropped"]), ["3"])
+        self.assertRegex(matrix["dropped"]["3"], r"^round \d: confirmed a planted false finding \(W2\.C\)$")
+        self.assertEqual({f["id"]: f["final"] for f in matrix["findings"]}["W2.C"], "BREAKS-CHECK")
+        self.assertFalse([v for f in matrix["findings"] for v in f["rounds"] if v["verifier"] == 3 and v["counts"]])
 
     def test_a_huge_change_is_cut_and_verified_in_bounded_time(self):
         wd = self.repo("wörk-huge")
