@@ -1941,17 +1941,20 @@ ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost"
 Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside paths")
 
 
-def git(cwd, *args, env=None, codes=(0,), stdin=None, gitdir=None, tree=None):
+def git(cwd, *args, env=None, codes=(0,), stdin=None, gitdir=None, tree=None, timeout=None):
     """git args in `cwd` (a repository named by `gitdir`, with `tree` as its
     work tree, when given), never through a shell, with the lead's GIT_*
-    variables dropped, fed `stdin` (text); its stdout as text (surrogates for
+    variables dropped, fed `stdin` (text), for at most `timeout` seconds where
+    it reads what a worker can change; its stdout as text (surrogates for
     undecodable bytes). A failure is one OrchError line naming the command."""
     import subprocess
     base = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     argv = ["git"] + (["--git-dir", gitdir] if gitdir else []) + (["--work-tree", tree] if tree else []) + GIT_SAFE
     try:
         p = subprocess.run(argv + list(args), cwd=cwd, env=dict(base, **(env or {})), input=(stdin or "").encode(
-            "utf-8", "surrogateescape"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            "utf-8", "surrogateescape"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise OrchError("`git %s` took more than %gs: it stopped" % (one_line(" ".join(args), 120), timeout))
     except OSError as e:                # git is there, the directory is not (or not for us)
         import shutil
         raise OrchError("cannot run git in %s: %s" % (cwd, e.strerror) if shutil.which("git")
@@ -2029,30 +2032,48 @@ def in_tree(fleet, tree):
     return {"gitdir": admin, "tree": tree}
 
 
+def worktree_walk(tree, files=False):
+    """Every entry of a worktree under its own .git's level, as (relative
+    path, lstat), never following a link; a directory it cannot open raises
+    (a change there would pass for none), one gone meanwhile is skipped.
+    Without `files`, only what git would read past its own checks: what
+    lies in a nested .git."""
+    def fail(e):
+        raise OrchError("%s cannot be read: %s" % (defang(os.path.relpath(e.filename, tree)), e.strerror))
+    for root, dirs, names in os.walk(tree, onerror=fail):
+        dirs[:] = [d for d in dirs if root != tree or d != ".git"]
+        for name in [x for x in dirs + names if root != tree or x != ".git"]:   # its own .git: git skips it
+            with contextlib.suppress(FileNotFoundError):
+                at = os.lstat(os.path.join(root, name))
+                if files or name.lower() == ".git":
+                    yield os.path.relpath(os.path.join(root, name), tree), at
+
+
 def change_tree(fleet, n):
     """The tree of worker n's worktree as its files are now (tracked, changed
     and untracked, ignored files aside), through an index of orch's own: the
-    worker's index, branch and files are not touched."""
+    worker's index, branch and files are not touched. First, without git: no
+    nested repository (git would read its HEAD, which can be a FIFO), and no
+    file git would take past FILE_CAP bytes, or sparse (4 GB that cost no disk)."""
     g = fleet["git"]
     index = os.path.join(own_dir(os.path.join(fleet["run"], "git")), "w%d.index" % n)
-    env = {"GIT_INDEX_FILE": index}
-    tree = worktree_of(fleet, n)
+    env, tree = {"GIT_INDEX_FILE": index}, worktree_of(fleet, n)
+    here = {"env": env, "gitdir": g["gitdir"], "tree": tree, "timeout": 600}
     if os.path.islink(tree) or not os.path.isdir(tree):
         raise OrchError("W%d's worktree %s is %s" % (n, tree, "a link now" if os.path.islink(tree) else "gone"))
-    for root, dirs, names in os.walk(tree):     # what git would read past its own checks, never followed
-        dirs[:] = [d for d in dirs if root != tree or d != ".git"]
-        for name in [x for x in dirs + names if root != tree or x != ".git"]:   # its own .git: git skips it
-            path, at = os.path.join(root, name), os.lstat(os.path.join(root, name))
-            if name.lower() == ".git":
-                raise OrchError("it holds a repository of its own at %s: orch takes no nested repository"
-                                % defang(os.path.relpath(path, tree)))
-            if stat.S_ISREG(at.st_mode) and at.st_size > FILE_CAP:
-                raise OrchError("%s is %d MB, past the %d MB orch takes of one file" % (
-                    defang(os.path.relpath(path, tree)), at.st_size >> 20, FILE_CAP >> 20))
+    for rel, _ in worktree_walk(tree):
+        raise OrchError("it holds a repository of its own at %s: orch takes no nested repository" % defang(rel))
+    ignored = git(tree, "ls-files", "-z", "-o", "-i", "--exclude-standard", "--directory", **here).split("\0")
+    for rel, at in worktree_walk(tree, files=True):
+        if stat.S_ISREG(at.st_mode) and at.st_size > 1 << 20 and not any(
+                rel == x.rstrip("/") or x.endswith("/") and rel.startswith(x) for x in ignored if x):
+            if at.st_size > FILE_CAP or at.st_blocks * 512 < at.st_size // 2:
+                raise OrchError("%s is %d MB%s, past what orch takes of one file (%d MB, on disk)" % (
+                    defang(rel), at.st_size >> 20, " but sparse" if at.st_size <= FILE_CAP else "", FILE_CAP >> 20))
     if not os.path.exists(index):
-        git(tree, "read-tree", g["base"], env=env, gitdir=g["gitdir"], tree=tree)
-    git(tree, "add", "-A", "--", ".", env=env, gitdir=g["gitdir"], tree=tree)
-    return git(tree, "write-tree", env=env, gitdir=g["gitdir"]).strip()
+        git(tree, "read-tree", g["base"], **here)
+    git(tree, "add", "-A", "--", ".", **here)
+    return git(tree, "write-tree", **here).strip()
 
 
 def change_of(fleet, n, new, scope=None):
@@ -2103,25 +2124,32 @@ def worker_objects(fleet, n):
             mode = os.lstat(os.path.join(root, name)).st_mode
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 raise OrchError("W%d's .git/objects holds %s, which is no file" % (n, defang(name)))
-    said, _ = read_untrusted(os.path.join(store, "info", "alternates"))
-    if any(os.path.realpath(x.strip()) != os.path.join(fleet["git"]["gitdir"], "objects") for x in (said or "").split("\n")
-           if x.strip()):
+    said, why = read_untrusted(os.path.join(store, "info", "alternates"))
+    if why or any(os.path.realpath(os.path.join(store, x.strip())) != os.path.join(fleet["git"]["gitdir"], "objects")
+                  for x in (said or "").split("\n") if x.strip()):     # relative to the store, as git reads it
         raise OrchError("W%d's .git/objects borrows from elsewhere than the repository" % n)
     return store
 
 
 def worker_tips(fleet, n):
-    """Every commit worker n's clone names as a tip: HEAD, each ref (loose or
-    packed), each stash. Read as text (regular files only, never through its
-    git, whose config is the worker's)."""
+    """Every commit worker n's clone names as its own: HEAD, each branch
+    (loose or packed), each stash; not the repository's branches and tags
+    that cloning copied. Read as text (regular files only, never through its
+    git, whose config is the worker's); a file that cannot be read raises."""
     root, tips = os.path.join(worktree_of(fleet, n), ".git"), set()
     if os.path.islink(root) or not os.path.isdir(root):
         raise OrchError("W%d's .git is not a directory" % n)
-    files = [os.path.join(root, x) for x in ("HEAD", "packed-refs", os.path.join("logs", "refs", "stash"))]
-    for top, _, names in os.walk(os.path.join(root, "refs")):
+    files = [os.path.join(root, x) for x in ("HEAD", "refs/stash", "logs/refs/stash")]
+    for top, _, names in os.walk(os.path.join(root, "refs", "heads")):
         files += [os.path.join(top, x) for x in names]
+    packed = [line for line in (read_untrusted(os.path.join(root, "packed-refs"))[0] or "").split("\n")
+              if re.match(r"[0-9a-f]{40,64} refs/(heads/|stash$)", line)]
     for path in files:
-        tips.update(re.findall(r"\b[0-9a-f]{40}(?:[0-9a-f]{24})?\b", read_untrusted(path)[0] or ""))
+        text, why = read_untrusted(path)
+        if why:
+            raise OrchError("W%d's %s %s" % (n, os.path.relpath(path, root), why))
+        tips.update(re.findall(r"\b[0-9a-f]{40}(?:[0-9a-f]{24})?\b", text or ""))
+    tips.update(line.split()[0] for line in packed)
     if len(tips) > FINDINGS_CAP:
         raise OrchError("W%d's clone names %d commits" % (n, len(tips)))
     return tips
@@ -2130,10 +2158,15 @@ def worker_tips(fleet, n):
 def tip_trees(fleet, n):
     """The trees of the commits worker n's clone names (worker_tips); a commit
     git cannot find there counts as None: work orch cannot prove merged."""
-    tips = sorted(worker_tips(fleet, n))
-    said = git(fleet["git"]["repo"], "cat-file", "--batch-check=%(objectname) %(objecttype)", stdin="".join(
-        "%s^{tree}\n" % t for t in tips), env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": worker_objects(fleet, n)})
-    return {row.split()[0] if row.endswith(" tree") else None for row in said.splitlines()}
+    lend = {"env": {"GIT_ALTERNATE_OBJECT_DIRECTORIES": worker_objects(fleet, n)}, "timeout": 60}
+    said = git(fleet["git"]["repo"], "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)",
+               stdin="".join(t + "\n" for t in sorted(worker_tips(fleet, n))), **lend).split("\n")
+    small = [row.split()[0] for row in said if re.match(r"\S+ commit \d{1,6}$", row)]   # at most a MB: git
+    # reads a commit whole to peel it; any other tip (missing, huge, no commit) is work orch cannot judge
+    trees = git(fleet["git"]["repo"], "cat-file", "--batch-check=%(objectname) %(objecttype)", stdin="".join(
+        "%s^{tree}\n" % t for t in small), **lend) if small else ""
+    return {row.split()[0] if row.endswith(" tree") else None for row in trees.splitlines()} | (
+        {None} if len(small) < len([row for row in said if row]) else set())
 
 
 def in_scope(path, scope):
@@ -2160,7 +2193,7 @@ def change_line(c):
         " | " + x for x in flags)), 300))
 
 
-def snapshot_change(fleet, w):
+def snapshot_change(fleet, w, summary):
     """Worker w's change as a commit of orch's (parent: base) under
     refs/orch/<name>/w<n>, and its diff in shared/changes/w<n>.diff (at most
     READ_CAP bytes); returns (commit, Change), or None for no change."""
@@ -2168,14 +2201,7 @@ def snapshot_change(fleet, w):
     tree = change_tree(fleet, n)
     if tree == git(g["repo"], "rev-parse", g["base"] + "^{tree}").strip():
         return None
-    said = ""                           # its commits' subjects, read with the repository's config, not its own
-    with contextlib.suppress(OrchError):
-        head = re.findall(r"[0-9a-f]{40,64}", read_untrusted(os.path.join(worktree_of(fleet, n), ".git", "refs", "heads",
-                                                                      branch_of(fleet, n)))[0] or "")
-        said = git(g["repo"], "log", "--format=%s", "-n", "20", "%s..%s" % (g["base"], head[0]), codes=(0, 128), env={
-            "GIT_ALTERNATE_OBJECT_DIRECTORIES": worker_objects(fleet, n)}) if head else ""
-    message = "orch: W%d's change in fleet %s, as verify found it\n\n%s" % (
-        n, fleet["name"], "".join("W%d: %s\n" % (n, one_line(s, 200)) for s in said.splitlines()))
+    message = "orch: W%d's change in fleet %s, as verify found it\n\nW%d says: %s\n" % (n, fleet["name"], n, summary)
     commit = git(g["repo"], "commit-tree", tree, "-p", g["base"], "-m", defang(message),
                  env=identity(g["repo"])).strip()
     if not intact(fleet, commit):       # an object it reuses was planted under the name of other content
@@ -2980,17 +3006,18 @@ def changes_checked(fleet, check, timeout, problems, tree):
             if getattr(worker_change(fleet, n), "files", 0):
                 problems.append("W%d is not done: its change is not verified (verify again once it is)" % n)
             continue
+        said = [x.strip() for x in (result_of(fleet, n)[0] or "").splitlines()]
+        summary = defang(one_line(next((x for x in said if x and not x.startswith(("#", "orch-key"))),
+                                       "(its result file sums up nothing)"), 200))
         try:
-            snap = snapshot_change(fleet, w)
+            snap = snapshot_change(fleet, w, summary)
         except OrchError as e:          # a worktree removed by hand, a repository git cannot read
             problems.append("W%d's change cannot be read: %s" % (n, e))
             continue
         if not snap:
             continue
         commit, c = snap
-        said = [x.strip() for x in (result_of(fleet, n)[0] or "").splitlines()]
-        summary = next((x for x in said if x and not x.startswith(("#", "orch-key"))), "(its result file sums up nothing)")
-        f = Finding(worker=n, k=0, claim=defang(one_line(summary, 200)), quote="", rest=[], rounds=[], finders=[n],
+        f = Finding(worker=n, k=0, claim=summary, quote="", rest=[], rounds=[], finders=[n],
                     also=[], change=dict(c._asdict(), commit=commit, scope=scope_of(fleet, w, rel=True), check=None,
                                          diff=os.path.join(shared_dir(fleet), "changes", "w%d.diff" % n)))
         f.citation = "OUT-OF-SCOPE" if c.outside or c.escapes else "n/a"

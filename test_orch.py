@@ -2326,7 +2326,7 @@ def commits_in_its_worktree(case, agent, edit):
     case.assertEqual((git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")), (base, ""))
     sb.orch("verify", "wt", "--timeout", "3")          # W2's verdict does not matter here: the snapshot does
     case.assertEqual(git(repo, "show", "refs/orch/wt/w1:app.py"), "print('hello')")
-    case.assertIn("W1: Fix the greeting", git(repo, "log", "-1", "--format=%B", "refs/orch/wt/w1"))
+    case.assertIn("W1 says: fixed", git(repo, "log", "-1", "--format=%B", "refs/orch/wt/w1"))
 
 
 class RealCLI(OrchCase):
@@ -5362,8 +5362,8 @@ class WriteFleets(OrchCase):
             self.assertEqual(c["check"]["base"]["outcome"], "passes", c)
             self.assertEqual((c["binary"], c["deleted"], c["escapes"], c["outside"]), ([], [], [], []), c)
             self.assertEqual(self.git(wd, "log", "-1", "--format=%an <%ae>", snaps[n]).strip(), "orch <orch@localhost>")
-            self.assertIn("\n\nW%d: Removed the stale marker comments in calc/" % n,
-                          self.git(wd, "log", "-1", "--format=%B", snaps[n]))   # its own commit's subject
+            self.assertIn("\n\nW%d says: Removed the stale marker comments in calc/" % n,
+                          self.git(wd, "log", "-1", "--format=%B", snaps[n]))   # its result file's first line
             if n < 4:
                 self.assertEqual((c["files"], c["added"], c["removed"], c["check"]["change"]["outcome"]),
                                  (1, 0, 1, "passes"), c)
@@ -5624,10 +5624,14 @@ class WriteFleets(OrchCase):
     def test_a_clone_that_would_hang_bloat_or_hide_commits_is_named_and_kept(self):
         wd = self.repo("wörk-trap")
         base = self.rev(wd, "HEAD")
+        self.git(wd, *LEAD, "tag", "-a", "-m", "v1", "v1")         # the lead's tag and other branch: cloned, not work
+        self.git(wd, "branch", "other", base)
         lead_wt = os.path.join(self.sb.root, "lead-wt")            # a worktree of the lead's, its folder away now
         self.git(wd, "worktree", "add", "-q", "-b", "leadfeat", lead_wt)
         os.rename(lead_wt, lead_wt + ".away")
-        self.ok("spawn", "trap", 5, wd, "--worktrees", "--agent", FIXER, "--timeout", "20")
+        self.ok("spawn", "trap", 6, wd, "--worktrees", "--agent", FIXER, "--timeout", "20")
+        with open(self.wt("trap", 6, "run.log"), "wb") as f:        # W6: only a big file it ignores (*.log)
+            f.truncate(100 << 20)
         os.makedirs(self.wt("trap", 1, "sub", ".git", "objects"))    # W1: a repository in it, its HEAD a FIFO
         os.mkfifo(self.wt("trap", 1, "sub", ".git", "HEAD"))
         with open(self.wt("trap", 2, "big.bin"), "wb") as f:          # W2: 4 GB that cost no disk
@@ -5644,7 +5648,7 @@ class WriteFleets(OrchCase):
         r = self.ok("status", "trap", timeout=60)
         self.assertLess(time.monotonic() - t0, 30)                 # neither the FIFO nor 4 GB holds it up
         self.assertIn("W1's change cannot be read: it holds a repository of its own at sub/.git", r.err)
-        self.assertRegex(r.err, r"W2's change cannot be read: big.bin is 4096 MB, past the 64 MB")
+        self.assertIn("W2's change cannot be read: big.bin is 4096 MB, past what orch takes of one file (64 MB", r.err)
         counted = dict(row.split(": ") for row in self.git(wd, "count-objects", "-v").splitlines())
         self.assertLess(int(counted["size"]) + int(counted["size-pack"]), 10000)     # KiB: no 4 GB blob in .git
         r = self.ok("verify", "trap", "--timeout", "10", timeout=60)
@@ -5658,6 +5662,7 @@ class WriteFleets(OrchCase):
             self.assertRegex(said[str(n)], r"^kept .*: its change cannot be read")
         for n in (3, 4, 5):                                        # a commit or a stash only its clone names
             self.assertRegex(said[str(n)], r"^kept .*: its change is neither empty nor merged")
+        self.assertRegex(said["6"], r"^removed .*\(its change is empty\)$")
         self.assertIn("W3's commit", self.git(self.wt("trap", 3), "log", "--format=%s", "orch/trap/w3"))
         self.ok("clean", "trap", "--force")
         self.assertEqual(glob.glob(self.sb.run("trap", "worktrees", "*")), [])
