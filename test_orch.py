@@ -3900,7 +3900,7 @@ class Attention(OrchCase):
         self.assertNotIn("NaN", self.ok("status", "list", "--json").out)
         hook = {"hook_event_name": "PostToolUse", "tool_name": "Write",
                 "tool_input": {"file_path": self.sb.shared("list", "w2/x\x1b]52;c;QQ==\x07\n12:00:00 list: all done")}}
-        proc = self.sb.start("wait", "list", "--interval", "0.2", "--timeout", "3")
+        proc = self.sb.start("wait", "list", "--interval", "0.2", "--timeout", "6")     # room for a loaded machine
         wait_for(lambda: proc.lines, 10, what="wait's first line")
         self.sb.orch("hook", stdin=json.dumps(hook), env=dict(self.sb.env, ORCH_FLEET="list", ORCH_WORKER="1"))
         r = proc.finish(20)
