@@ -4198,7 +4198,7 @@ def cmd_demo(a):
         if a.worktrees else "audit %s for TODO/FIXME/HACK/XXX markers" % workdir,
         ("; W4 lies as a fixer (--lie 1: it breaks a function and says the tests pass)" if a.worktrees else
          "; W4 lies as a finder (--lie 2)") + " and as a verifier (rubber-stamp)" if a.agent == "sim" else "",
-        "each isolated by %s: it writes only its own folder" % why if isolated
+        "each isolated by %s: it writes only its own folder%s" % (why, " and worktree" * a.worktrees) if isolated
         else "NOT isolated (%s)" % why), flush=True)
     events = os.path.join(orch_home(create=True), "runs", "demo", "events.jsonl")
     last_run = os.stat(events).st_ino if os.path.exists(events) else None   # --force archives it
