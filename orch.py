@@ -4256,8 +4256,11 @@ def cmd_demo(a):
 
 
 def cmd_doctor(a):
-    """One line per check, with the fix; exit 1 if something required is missing."""
+    """One line per check, with the fix; exit 1 if something required is
+    missing. The default agent, where none was chosen and it is not installed,
+    is a note: the two first commands (demo, tests) need no agent."""
     agent = a.agent or os.environ.get("ORCH_AGENT") or "claude"
+    notes = []
     checks = [("python", sys.version_info >= (3, 8), sys.version.split()[0], "use Python 3.8 or newer")]
     try:
         version = tmux("-V").strip()
@@ -4270,7 +4273,11 @@ def cmd_doctor(a):
     try:
         entry = AGENTS[profile_of(agent)]
         word, found = agent_binary(agent)
-        if "command" not in entry:
+        if "command" not in entry and not found and not (a.agent or os.environ.get("ORCH_AGENT")):
+            notes.append(("agent", "%s not found: %s to run a fleet of it; `python3 orch.py demo` and the tests need none "
+                                   "(they run the built-in sim)" % (word, entry.get("install", "install %s" % word))))
+            entry = {}
+        elif "command" not in entry:
             checks.append(("agent", bool(found), "%s at %s" % (word, found) if found else "%s not found" % word,
                            entry.get("install", "install %s" % word) + ", or use --agent sim for a dry run"))
     except OrchError as e:              # the checks go on: doctor is what finds what is wrong
@@ -4290,6 +4297,8 @@ def cmd_doctor(a):
         checks.append(("ORCH_HOME", False, str(e), "set ORCH_HOME to a writable directory"))
     for what, ok, detail, fix in checks:
         print("%-4s %-12s %s%s" % ("ok" if ok else "FAIL", what, detail, "" if ok else "  -> " + fix))
+    for what, detail in notes:
+        print("%-4s %-12s %s" % ("note", what, detail))
     isolated, why = isolation()
     print("%-4s %-12s %s" % ("ok" if isolated else "warn", "isolation", "workers run sandboxed (%s): each writes "
                              "only its own folder" % why if isolated else "workers are NOT isolated: any worker can "

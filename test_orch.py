@@ -1941,6 +1941,21 @@ class Setup(OrchCase):
         self.assertRegex(r.out, r"(?m)^ok   agent +claude at ")
         self.assertNotIn("Traceback", r.err)
 
+    def test_doctor_on_a_first_run_with_no_agent_installed_exits_0(self):
+        env = dict(self.sb.env, PATH=self.fake_bin([]) + os.pathsep + os.path.dirname(REAL_TMUX),
+                   HOME=os.path.join(self.sb.root, "neu"))
+        for var in ("ORCH_AGENT", "ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR"):
+            env.pop(var, None)
+        r = self.sb.orch("doctor", env=env)
+        self.assertEqual(r.code, 0, r)
+        self.assertRegex(r.out, r"(?m)^note agent +claude not found: npm install -g @anthropic-ai/claude-code to run "
+                                r"a fleet of it; `python3 orch.py demo` and the tests need none")
+        self.assertNotRegex(r.out, r"(?m)^FAIL|^\S+ +credentials")      # no agent: no login to look for
+        for chosen in (["--agent", "claude"], []):                         # chosen, it is required
+            r = self.sb.orch("doctor", *chosen, env=dict(env, **({} if chosen else {"ORCH_AGENT": "claude"})))
+            self.assertEqual(r.code, 1, r)
+            self.assertRegex(r.out, r"(?m)^FAIL agent +claude not found")
+
     def test_doctor_all_present(self):
         env = dict(self.sb.env, PATH=self.fake_bin(["claude"]) + os.pathsep + os.path.dirname(REAL_TMUX),
                    ANTHROPIC_API_KEY="sk-test")
