@@ -2751,12 +2751,16 @@ def grammar_lines(text):
         yield i, clean_field(line)
 
 
-def parse_findings(text, source):
+def parse_findings(text, source, cap=None):
     """F<k> | <path>:<line>[-<end>] | <claim> | <quote>  (also W<n>.F<k> ids).
     Returns ([Finding], problems); a line that starts like a finding but breaks
-    the grammar is a problem naming its file and line, never dropped silently."""
+    the grammar is a problem naming its file and line, never dropped silently.
+    With `cap`, it stops at cap + 1 findings or problems: bounded work on a result of any size."""
     found, problems = [], []
     for i, line in grammar_lines(text):
+        if cap is not None and (len(found) > cap or len(problems) > cap):
+            problems.append("%s: read as far as line %d; what follows is not collected" % (source, i))
+            break
         m = re.match(r"(?:W(\d{1,9})\.)?F(\d{1,9})\s*\|(.*)$", line)
         if not m:
             # Real workers like tables: a row that cites path:line without an id
@@ -2957,11 +2961,12 @@ def collect_findings(fleet):
         if text is None:
             problems.append("W%d touched its done flag but wrote no usable %s" % (n, path))
             continue
-        found, bad = parse_findings(text, path)
+        found, bad = parse_findings(text, path, FINDINGS_CAP)
         problems += bad
         if len(found) > FINDINGS_CAP:
+            total = len(re.findall(r"(?m)^[\s*>|+-]*(?:\d+[.)]\s+)?(?:\*\*)?(?:W\d{1,9}\.)?F\d{1,9}\s*\|", text))
             problems.append("W%d reported %d findings: the first %d are verified, the other %d are not collected"
-                            % (n, len(found), FINDINGS_CAP, len(found) - FINDINGS_CAP))
+                            % (n, total, FINDINGS_CAP, total - FINDINGS_CAP))
             found = found[:FINDINGS_CAP]
         ks = set()
         for f in found:

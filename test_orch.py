@@ -6743,6 +6743,25 @@ class Bounded(OrchCase):
         self.assertLess(r.elapsed, 20, r)
         self.assertLess(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), 200 * 1024)
 
+    def test_a_16_mb_result_of_findings_is_verified_in_seconds_and_megabytes(self):
+        """A result of 16 MB, every line a finding (some 370,000): verify parses
+        no further than the first FINDINGS_CAP and names the rest, in under 10 s
+        and 200 MB (a 6.6 MB one once cost 40 s and 1.15 GB)."""
+        self.fleet("viel")
+        line, body, k = "F%d | a.py:2 | TODO marker: eins | # TODO: eins\n", [], 0
+        while sum(map(len, body[-1:])) * len(body) < (16 << 20) - 100:
+            k += 1
+            body.append(line % k)
+        self.plant_result("viel", 1, "".join(body))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        r = self.sb.orch("verify", "viel", "--timeout", "20", timeout=60)
+        self.assertNotIn("Traceback", r.err, r)
+        said = re.search(r"W1 reported (\d+) findings: the first 1000 are verified, the other (\d+) are not collected",
+                         r.err)
+        self.assertTrue(said and int(said.group(1)) >= k and int(said.group(1)) - int(said.group(2)) == 1000, r.err)
+        self.assertLess(r.elapsed, 10, r)
+        self.assertLess(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), 200 * 1024)
+
     def test_a_cut_line_is_never_parsed_and_findings_are_capped(self):
         orch = load_orch()
         run = os.path.join(self.sb.root, "run")
