@@ -1941,6 +1941,11 @@ ORCH_IDENTITY = {"GIT_AUTHOR_NAME": "orch", "GIT_AUTHOR_EMAIL": "orch@localhost"
 Change = collections.namedtuple("Change", "files added removed binary deleted escapes outside paths")
 
 
+def lead_env():
+    """The lead's environment without its GIT_* variables (a GIT_DIR would send git elsewhere)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+
 def git(cwd, *args, env=None, codes=(0,), stdin=None, gitdir=None, tree=None, timeout=None):
     """git args in `cwd` (a repository named by `gitdir`, with `tree` as its
     work tree, when given), never through a shell, with the lead's GIT_*
@@ -1948,10 +1953,9 @@ def git(cwd, *args, env=None, codes=(0,), stdin=None, gitdir=None, tree=None, ti
     it reads what a worker can change; its stdout as text (surrogates for
     undecodable bytes). A failure is one OrchError line naming the command."""
     import subprocess
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     argv = ["git"] + (["--git-dir", gitdir] if gitdir else []) + (["--work-tree", tree] if tree else []) + GIT_SAFE
     try:
-        p = subprocess.run(argv + list(args), cwd=cwd, env=dict(base, **(env or {})), input=(stdin or "").encode(
+        p = subprocess.run(argv + list(args), cwd=cwd, env=dict(lead_env(), **(env or {})), input=(stdin or "").encode(
             "utf-8", "surrogateescape"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise OrchError("`git %s` took more than %gs: it stopped" % (one_line(" ".join(args), 120), timeout))
@@ -2234,7 +2238,7 @@ def intact(fleet, commit):
         ask.seek(0)
         p = subprocess.Popen(["git"] + GIT_SAFE + ["cat-file", "--batch"], cwd=g["repo"], stdin=ask,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+                             env=lead_env())
     try:
         for name in names:
             said = p.stdout.readline().split()
@@ -2263,7 +2267,7 @@ def write_diff(repo, old, new, path):
     with os.fdopen(fd, "wb") as f:
         p = subprocess.Popen(["git"] + GIT_SAFE + ["diff", "--no-color", "--no-ext-diff", "--no-textconv", old, new], cwd=repo, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+                             env=lead_env())
         left = READ_CAP
         while left > 0:
             chunk = p.stdout.read(min(left, 1 << 16))
@@ -2313,7 +2317,7 @@ def run_check(fleet, tree, argv, timeout):
     fleet's workers have one: it runs a worker's code): (exit status, its last
     lines), status None when it ran out of time."""
     import subprocess
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env = lead_env()
     where = os.path.join(tree, fleet["git"]["prefix"])      # the lead's workdir, within the repository
     if fleet.get("isolate"):
         argv = bwrap_argv(argv, env, reads=[tree], writes=[tree], chdir=where)
