@@ -2296,7 +2296,7 @@ def drop_tree(fleet, path):
     """Remove a worktree (or worker clone) of the fleet's, and its admin dir
     only, never another's (no repository-wide prune: the lead's worktrees are
     the lead's). What cannot be removed (code under check took its write
-    bits away) gets them back, or is moved aside."""
+    bits away) gets them back, or is moved aside: returns where, or None."""
     import shutil
     admin = admin_dir(fleet, path)
     if os.path.islink(path):
@@ -2306,10 +2306,10 @@ def drop_tree(fleet, path):
             with contextlib.suppress(OSError):
                 os.chmod(d, 0o700)
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        archive(path)
+    aside = archive(path) if os.path.lexists(path) else None
     if admin:
         shutil.rmtree(admin, ignore_errors=True)
+    return aside
 
 
 def run_check(fleet, tree, argv, timeout):
@@ -4071,9 +4071,10 @@ def cmd_clean(a):
             print("W%d: kept %s: %s (%s)" % (n, path, why or "its change is neither empty nor merged",
                                             kept if os.path.exists(kept) else "no snapshot yet"))
             continue
-        drop_tree(fleet, path)
-        print("W%d: removed %s with its branch %s (%s)" % (n, path, branch_of(fleet, n), "--force" if not trees <= taken
-              else "its change is empty" if trees <= {empty} else "its change is merged"))
+        aside = drop_tree(fleet, path)
+        print("W%d: %s %s with its branch %s (%s)" % (n, "could not remove all of" if aside else "removed", path,
+              branch_of(fleet, n), "--force" if not trees <= taken else "its change is empty" if trees <= {empty}
+              else "its change is merged") + ("; moved aside to %s" % aside if aside else ""))
     for left in glob_trees(fleet):          # orch's own checkouts, from a verify that was stopped
         drop_tree(fleet, left)
     log_event(fleet, "clean", force=a.force)
