@@ -2437,8 +2437,11 @@ def wait_ready(fleet, ns, timeout):
                     tmux("send-keys", "-t", r.pane, *keys)
                     answered.add((r.n, pattern))
                     log_event(fleet, "answer", worker=r.n, dialog=pattern, keys=" ".join(keys))
-        if now >= deadline or all(r.shows == "exited" or r in walled for r in waiting):    # all(): none left
-            return [r for r in waiting if since[r.n] is None]
+        # A screen that turned ready before the deadline holds it for its settle first: a dialog
+        # then still counts; one that turns ready only after the deadline is not ready.
+        settling = [r for r in waiting if since[r.n] is not None and since[r.n] <= deadline]
+        if not settling and (now >= deadline or all(r.shows == "exited" or r in walled for r in waiting)):
+            return waiting                  # all(): none left
         time.sleep(0.25)
 
 
