@@ -38,7 +38,7 @@ import time
 
 VERSION = "0.3"
 SCHEMA = 1                      # fleet.json "version"
-ORCH = os.path.abspath(__file__)
+ORCH = os.path.abspath(sys._getframe().f_code.co_filename)    # orch.py, also run from its compiled copy
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"   # a fleet's name (patterns compile at first use)
 PAST_BOOT = ("idle", "busy", "draft")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
@@ -290,7 +290,7 @@ def claude_seed(fleet, agent):
         settings["skipDangerousModePermissionPrompt"] = True
     # The hooks and the status line are orch itself (`orch hook`): events, cost and context.
     # `|| true`: a hook that exits 2 (python3 on a moved orch.py) would block every prompt.
-    hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in (sys.executable, ORCH, "hook")) + " || true"}
+    hook = {"type": "command", "command": " ".join(shlex.quote(x) for x in own_argv() + ["hook"]) + " || true"}
     # refreshInterval (s, Claude Code 2.1.97+): the status line runs again a few seconds after a turn's
     # last update too, so a worker's cost and context are never those of before its final turn.
     settings.update(hooks={e: [{"hooks": [hook]}] for e in CLAUDE_HOOKS}, statusLine=dict(hook, refreshInterval=3))
@@ -427,8 +427,8 @@ def aider_setup(fleet, w):
 # from real tmux 3.3a captures of Claude Code 2.1.197, Codex 0.169.0 and Gemini
 # CLI 0.61.0, plus strings users reported for other versions.
 #   install, credentials, login: doctor's hint, where the login is found, and
-#     how to log in; seed, setup: the hooks above; command: argv for the agent
-#     word (else the word itself runs).
+#     how to log in; seed, setup: the hooks above; command: orch's own command
+#     that runs in place of the agent word (else the word itself runs).
 #   Markers are regexes searched (re.M) in the screen without escapes; "prompt"
 #     in the screen without dim text. "above": rows over the input line that
 #     still belong to the live UI (spinner, status); "below": rows allowed under
@@ -547,7 +547,7 @@ AGENTS = {
         "setup": aider_setup,
     },
     "sim": {  # orch's built-in simulated agent (`orch.py sim`)
-        "command": [sys.executable, ORCH, "sim"],
+        "command": ["sim"],
         "prompt": r"^sim>( |$)", "above": 2, "below": 0, "busy": [r"^sim: working"], "settle": 0,
     },
     "generic": {"settle": 0},  # any other command: no markers; idle is 3 s without a screen change
@@ -779,6 +779,30 @@ def orch_home(create=False):
         raise OrchError("cannot use ORCH_HOME %s: %s: set ORCH_HOME to a writable directory"
                         % (home, e.strerror))
     return home
+
+
+def own_argv():
+    """How orch runs itself (worker panes, hooks, the sim, the demo's steps): a copy
+    of orch.py compiled once into ORCH_HOME/cache, named by its content and Python's,
+    as a script run as `python3 orch.py` is compiled anew at every start (most of
+    what a hook costs); orch.py itself where that copy cannot be made."""
+    import hashlib
+    import importlib.util
+    import marshal
+    try:
+        with open(ORCH, "rb") as f:
+            source = f.read()
+        path = os.path.join(orch_home(), "cache", "orch-%s.%s.pyc" % (
+            hashlib.sha1(source).hexdigest()[:16], sys.implementation.cache_tag))
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            code = compile(source, ORCH, "exec", dont_inherit=True)     # it keeps orch.py's name (ORCH)
+            with open(path + ".%d" % os.getpid(), "wb") as f:
+                f.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
+            os.replace(path + ".%d" % os.getpid(), path)
+        return [sys.executable, path]
+    except (OSError, OrchError, SyntaxError, ValueError):
+        return [sys.executable, ORCH]
 
 
 def check_name(name):
@@ -1901,7 +1925,8 @@ def sandboxed(fleet, w, argv, env):
     git needs to commit in its worktree)."""
     import shutil
     found = shutil.which(argv[0], path=env.get("PATH"))
-    reads = [fleet["workdir"], fleet["run"], ORCH, env.get("HOME"), found and os.path.dirname(os.path.realpath(found))]
+    reads = [fleet["workdir"], fleet["run"], ORCH, own_argv()[-1], env.get("HOME"),
+             found and os.path.dirname(os.path.realpath(found))]
     reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
     writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
     for path in [worker_dir(fleet, w["n"]), state_dir(fleet, w["n"])] + writes:
@@ -2384,7 +2409,7 @@ def save_env(fleet):
 def pane_command(fleet, n):
     """The start directory and command of worker n's pane."""
     # -c is a tmux format: a '#' in the workdir must not expand.
-    return ["-c", workdir_of(fleet, n).replace("#", "##"), sys.executable, ORCH, "worker",
+    return ["-c", workdir_of(fleet, n).replace("#", "##")] + own_argv() + ["worker",
             fleet["name"], str(n), "--home", orch_home()]
 
 
@@ -4223,7 +4248,7 @@ def cmd_demo(a):
         shown, its error raises (with what it said it did)."""
         nonlocal offset
         out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()     # a pipe could fill and block it
-        step = subprocess.Popen([sys.executable, ORCH] + [str(x) for x in argv], stdin=subprocess.DEVNULL,
+        step = subprocess.Popen(own_argv() + [str(x) for x in argv], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err)
         running[:] = [step]
         while True:
@@ -4377,7 +4402,7 @@ def cmd_worker(a):
                       ORCH_HOME=home, ORCH_OUT=worker_dir(fleet, w["n"]))
     entry = AGENTS[w["profile"]]
     argv = shlex.split(w["agent"])
-    argv[:1] = entry.get("command", argv[:1])
+    argv[:1] = own_argv() + entry["command"] if "command" in entry else argv[:1]
     extra = entry.get("setup", lambda fleet, w: {})(fleet, w)
     env = {k: v for k, v in dict(os.environ, **extra.get("env", {})).items() if v is not None}
     argv += extra.get("args", [])

@@ -12,6 +12,7 @@ tmux server in teardown. Two exceptions share one: BadInput's fleet, and the
 by side, on first use). Screen fixtures come from .ci/screens/ only.
 """
 import ast
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -22,8 +23,10 @@ import glob
 import hashlib
 import http.server
 import importlib
+import importlib.util
 import io
 import json
+import marshal
 import os
 import random
 import re
@@ -50,6 +53,20 @@ BWRAP = bool(shutil.which("bwrap"))       # and it starts: the sandbox tests say
 REAL_TMUX = shutil.which("tmux")         # resolved before any test alters PATH
 SIM = "sim --delay 0.2"
 ANSI_RE = re.compile(r"\x1b\[[0-9;:?<=>]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]")
+
+
+@functools.lru_cache(None)
+def orch_run():
+    """What the tests run: orch.py compiled once for this process, as orch runs itself
+    (own_argv): the same code, its name kept, without compiling 5,000 lines at each of
+    a thousand runs. The demos and the first run are `python3 orch.py` as typed (plain=True)."""
+    folder = tempfile.mkdtemp(prefix="orch-t-code-")
+    atexit.register(shutil.rmtree, folder, True)
+    with open(ORCH_PY, "rb") as f:
+        code = compile(f.read(), ORCH_PY, "exec", dont_inherit=True)
+    with open(os.path.join(folder, "orch.pyc"), "wb") as f:
+        f.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
+    return os.path.join(folder, "orch.pyc")
 
 
 def wait_for(pred, timeout, interval=0.05, what=None):
@@ -204,7 +221,8 @@ class Sandbox(object):
         argv = [str(a) for a in args]
         umask = kw.get("umask")
         t0 = time.monotonic()
-        r = subprocess.run([kw.get("python", sys.executable), ORCH_PY] + argv, env=kw.get("env", self.env),
+        script = kw.get("script") or (ORCH_PY if kw.get("plain") or kw.get("python") else orch_run())
+        r = subprocess.run([kw.get("python", sys.executable), script] + argv, env=kw.get("env", self.env),
                            cwd=kw.get("cwd", self.root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            input=(kw["stdin"].encode("utf-8") if kw.get("stdin") is not None else None),
                            stdin=(None if kw.get("stdin") is not None else subprocess.DEVNULL),
@@ -221,7 +239,7 @@ class Sandbox(object):
 
     def start(self, *args):
         argv = [str(a) for a in args]
-        p = subprocess.Popen([sys.executable, ORCH_PY] + argv, env=self.env, cwd=self.root,
+        p = subprocess.Popen([sys.executable, orch_run()] + argv, env=self.env, cwd=self.root,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(p)
         return Proc(p, argv)
@@ -1433,7 +1451,7 @@ VIER_FILES = {rel: "\n".join(t for t, _ in rows) + "\n" for rel, rows in MARKED.
 def demo_job(seed=None, umask=None, python=None, workdir="demo"):
     def job(sb):
         sb.wd = os.path.join(sb.root, workdir)
-        yield sb.orch("demo", sb.wd, *(["--seed", seed] if seed else []), umask=umask,
+        yield sb.orch("demo", sb.wd, *(["--seed", seed] if seed else []), umask=umask, plain=True,
                       python=python or sys.executable, timeout=120)
     return job
 
@@ -1451,7 +1469,7 @@ def demo_worktrees_job(sb):
     """`orch demo --worktrees`, where git knows nobody."""
     no_git_identity(sb.env, sb.root)
     sb.wd = os.path.join(sb.root, "demo-wörk-wt")
-    yield sb.orch("demo", sb.wd, "--worktrees", timeout=120)
+    yield sb.orch("demo", sb.wd, "--worktrees", timeout=120, plain=True)
 
 
 def verify_four_job(sb):
@@ -1904,10 +1922,43 @@ class Setup(OrchCase):
             write_exe(os.path.join(d, name), "#!%s\nimport time\ntime.sleep(600)\n" % sys.executable)
         return d
 
+    def test_orch_runs_itself_from_a_copy_compiled_once_and_named_by_its_content(self):
+        """Panes, hooks and the sim run orch.py compiled once into ORCH_HOME/cache: a
+        script is compiled anew at each start. An edited orch.py gets a copy of its own;
+        a cache orch cannot write leaves it running orch.py itself."""
+        copy = os.path.join(self.sb.root, "vendored", "orch.py")
+        os.makedirs(os.path.dirname(copy))
+        shutil.copy(ORCH_PY, copy)
+        cache = os.path.join(self.sb.home, "cache")
+
+        def spawn(name):
+            r = self.sb.orch("spawn", name, 1, self.sb.workdir("w-" + name), "--agent", SIM, "--timeout", "20",
+                             python=sys.executable, script=copy)
+            self.assertEqual(r.code, 0, r)
+            self.assertIn("sim>", self.read(name, 1))               # the sim ran, from the copy
+            panes = self.sb.tmux("list-panes", "-t", "=orch-%s:" % name, "-F", "#{pane_start_command}")
+            return shlex.split(panes.stdout.decode())[1]
+
+        with open(copy, "rb") as f:
+            first = os.path.join(cache, "orch-%s.%s.pyc" % (hashlib.sha1(f.read()).hexdigest()[:16],
+                                                           sys.implementation.cache_tag))
+        self.assertEqual(spawn("eins"), first)
+        self.assertEqual(os.listdir(cache), [os.path.basename(first)])
+        self.assertEqual(stat.S_IMODE(os.stat(first).st_mode), 0o600)
+        with open(copy, "a") as f:
+            f.write("# edited\n")
+        second = spawn("zwei")
+        self.assertNotEqual(second, first)
+        self.assertEqual(sorted(os.listdir(cache)), sorted(map(os.path.basename, (first, second))))
+        shutil.rmtree(cache)
+        with open(cache, "w") as f:             # no cache can be made: orch.py runs as it is
+            f.write("not a folder")
+        self.assertEqual(spawn("drei"), copy)
+
     def test_a_first_run_on_a_fresh_orch_home(self):
         """The first commands a new user types, before any spawn: no error."""
         env = dict(self.sb.env, ORCH_HOME=os.path.join(self.sb.root, "neu", ".orch"))
-        r = self.sb.orch("status", env=env)
+        r = self.sb.orch("status", env=env, plain=True)
         self.assertEqual((r.code, r.err), (0, ""), r)
         self.assertEqual(r.out, "no fleets in %s: `orch spawn NAME N` starts one\n" % os.path.join(env["ORCH_HOME"], "runs"))
         self.assertEqual(json.loads(self.sb.orch("status", "--json", env=env).out), {"fleets": []})
@@ -1946,7 +1997,7 @@ class Setup(OrchCase):
                    HOME=os.path.join(self.sb.root, "neu"))
         for var in ("ORCH_AGENT", "ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR"):
             env.pop(var, None)
-        r = self.sb.orch("doctor", env=env)
+        r = self.sb.orch("doctor", env=env, plain=True)
         self.assertEqual(r.code, 0, r)
         self.assertRegex(r.out, r"(?m)^note agent +claude not found: npm install -g @anthropic-ai/claude-code to run "
                                 r"a fleet of it; `python3 orch.py demo` and the tests need none")
@@ -4978,10 +5029,14 @@ class Security(OrchCase):
         settings = json.loads(self.sb.text(path))
         command = settings["statusLine"]["command"]
         self.assertEqual({h["hooks"][0]["command"] for hs in settings["hooks"].values() for h in hs}, {command})
-        moved = subprocess.run(["sh", "-c", command.replace(shlex.quote(ORCH_PY), "/nirgendwo/orch.py")],
+        own = shlex.split(command)[1]           # orch.py compiled once, in ORCH_HOME's cache
+        self.assertEqual(os.path.dirname(own), os.path.join(self.sb.home, "cache"))
+        self.assertRegex(os.path.basename(own), r"\Aorch-[0-9a-f]{16}\.cpython-\d+\.pyc\Z")
+        self.assertEqual(stat.S_IMODE(os.stat(own).st_mode), 0o600)
+        moved = subprocess.run(["sh", "-c", command.replace(shlex.quote(own), "/nirgendwo/orch.pyc")],
                                input=b"{}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertEqual(moved.returncode, 0, moved)
-        self.assertIn(b"/nirgendwo/orch.py", moved.stderr)
+        self.assertIn(b"/nirgendwo/orch.pyc", moved.stderr)
         self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o700)
         self.assertEqual(os.listdir(env["HOME"]), [])
         # A worker writes its state dir: a link it plants where orch keeps its config is never followed.
