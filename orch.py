@@ -785,7 +785,8 @@ def own_argv():
     """How orch runs itself (worker panes, hooks, the sim, the demo's steps): a copy
     of orch.py compiled once into ORCH_HOME/cache, named by its content and Python's,
     as a script run as `python3 orch.py` is compiled anew at every start (most of
-    what a hook costs); orch.py itself where that copy cannot be made."""
+    what a hook costs); orch.py itself where that copy cannot be made. -S: orch
+    imports nothing from site-packages, so it skips what they add to a start."""
     import hashlib
     import importlib.util
     import marshal
@@ -800,9 +801,9 @@ def own_argv():
             with open(path + ".%d" % os.getpid(), "wb") as f:
                 f.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
             os.replace(path + ".%d" % os.getpid(), path)
-        return [sys.executable, path]
+        return [sys.executable, "-S", path]
     except (OSError, OrchError, SyntaxError, ValueError):
-        return [sys.executable, ORCH]
+        return [sys.executable, "-S", ORCH]
 
 
 def check_name(name):

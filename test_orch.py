@@ -69,6 +69,12 @@ def orch_run():
     return os.path.join(folder, "orch.pyc")
 
 
+@functools.lru_cache(None)
+def source_digest():
+    with open(ORCH_PY, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+
+
 def wait_for(pred, timeout, interval=0.05, what=None):
     """The one poller: call pred until it returns something truthy; return it.
     Raises AssertionError after `timeout` seconds."""
@@ -204,6 +210,11 @@ class Sandbox(object):
             raise AssertionError("tmux is not on PATH: install it (apt-get install tmux)")
         self.root = os.path.realpath(tempfile.mkdtemp(prefix="orch-t-"))
         self.home = os.path.join(self.root, "home")
+        # orch's compiled copy of itself where it looks for it (own_argv): made once, not once a test
+        os.makedirs(os.path.join(self.home, "cache"), 0o700)
+        own = os.path.join(self.home, "cache", "orch-%s.%s.pyc" % (source_digest(), sys.implementation.cache_tag))
+        shutil.copy(orch_run(), own)
+        os.chmod(own, 0o600)
         tmux_dir = os.path.join(self.root, "tmux")
         os.mkdir(tmux_dir, 0o700)
         env = dict(os.environ)
@@ -221,8 +232,9 @@ class Sandbox(object):
         argv = [str(a) for a in args]
         umask = kw.get("umask")
         t0 = time.monotonic()
+        python = [kw["python"]] if kw.get("python") else [sys.executable] + ([] if kw.get("plain") else ["-S"])
         script = kw.get("script") or (ORCH_PY if kw.get("plain") or kw.get("python") else orch_run())
-        r = subprocess.run([kw.get("python", sys.executable), script] + argv, env=kw.get("env", self.env),
+        r = subprocess.run(python + [script] + argv, env=kw.get("env", self.env),
                            cwd=kw.get("cwd", self.root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            input=(kw["stdin"].encode("utf-8") if kw.get("stdin") is not None else None),
                            stdin=(None if kw.get("stdin") is not None else subprocess.DEVNULL),
@@ -239,7 +251,7 @@ class Sandbox(object):
 
     def start(self, *args):
         argv = [str(a) for a in args]
-        p = subprocess.Popen([sys.executable, orch_run()] + argv, env=self.env, cwd=self.root,
+        p = subprocess.Popen([sys.executable, "-S", orch_run()] + argv, env=self.env, cwd=self.root,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(p)
         return Proc(p, argv)
@@ -680,7 +692,7 @@ class Harness(OrchCase):
             self.assertIn("LEAD_ONLY=" + want, screen, "W%d" % n)
 
     def test_permissions_private(self):
-        os.makedirs(self.sb.home, 0o755)
+        shutil.rmtree(os.path.join(self.sb.home, "cache"))     # orch makes its compiled copy itself, under umask 0
         os.chmod(self.sb.home, 0o755)
         # a tmux server the user started earlier with a permissive umask
         r = self.sb.tmux("new-session", "-d", "-s", "mine", "sleep 600", preexec_fn=lambda: os.umask(0))
@@ -1930,6 +1942,7 @@ class Setup(OrchCase):
         os.makedirs(os.path.dirname(copy))
         shutil.copy(ORCH_PY, copy)
         cache = os.path.join(self.sb.home, "cache")
+        shutil.rmtree(cache)                    # the copy the suite made of its own orch.py
 
         def spawn(name):
             r = self.sb.orch("spawn", name, 1, self.sb.workdir("w-" + name), "--agent", SIM, "--timeout", "20",
@@ -1937,7 +1950,7 @@ class Setup(OrchCase):
             self.assertEqual(r.code, 0, r)
             self.assertIn("sim>", self.read(name, 1))               # the sim ran, from the copy
             panes = self.sb.tmux("list-panes", "-t", "=orch-%s:" % name, "-F", "#{pane_start_command}")
-            return shlex.split(panes.stdout.decode())[1]
+            return shlex.split(panes.stdout.decode())[2]
 
         with open(copy, "rb") as f:
             first = os.path.join(cache, "orch-%s.%s.pyc" % (hashlib.sha1(f.read()).hexdigest()[:16],
@@ -5029,7 +5042,7 @@ class Security(OrchCase):
         settings = json.loads(self.sb.text(path))
         command = settings["statusLine"]["command"]
         self.assertEqual({h["hooks"][0]["command"] for hs in settings["hooks"].values() for h in hs}, {command})
-        own = shlex.split(command)[1]           # orch.py compiled once, in ORCH_HOME's cache
+        own = shlex.split(command)[2]           # python3 -S, orch.py compiled once, in ORCH_HOME's cache
         self.assertEqual(os.path.dirname(own), os.path.join(self.sb.home, "cache"))
         self.assertRegex(os.path.basename(own), r"\Aorch-[0-9a-f]{16}\.cpython-\d+\.pyc\Z")
         self.assertEqual(stat.S_IMODE(os.stat(own).st_mode), 0o600)
