@@ -498,7 +498,8 @@ AGENTS = {
                        r"don't ask again for"],
         "dialog": [r"^\s*[›>] \d+\. ", r"Press enter to continue", r"enter continue",
                    r"Trust this folder|Do you trust the contents", r"Sign in with",
-                   r"Press enter to save", r"Paste or type your API key"],     # 0.171, no login: its key entry
+                   r"Press enter to save", r"Paste or type your API key",     # 0.171, no login: its key entry
+                   r"esc dismiss & close"],    # 0.171: the config warnings overlay (f2), "k keep & next"
         "login_screen": r"Sign in with ChatGPT|Sign in another way|Use your own OpenAI API key|Paste or type your API key",
         "limited": [r"(?i)hit your usage limit", r"(?i)usage limit reached"],
         "title_busy": r"^[\u2800-\u28ff]",  # "⠴ <dir>"; approval: "[ . ] Action Required | <dir>"
