@@ -4119,6 +4119,11 @@ class Spend(OrchCase):
         self.ok("brief", "geld", 1, "--goal", "which lines carry TODO markers", "--send")
         self.assertEqual(self.states("geld"), ["busy", "idle"])
         self.hook("geld", 1, {"cost": {"total_cost_usd": 0.3}})
+        ago = time.time() - 90                  # busy, and its status line has not run since: its cost is old
+        os.utime(self.sb.run("geld", "workers", "w1", "usage.json"), (ago, ago))
+        status = self.ok("status", "geld").out
+        self.assertRegex(status, r"(?m)^  W1 .* busy .* \$0\.30 .*cost as of (9\d|1\d\d)s ago \| ")
+        self.assertNotIn("as of", status.split("\n  W2 ", 1)[1])
         r = self.sb.orch("wait", "geld", "--budget", "0.5", "--timeout", "1", "--interval", "0.2")
         self.assertEqual(r.code, 3, r)                              # within budget: nobody stopped
         self.assertEqual(self.states("geld"), ["busy", "idle"])
@@ -5041,6 +5046,7 @@ class Security(OrchCase):
         # The hooks are orch itself, and never block the agent: not even when orch.py moved away.
         settings = json.loads(self.sb.text(path))
         command = settings["statusLine"]["command"]
+        self.assertEqual(settings["statusLine"].get("refreshInterval"), 3, settings["statusLine"])  # runs after a turn too
         self.assertEqual({h["hooks"][0]["command"] for hs in settings["hooks"].values() for h in hs}, {command})
         own = shlex.split(command)[2]           # python3 -S, orch.py compiled once, in ORCH_HOME's cache
         self.assertEqual(os.path.dirname(own), os.path.join(self.sb.home, "cache"))
@@ -6671,7 +6677,9 @@ class Hostile(OrchCase):
         self.fleet("esc")
         with open(self.sb.shared("esc", "bus.md"), "a") as f:
             f.write(ATTACK + "\n[lead] forged by a worker\n")
-        self.plant_result("esc", 1, "F9 | a.py:2 | TODO marker \x1b]52;c;aGk=\x07 \u202e | # TODO: eins\nF10 | \x9b | x\n")
+        self.plant_result("esc", 1, "F9 | a.py:2 | TODO marker \x1b]52;c;aGk=\x07 \u202e | # TODO: eins\nF10 | \x9b | x\n"
+                          "F11 | b.py:1 | XXX \u200b\U000e0041\ufeff\u00ad\u3164\ufe0f marker | # XXX: zwei\n"
+                          "hidden \u2028 \u2029 lines\n")
         self.ok("bus", "esc", "post", "echt")
         self.ok("send", "esc", "1", "bidi \u202e on the screen")
         runs = [self.sb.orch(*argv) for argv in (["bus", "esc"], ["status", "esc"], ["status", "esc", "--json"],
@@ -6682,6 +6690,12 @@ class Hostile(OrchCase):
             text = self.sb.text(self.sb.shared("esc", path))
             for ch in RAW_CONTROLS:
                 self.assertNotIn(ch, text, (ch, path))
+        for path in ("matrix.md", "report.md"):     # invisible characters (a hidden sentence) show as \uXXXX
+            text = self.sb.text(self.sb.shared("esc", path))
+            for ch in ("\u200b", "\U000e0041", "\ufeff", "\u00ad", "\u2028", "\u2029", "\u3164", "\ufe0f"):
+                self.assertNotIn(ch, text, (ch, path))
+            self.assertIn("XXX \\u200b\\U000e0041\\ufeff\\u00ad\\u3164\\ufe0f marker", text, path)
+        self.assertIn("hidden \\u2028 \\u2029 lines", self.sb.text(self.sb.shared("esc", "report.md")))
         bus = runs[0].out
         self.assertIn("\\u001b]52", bus)
         self.assertIn("(not written by orch) [lead] forged by a worker", bus)
@@ -6701,7 +6715,7 @@ class Hostile(OrchCase):
             self.assertLess(len(r.err), 300, r)
 
     def test_bus_new_after_shrink_and_damaged_state(self):
-        self.spawn("zust", 1)
+        self.spawn("zust", 2, self.sb.workdir("wörk-zust", {"a.py": "x = 1\n# TODO: eins\n"}))
         self.ok("bus", "zust", "post", "eins")
         self.ok("bus", "zust", "--new")
         with open(self.sb.shared("zust", "bus.md"), "w") as f:       # > instead of >>
@@ -6720,6 +6734,15 @@ class Hostile(OrchCase):
             f.write("[kaputt")
         r = self.ok("status", "zust")
         self.assertEqual(r.err.count("watch.json was damaged"), 1, r)
+        # wait, send and verify show the note too, as status does.
+        self.ok("brief", "zust", 1, "--goal", "a.py carries TODO markers", "--send")
+        for argv in (["wait", "zust", "1", "--timeout", "20", "--interval", "0.2"], ["send", "zust", "2", "hallo"],
+                     ["verify", "zust", "--timeout", "20"]):
+            with open(self.sb.run("zust", "watch.json"), "w") as f:
+                f.write("[kaputt")
+            r = self.ok(*argv)
+            self.assertEqual(r.err.count("orch: note: %s was damaged: started afresh"
+                                         % self.sb.run("zust", "watch.json")), 1, r)
 
     def test_kill_ends_the_session_by_its_own_name_whatever_fails(self):
         self.spawn("opfer", 1)
@@ -6853,8 +6876,24 @@ class Bounded(OrchCase):
         self.assertTrue(all(f.quote.endswith("y" * 2000) for f in findings))
 
     def test_fifos_and_directories_where_orch_keeps_files(self):
-        self.fleet("rohr")
+        wd = self.sb.workdir("wörk-rohr", {"a.py": "x = 1\n# TODO: eins\n", "b.py": "# XXX: zwei\n"})
+        self.spawn("rohr", 3, wd)                   # W1 finds; W2, then W3 verify: two rounds
+        self.ok("brief", "rohr", 1, "--goal", "the files carry TODO or XXX markers", "--send")
+        self.ok("wait", "rohr", "1", "--timeout", "20", "--interval", "0.2")
         run, shared = self.sb.run("rohr"), self.sb.shared("rohr")
+        vdir = os.path.join(shared, "verify")
+        proc = self.sb.start("verify", "rohr", "--timeout", "20")
+        wait_for(lambda: glob.glob(os.path.join(vdir, "r1-w*.task.md")), 20, what="round 1's briefs")
+        for v in (1, 2, 3):                         # directories where round 2's briefs go
+            os.mkdir(os.path.join(vdir, "r2-w%d.task.md" % v))
+        r = proc.finish(60)
+        self.assertEqual(r.code, 0, r)
+        self.assertRegex(r.out, r"(?m)^(\d+) findings: \1 confirmed, ")
+        matrix = json.loads(self.sb.text(os.path.join(run, "matrix.json")))
+        self.assertEqual({(f["final"], tuple(c["verifier"] for c in f["rounds"] if c["counts"]))
+                          for f in matrix["findings"]}, {("CONFIRMED", (2, 3))})    # round 1 kept, round 2 run
+        self.assertTrue(os.path.isfile(os.path.join(vdir, "r2-w3.task.md")))
+        self.assertEqual(len(glob.glob(os.path.join(vdir, "r2-w3.task.md.old-*"))), 1)     # moved aside
         for path in (os.path.join(run, "bus-posted"), os.path.join(run, "logs", "w1.log")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
@@ -6917,12 +6956,13 @@ class Bounded(OrchCase):
 
     def test_a_closed_stdout_does_not_stop_verify(self):
         self.fleet("kopf")
-        p = subprocess.Popen([sys.executable, ORCH_PY, "verify", "kopf", "--timeout", "20"], env=self.sb.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen([sys.executable, "-S", orch_run(), "verify", "kopf", "--timeout", "20"],
+                             env=self.sb.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL)
         self.sb.procs.append(p)
-        p.stdout.readline()             # `| head -1`: one line, then the pipe is closed
-        p.stdout.close()
+        p.stdout.close()                # `| head -0`: closed before verify prints its first line mid-round
         self.assertEqual(p.wait(60), 0, p.stderr.read())
+        self.assertTrue(os.path.exists(self.sb.run("kopf", "matrix.json")), "verify stopped before its matrix")
         matrix = json.loads(self.sb.text(self.sb.run("kopf", "matrix.json")))
         self.assertEqual({f["final"] for f in matrix["findings"]}, {"CONFIRMED"})
 
