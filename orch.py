@@ -784,24 +784,38 @@ def orch_home(create=False):
 
 def own_argv():
     """How orch runs itself (worker panes, hooks, the sim, the demo's steps): a copy
-    of orch.py compiled once into ORCH_HOME/cache, named by its content and Python's,
-    as a script run as `python3 orch.py` is compiled anew at every start (most of
-    what a hook costs); orch.py itself where that copy cannot be made. -S: orch
-    imports nothing from site-packages, so it skips what they add to a start."""
+    of orch.py compiled once into ORCH_HOME/cache, named by orch.py's path and content
+    and Python's version (the copy carries the path: it is what ORCH is when it runs),
+    as a script run as `python3 orch.py` is compiled anew at every start (most of what
+    a hook costs); orch.py itself where no sound copy can be had. -S: orch imports
+    nothing from site-packages, so it skips what they add to a start."""
     import hashlib
     import importlib.util
     import marshal
+    import tempfile
     try:
         with open(ORCH, "rb") as f:
             source = f.read()
-        path = os.path.join(orch_home(), "cache", "orch-%s.%s.pyc" % (
-            hashlib.sha1(source).hexdigest()[:16], sys.implementation.cache_tag))
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            code = compile(source, ORCH, "exec", dont_inherit=True)     # it keeps orch.py's name (ORCH)
-            with open(path + ".%d" % os.getpid(), "wb") as f:
+        folder = os.path.join(orch_home(), "cache")
+        path = os.path.join(folder, "orch-%s.%s.pyc" % (hashlib.sha1(
+            ORCH.encode("utf-8", "surrogateescape") + b"\0" + source).hexdigest()[:16], sys.implementation.cache_tag))
+        with contextlib.suppress(OSError, EOFError, ValueError, TypeError):
+            with open(path, "rb") as f:     # sound: Python's magic, then code that loads
+                data = f.read()
+            if data[:4] == importlib.util.MAGIC_NUMBER and marshal.loads(data[16:]):
+                return [sys.executable, "-S", path]
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        code = compile(source, ORCH, "exec", dont_inherit=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".new-")      # 0600, never a planted file
+        try:
+            with os.fdopen(fd, "wb") as f:
                 f.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
-            os.replace(path + ".%d" % os.getpid(), path)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         return [sys.executable, "-S", path]
     except (OSError, OrchError, SyntaxError, ValueError):
         return [sys.executable, "-S", ORCH]
@@ -1927,7 +1941,8 @@ def sandboxed(fleet, w, argv, env):
     git needs to commit in its worktree)."""
     import shutil
     found = shutil.which(argv[0], path=env.get("PATH"))
-    reads = [fleet["workdir"], fleet["run"], ORCH, own_argv()[-1], env.get("HOME"),
+    # orch's compiled copies (own_argv): a Claude worker's hooks name the one of when the fleet began
+    reads = [fleet["workdir"], fleet["run"], ORCH, os.path.join(orch_home(), "cache"), env.get("HOME"),
              found and os.path.dirname(os.path.realpath(found))]
     reads += env.get("PATH", "").split(os.pathsep) + argv[1:]      # and the files its command line names
     writes = AGENTS[w["profile"]].get("writes", lambda fleet, w: [])(fleet, w)
@@ -2453,9 +2468,10 @@ def wait_ready(fleet, ns, timeout):
     deadline, answered, since = time.time() + timeout, set(), {}
     entries = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
     while True:
+        began = time.time()             # what a poll shows, it shows from when the poll began
         rows, now = [r for r in poll(fleet) if r.n in ns], time.time()
         for r in rows:                  # ready means settled: CLIs open dialogs a moment after idle
-            since[r.n] = (since.get(r.n) or now) if r.shows in PAST_BOOT else None
+            since[r.n] = (since.get(r.n) or began) if r.shows in PAST_BOOT else None
         waiting = [r for r in rows if since[r.n] is None or now < since[r.n] + entries[r.n].get("settle", SETTLE)]
         walled = [r for r in waiting if login_wall(fleet, r)]         # no wait gets past a login
         for r in waiting:

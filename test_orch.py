@@ -69,10 +69,10 @@ def orch_run():
     return os.path.join(folder, "orch.pyc")
 
 
-@functools.lru_cache(None)
-def source_digest():
-    with open(ORCH_PY, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:16]
+def source_digest(path=ORCH_PY):
+    """The digest orch names its compiled copy of `path` by (own_argv)."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(path.encode() + b"\0" + f.read()).hexdigest()[:16]
 
 
 def wait_for(pred, timeout, interval=0.05, what=None):
@@ -1937,39 +1937,53 @@ class Setup(OrchCase):
             write_exe(os.path.join(d, name), "#!%s\nimport time\ntime.sleep(600)\n" % sys.executable)
         return d
 
-    def test_orch_runs_itself_from_a_copy_compiled_once_and_named_by_its_content(self):
+    def test_orch_runs_itself_from_a_copy_compiled_once_and_named_by_its_path_and_content(self):
         """Panes, hooks and the sim run orch.py compiled once into ORCH_HOME/cache: a
-        script is compiled anew at each start. An edited orch.py gets a copy of its own;
-        a cache orch cannot write leaves it running orch.py itself."""
-        copy = os.path.join(self.sb.root, "vendored", "orch.py")
-        os.makedirs(os.path.dirname(copy))
-        shutil.copy(ORCH_PY, copy)
+        script is compiled anew at each start. The copy is named by orch.py's path and
+        content: a twin elsewhere, or an edit, gets a copy of its own. A copy that does
+        not load is made anew; where none can be made, orch.py runs as it is."""
+        copy, twin = (os.path.join(self.sb.root, d, "orch.py") for d in ("vendored", "installed"))
+        for path in (copy, twin):
+            os.makedirs(os.path.dirname(path))
+            shutil.copy(ORCH_PY, path)
         cache = os.path.join(self.sb.home, "cache")
         shutil.rmtree(cache)                    # the copy the suite made of its own orch.py
 
-        def spawn(name):
+        def spawn(name, script):
             r = self.sb.orch("spawn", name, 1, self.sb.workdir("w-" + name), "--agent", SIM, "--timeout", "20",
-                             python=sys.executable, script=copy)
+                             python=sys.executable, script=script)
             self.assertEqual(r.code, 0, r)
             self.assertIn("sim>", self.read(name, 1))               # the sim ran, from the copy
+            self.assertEqual(glob.glob(os.path.join(cache, ".new-*")), [])       # no temp file stays
             panes = self.sb.tmux("list-panes", "-t", "=orch-%s:" % name, "-F", "#{pane_start_command}")
             return shlex.split(panes.stdout.decode())[2]
 
-        with open(copy, "rb") as f:
-            first = os.path.join(cache, "orch-%s.%s.pyc" % (hashlib.sha1(f.read()).hexdigest()[:16],
-                                                           sys.implementation.cache_tag))
-        self.assertEqual(spawn("eins"), first)
-        self.assertEqual(os.listdir(cache), [os.path.basename(first)])
-        self.assertEqual(stat.S_IMODE(os.stat(first).st_mode), 0o600)
-        with open(copy, "a") as f:
+        def own(path):
+            return os.path.join(cache, "orch-%s.%s.pyc" % (source_digest(path), sys.implementation.cache_tag))
+        self.assertEqual(spawn("eins", copy), own(copy))
+        self.assertEqual(os.listdir(cache), [os.path.basename(own(copy))])
+        self.assertEqual(stat.S_IMODE(os.stat(own(copy)).st_mode), 0o600)
+        first = own(copy)
+        os.remove(copy)                         # its twin never runs it: a copy carries its path (ORCH)
+        self.assertEqual(spawn("zwei", twin), own(twin))
+        self.assertNotEqual(own(twin), first)
+        with open(twin, "a") as f:
             f.write("# edited\n")
-        second = spawn("zwei")
-        self.assertNotEqual(second, first)
-        self.assertEqual(sorted(os.listdir(cache)), sorted(map(os.path.basename, (first, second))))
+        self.assertEqual(spawn("drei", twin), own(twin))
+        self.assertEqual(len(os.listdir(cache)), 3)
+        size = os.path.getsize(own(twin))
+        with open(own(twin), "r+b") as f:       # cut short: it no longer loads
+            f.truncate(size // 2)
+        self.assertEqual(spawn("vier", twin), own(twin))
+        self.assertEqual(os.path.getsize(own(twin)), size)
+        with open(twin, "a") as f:
+            f.write("# edited again\n")
+        os.mkdir(own(twin))                     # no copy can be made: orch.py runs as it is
+        self.assertEqual(spawn("fuenf", twin), twin)
         shutil.rmtree(cache)
-        with open(cache, "w") as f:             # no cache can be made: orch.py runs as it is
+        with open(cache, "w") as f:
             f.write("not a folder")
-        self.assertEqual(spawn("drei"), copy)
+        self.assertEqual(spawn("sechs", twin), twin)
 
     def test_a_first_run_on_a_fresh_orch_home(self):
         """The first commands a new user types, before any spawn: no error."""
@@ -7187,7 +7201,7 @@ class Structure(OrchCase):
 # run side by side (the tests mostly wait on tmux and the agents, so four
 # processes keep 2 cores busy: 100-110 s here). The classes that read the shared demo runs
 # stay in one part, so the demos run once.
-COST = {"Hostile": 42, "Isolation": 20, "Bounded": 14, "Truth": 41, "States": 28, "Attention": 14, "Harness": 28, "Verification": 12,
+COST = {"Hostile": 42, "Isolation": 20, "Bounded": 21, "Truth": 38, "States": 28, "Attention": 17, "Harness": 28, "Verification": 12,
         "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
         "Structure": 6, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4,
         "WriteFleets": 40}
