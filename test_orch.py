@@ -7197,10 +7197,10 @@ class Structure(OrchCase):
                          {("REFUTED", "no TODO marker on the cited line", "checked")}, f)
 
 
-# Seconds each class takes here, to split the suite in PARTS even parts that
-# run side by side (the tests mostly wait on tmux and the agents, so four
-# processes keep 2 cores busy: 100-110 s here). The classes that read the shared demo runs
-# stay in one part, so the demos run once.
+# Seconds each class takes alone here, to split the suite in PARTS even parts
+# that run side by side (the tests mostly wait on tmux and the agents, so five
+# processes keep 2 cores about 85% busy: 85-105 s here). The classes that read the
+# shared demo runs stay in one part, so the demos run once.
 COST = {"Hostile": 42, "Isolation": 20, "Bounded": 21, "Truth": 38, "States": 28, "Attention": 17, "Harness": 28, "Verification": 12,
         "Security": 12, "Spend": 14, "Concurrency": 14, "Adversaries": 30, "Python38": 11, "Faults": 10,
         "Structure": 6, "Docs": 8, "Briefs": 7, "Bus": 5, "BadInput": 5, "Labels": 6, "AgentEntry": 4,
