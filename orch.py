@@ -43,6 +43,7 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"   # a fleet's name (patterns 
 PAST_BOOT = ("idle", "busy", "draft")   # past booting and dialogs (a draft is typed text)
 BOOT_WAIT = 60.0                # seconds spawn/send wait for a booting worker
 SETTLE = 2.0                    # seconds a ready screen must hold before a new worker counts as ready
+ANSWER_TRIES = 3                # times spawn answers a dialog it may answer that still shows
 ENTER_RETRIES = 3               # Enters after the first while the text still sits in the box
 CONTEXT_HIGH = 85.0             # context use (%) at which status says: hand the work on
 STALL = 120.0                   # seconds of an unchanged screen before a worker counts as stalled
@@ -433,7 +434,7 @@ def aider_setup(fleet, w):
 #     in the screen without dim text. "above": rows over the input line that
 #     still belong to the live UI (spinner, status); "below": rows allowed under
 #     it (None: any; 0: a line REPL, whose older prompt lines are only history).
-#   "answer": dialogs spawn may answer by itself, each once: only "trust the
+#   "answer": dialogs spawn may answer by itself (ANSWER_TRIES): only "trust the
 #     workdir the lead chose" and "keep the model the user configured".
 #     "settle": seconds a ready screen must hold (SETTLE).
 #     "queue_key": what submits to a busy agent without interrupting its turn.
@@ -2463,9 +2464,11 @@ def open_pane(fleet, n, beside=None):
 
 def wait_ready(fleet, ns, timeout):
     """Until workers `ns` are past booting and dialogs, answering the dialogs a
-    profile marks safe (trusting the workdir the lead chose), each once;
+    profile marks safe (trusting the workdir the lead chose), each again only
+    while it still shows 2 s on (a CLI can drop a key it gets as it draws), at most
+    ANSWER_TRIES times;
     returns the Rows of those still not ready."""
-    deadline, answered, since = time.time() + timeout, set(), {}
+    deadline, answered, since = time.time() + timeout, {}, {}
     entries = {w["n"]: AGENTS[w["profile"]] for w in fleet["workers"]}
     while True:
         began = time.time()             # what a poll shows, it shows from when the poll began
@@ -2476,9 +2479,10 @@ def wait_ready(fleet, ns, timeout):
         walled = [r for r in waiting if login_wall(fleet, r)]         # no wait gets past a login
         for r in waiting:
             for pattern, keys in entries[r.n].get("answer", []):
-                if r.shows == "dialog" and (r.n, pattern) not in answered and re.search(pattern, r.screen):
+                tries, last = answered.get((r.n, pattern), (0, 0.0))
+                if r.shows == "dialog" and tries < ANSWER_TRIES and now >= last + 2 and re.search(pattern, r.screen):
                     tmux("send-keys", "-t", r.pane, *keys)
-                    answered.add((r.n, pattern))
+                    answered[r.n, pattern] = tries + 1, now
                     log_event(fleet, "answer", worker=r.n, dialog=pattern, keys=" ".join(keys))
         # A screen that turned ready before the deadline holds it for its settle first: a dialog
         # then still counts; one that turns ready only after the deadline is not ready.

@@ -3736,7 +3736,8 @@ class RealCodex(RealCLI):
         self.assert_one_error_line(r, 1, "W1 is at a dialog")
         r = sb.orch("respawn", "alt", "1", "--timeout", "10", timeout=60)       # waited for: answered
         self.assertEqual(r.code, 0, (r, sb.events("alt"), self.read("alt", 1)))
-        self.assertEqual([e["keys"] for e in sb.events("alt", "answer")], ["2"])
+        keys = [e["keys"] for e in sb.events("alt", "answer")]   # again only while the offer still shows
+        self.assertTrue(keys and set(keys) == {"2"} and len(keys) <= 3, keys)
         self.assertEqual(self.states("alt"), ["idle"])
         self.ok("send", "alt", "1", "which model is this?")
         wait_for(lambda: self.said("which model is this?"), 15, 0.1, "the message")
