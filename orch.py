@@ -3658,11 +3658,12 @@ def cmd_brief(a):
     if re.search(LEADING_PATTERN, a.goal):
         print("orch: note: the goal presumes its answer; phrase it as 'determine whether ...' "
               "so the worker does not invent a bug to fix", file=sys.stderr)
+    scope = [checked_scope(x) for x in a.scope]         # bad input changes nothing
     path, result, done = [worker_file(fleet, n, s) for s in ("task.md", "result.md", "done")]
     for old in (done, result, kept_path(fleet, "w%d.result.md" % n)):
-        if os.path.lexists(old):        # a new task: the last one's flag must not answer `wait`
-            archive(old)
-    scope = [checked_scope(x) for x in a.scope]
+        with contextlib.suppress(FileNotFoundError):    # a brief written at once moved it first
+            if os.path.lexists(old):    # a new task: the last one's flag must not answer `wait`
+                archive(old)
     with updating(fleet, "scopes.json") as scopes:      # briefs written at once each keep theirs
         scopes[str(n)] = scope
     text = make_brief(fleet, n, a.role, clean_text(a.goal), [clean_text(c) for c in a.constraint], result, done,

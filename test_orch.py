@@ -5908,6 +5908,7 @@ class WriteFleets(OrchCase):
             for bad in ("/etc", "..", "../x", "calc/../../x", "a\x07b", "a`b", "", "a\nb", "a\tb", "a\u202eb")]
         for call, r in zip(calls, self.sb.orch_each([(c, {}) for c in calls])):
             self.assert_one_error_line(r, 2, "--scope" if call[0] == "brief" else "--worktrees")
+        self.assertEqual(os.listdir(self.sb.shared("plain", "w1")), ["done"])     # a bad brief archives nothing
         self.assertNotIn("change", self.status("plain")["workers"][0])
 
         # A write fleet, before any verify.
