@@ -4996,13 +4996,14 @@ class Security(OrchCase):
         wd = self.sb.workdir("wörk-cg")
         for name in ("codex", "gemini"):
             self.ok("spawn", name, 1, wd, "--agent", name, "--timeout", "0")
-        wait_for(lambda: all(os.path.exists(self.sb.shared(n, "w1", n + ".json")) for n in ("codex", "gemini")),
-                 10, what="both fake agents to start")
-        codex = json.loads(self.sb.text(self.sb.shared("codex", "w1", "codex.json")))
+        def started(n):                 # written whole: the fake writes it as any program would, not at once
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads(self.sb.text(self.sb.shared(n, "w1", n + ".json")))
+        codex, gemini = wait_for(lambda: (lambda got: all(got) and got)([started(n) for n in ("codex", "gemini")]),
+                                 10, what="both fake agents to start")
         own = os.path.realpath(self.sb.shared("codex", "w1"))
         self.assertEqual(codex["argv"], ["--sandbox", "danger-full-access"] * BWRAP + [
             "--add-dir", own, "--no-alt-screen", "--no-daemon"])
-        gemini = json.loads(self.sb.text(self.sb.shared("gemini", "w1", "gemini.json")))
         policy = self.sb.run("gemini", "gemini-policy.toml")
         self.assertEqual(gemini["argv"], ["--include-directories", os.path.realpath(self.sb.shared("gemini")),
                                           "--policy", policy, "--approval-mode", "auto_edit"])
