@@ -3277,12 +3277,12 @@ def verify_fleet(fleet, need, pool, timeout, emit, budget=None, check=None, chec
     import glob
     findings, problems = collect_findings(fleet)
     cache, dropped, incomplete, digests, made = {}, {}, [], {}, []
+    scopes = {w["n"]: scope_of(fleet, w, rel=True) for w in fleet["workers"]}     # scopes.json read once
     for f in findings:
         f.citation = check_citation(fleet["workdir"], f, cache)
-        outside = [scope_of(fleet, w, rel=True) for w in fleet["workers"] if w["n"] == f.worker]
-        outside = [x for x in outside if x]
-        if f.path and outside and not any(in_scope(os.path.normpath(f.path), x) for x in outside[0]):
-            problems.append("%s cites %s, outside W%d's scope (%s)" % (f.id, f.path, f.worker, ", ".join(outside[0])))
+        scope = scopes.get(f.worker)
+        if f.path and scope and not any(in_scope(os.path.normpath(f.path), x) for x in scope):
+            problems.append("%s cites %s, outside W%d's scope (%s)" % (f.id, f.path, f.worker, ", ".join(scope)))
     findings += collect_changes(fleet, check, check_timeout, problems)
     vdir = os.path.join(shared_dir(fleet), "verify")
     if os.path.islink(vdir) or os.path.isdir(vdir) and os.listdir(vdir):   # a planted link, a re-run

@@ -23,10 +23,8 @@ import glob
 import hashlib
 import http.server
 import importlib
-import importlib.util
 import io
 import json
-import marshal
 import os
 import random
 import re
@@ -57,16 +55,20 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;:?<=>]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\
 
 @functools.lru_cache(None)
 def orch_run():
-    """What the tests run: orch.py compiled once for this process, as orch runs itself
-    (own_argv): the same code, its name kept, without compiling 5,000 lines at each of
-    a thousand runs. The demos and the first run are `python3 orch.py` as typed (plain=True)."""
+    """What the tests run: orch.py compiled once for this process by orch itself, as it
+    runs itself (own_argv, in an ORCH_HOME of the suite's): the same code, its name kept,
+    without compiling 5,000 lines at each of a thousand runs. The demos and the first run
+    are `python3 orch.py` as typed (plain=True)."""
     folder = tempfile.mkdtemp(prefix="orch-t-code-")
     atexit.register(shutil.rmtree, folder, True)
-    with open(ORCH_PY, "rb") as f:
-        code = compile(f.read(), ORCH_PY, "exec", dont_inherit=True)
-    with open(os.path.join(folder, "orch.pyc"), "wb") as f:
-        f.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
-    return os.path.join(folder, "orch.pyc")
+    saved = os.environ.get("ORCH_HOME")
+    os.environ["ORCH_HOME"] = folder
+    try:
+        own = load_orch().own_argv()[-1]
+    finally:
+        os.environ.pop("ORCH_HOME") if saved is None else os.environ.update(ORCH_HOME=saved)
+    assert own.endswith(".pyc"), "orch made no compiled copy of itself in %s" % folder
+    return own
 
 
 def source_digest(path=ORCH_PY):
@@ -215,7 +217,7 @@ class Sandbox(object):
         self.home = os.path.join(self.root, "home")
         # orch's compiled copy of itself where it looks for it (own_argv): made once, not once a test
         os.makedirs(os.path.join(self.home, "cache"), 0o700)
-        own = os.path.join(self.home, "cache", "orch-%s.%s.pyc" % (source_digest(), sys.implementation.cache_tag))
+        own = os.path.join(self.home, "cache", os.path.basename(orch_run()))
         shutil.copy(orch_run(), own)
         os.chmod(own, 0o600)
         tmux_dir = os.path.join(self.root, "tmux")
@@ -6234,8 +6236,7 @@ class Bench(OrchCase):
         payloads = {"hook event": {"hook_event_name": "PostToolUse", "tool_name": "Write",
                                    "tool_input": {"file_path": self.sb.shared("haken", "w1/result.md")}},
                     "status line": {"cost": {"total_cost_usd": 0.5}, "context_window": {"used_percentage": 40}}}
-        own = [sys.executable, "-S", os.path.join(self.sb.home, "cache", "orch-%s.%s.pyc" % (
-            source_digest(), sys.implementation.cache_tag))]
+        own = [sys.executable, "-S", os.path.join(self.sb.home, "cache", os.path.basename(orch_run()))]
 
         def run(argv, payload):
             subprocess.run(argv, input=json.dumps(payload).encode(), env=env, stdout=subprocess.DEVNULL, check=True)
